@@ -1,0 +1,1 @@
+"""Readers for every weight format fila accepts (safetensors and GGUF only, never pickles)."""

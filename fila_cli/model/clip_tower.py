@@ -1,0 +1,84 @@
+"""The ViT branch: transformers' CLIP vision layers, run one layer at a time.
+
+LLaVA reads the hidden state after layer ``feature_layer`` (23 of 24 for LLaVA-1.6); running the
+layers ourselves lets CVFM act between them and lets us stop at the feature layer instead of
+computing layers nobody reads.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings
+
+# Called after each layer with (1-based layer number, hidden [n_views, 1 + n_patches, width]).
+LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+_CHECKPOINT_PREFIXES = ("model.vision_tower.vision_model.", "vision_tower.vision_model.", "vision_model.")
+
+
+def strip_checkpoint_prefix(key: str) -> str:
+    """``vision_tower.vision_model.encoder...`` -> ``encoder...`` (names differ across checkpoints)."""
+    for prefix in _CHECKPOINT_PREFIXES:
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
+class CLIPTower(nn.Module):
+    """Embeddings, pre-layernorm and the first ``num_layers`` encoder layers of a CLIP ViT."""
+
+    def __init__(self, config: CLIPVisionConfig, num_layers: int):
+        super().__init__()
+        if num_layers > config.num_hidden_layers:
+            raise ValueError(f"feature layer {num_layers} is past the tower's {config.num_hidden_layers} layers")
+        # Attention through torch's scaled_dot_product_attention.
+        config._attn_implementation = "sdpa"
+        self.config = config
+        self.embeddings = CLIPVisionEmbeddings(config)
+        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(num_layers))
+        self._layer_kwargs = _layer_call_kwargs()
+
+    @property
+    def num_patches(self) -> int:
+        return (self.config.image_size // self.config.patch_size) ** 2
+
+    def forward(self, pixel_values: torch.Tensor, hook: LayerHook | None = None) -> torch.Tensor:
+        """[n_views, 3, S, S] -> hidden state after the last kept layer, [n_views, 1 + n_patches, width]."""
+        hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
+        for number, layer in enumerate(self.encoder.layers, start=1):
+            hidden = layer(hidden, **self._layer_kwargs)
+            if isinstance(hidden, tuple):  # transformers < 5 returns (hidden,)
+                hidden = hidden[0]
+            if hook is not None:
+                hidden = hook(number, hidden)
+        return hidden
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load HF-named CLIP vision weights; layers past the kept ones and post_layernorm are ignored."""
+        own = self.state_dict()
+        renamed = {strip_checkpoint_prefix(k): v for k, v in state.items()}
+        wanted = {k: v for k, v in renamed.items() if k in own}
+        missing = sorted(set(own) - set(wanted))
+        if missing:
+            raise KeyError(f"missing vision tower tensors: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        for key, value in wanted.items():
+            if tuple(value.shape) != tuple(own[key].shape):
+                raise ValueError(f"tensor {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+        self.load_state_dict(wanted, strict=True)
+
+
+def _layer_call_kwargs() -> dict[str, object]:
+    # transformers 4.x layers take (hidden, attention_mask, causal_attention_mask); 5.x takes
+    # (hidden, attention_mask, **kwargs). No masks in a ViT either way.
+    params = inspect.signature(CLIPEncoderLayer.forward).parameters
+    kwargs: dict[str, object] = {"attention_mask": None}
+    if "causal_attention_mask" in params:
+        kwargs["causal_attention_mask"] = None
+    return kwargs
