@@ -33,6 +33,8 @@ def load_vision_weights(path: str | Path) -> VisionWeights:
             from .loaders.mmproj_gguf import load_mmproj_gguf
 
             return load_mmproj_gguf(path)
+        if path.suffix != ".safetensors":
+            raise ModelError(f"{path}: neither a GGUF nor a safetensors file; pass an mmproj .gguf or a LLaVA-NeXT checkpoint")
     return load_hf_vision(path)
 
 
