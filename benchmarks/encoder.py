@@ -1,0 +1,152 @@
+"""Vision encoder speed: HF LLaVA-NeXT vs fila, fusion off and on, against the matmul floor.
+
+Builds the full-size architecture with random weights (ViT-L/14-336, ConvNeXt-L, projector to
+d=4096; the cost does not depend on the weights' values) and times, side by side in one run on the
+same page:
+
+- HF transformers' LLaVA-NeXT image features (float32): get_image_features, which also packs
+- fila, fusion off, float32 and bfloat16
+- fila, fusion on (CVFM at four depths + ConvNeXt-L over the canvas), bfloat16
+- the matmul floor of each: its FLOPs (counted by torch's FlopCounterMode) over this machine's
+  measured peak matmul rate in that dtype.
+
+Usage: python benchmarks/encoder.py [--repeats N] [--threads N] [--page-size HxW]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor
+
+from fila_cli.anyres import preprocess
+from fila_cli.config import AnyresConfig, FusionConfig
+from fila_cli.model.encoder import HybridEncoder
+
+LLM_WIDTH = 4096
+FEATURE_LAYER = 23  # hidden_states[-2] of 24 layers
+MATMUL_SIDE = 2048  # square matmul used to measure the peak rate
+
+
+def vit_l14_336() -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=336, patch_size=14, hidden_act="quick_gelu", projection_dim=768)
+
+
+@dataclass
+class Row:
+    name: str
+    dtype: torch.dtype
+    seconds: float
+    flops: float
+
+
+def timed(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def count_flops(fn) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def peak_matmul_flops_per_s(dtype: torch.dtype, repeats: int = 5) -> float:
+    a = torch.randn(MATMUL_SIDE, MATMUL_SIDE, dtype=dtype)
+    b = torch.randn(MATMUL_SIDE, MATMUL_SIDE, dtype=dtype)
+    torch.mm(a, b)  # warm-up
+    seconds = timed(lambda: torch.mm(a, b), repeats)
+    return 2 * MATMUL_SIDE**3 / seconds
+
+
+def page_image(height: int, width: int):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+def hf_llava_next() -> LlavaNextForConditionalGeneration:
+    # A one-layer, tiny-vocabulary text model: only the vision tower and projector are timed.
+    text = LlamaConfig(hidden_size=LLM_WIDTH, intermediate_size=64, num_hidden_layers=1, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=64)
+    config = LlavaNextConfig(vision_config=vit_l14_336(), text_config=text, vision_feature_layer=-2,
+                             vision_feature_select_strategy="default", image_token_index=63)
+    return LlavaNextForConditionalGeneration(config).eval()
+
+
+def fila_encoder(fusion: bool, dtype: torch.dtype) -> HybridEncoder:
+    config = FusionConfig() if fusion else None
+    encoder = HybridEncoder(vit_l14_336(), FEATURE_LAYER, LLM_WIDTH, AnyresConfig(), config)
+    if fusion:
+        with torch.no_grad():  # open gates, so the fused path is the one computed
+            for name, param in encoder.cvfm.named_parameters():
+                if name.endswith("gate"):
+                    param.fill_(0.1)
+    return encoder.to(dtype).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per row (best is kept), after one warm-up")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--page-size", default="1123x794", help="page HxW in pixels (default: A4 at 96 dpi)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    height, width = (int(v) for v in args.page_size.split("x"))
+    image = page_image(height, width)
+    page = preprocess(image, AnyresConfig())
+    print(f"page {height}x{width} -> canvas {page.geometry.canvas_size[0]}x{page.geometry.canvas_size[1]}, "
+          f"{page.views.shape[0]} views; {args.threads} threads; best of {args.repeats}")
+
+    rows: list[Row] = []
+    with torch.inference_mode():
+        hf = hf_llava_next()
+        processor = LlavaNextImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+        inputs = processor(image, return_tensors="pt")
+
+        def run_hf():
+            hf.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+                                        vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+        run_hf()
+        rows.append(Row("HF LLaVA-NeXT get_image_features", torch.float32, timed(run_hf, args.repeats), count_flops(run_hf)))
+        del hf
+
+        for name, fusion, dtype in [("fila, fusion off", False, torch.float32), ("fila, fusion off", False, torch.bfloat16),
+                                    ("fila, fusion on (CVFM + ConvNeXt-L)", True, torch.bfloat16)]:
+            encoder = fila_encoder(fusion, dtype)
+
+            def run_fila(encoder=encoder):
+                encoder(page)
+
+            run_fila()
+            rows.append(Row(name, dtype, timed(run_fila, args.repeats), count_flops(run_fila)))
+            del encoder
+
+    peaks = {dtype: peak_matmul_flops_per_s(dtype) for dtype in {row.dtype for row in rows}}
+    baseline = rows[0].seconds
+    print()
+    print(f"{'path':<38} {'dtype':<9} {'seconds':>8} {'vs HF':>7} {'GFLOP':>8} {'floor s':>8} {'x floor':>8}")
+    for row in rows:
+        floor = row.flops / peaks[row.dtype]
+        dtype = str(row.dtype).removeprefix("torch.")
+        print(f"{row.name:<38} {dtype:<9} {row.seconds:8.2f} {baseline / row.seconds:6.2f}x {row.flops / 1e9:8.0f} {floor:8.2f} {row.seconds / floor:7.2f}x")
+    print()
+    for dtype, peak in peaks.items():
+        print(f"peak matmul ({MATMUL_SIDE}^3, {str(dtype).removeprefix('torch.')}): {peak / 1e9:.0f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
