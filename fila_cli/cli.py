@@ -81,6 +81,38 @@ def encode(
         )
 
 
+@app.command(epilog=EXIT_CODES_HELP)
+def crops(
+    file: Annotated[Path, typer.Argument(help="A PDF, or an image (PNG, JPEG, WebP, TIFF).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the picture (.png).", show_default=False)],
+    page: Annotated[int, typer.Option("--page", "-p", help="Page of a PDF, 1-based.")] = 1,
+    password: PasswordOption = None,
+    verbose: VerboseOption = False,
+) -> None:
+    """Draw how a page is cut: crop boundaries (red) and the global view (blue) on the page.
+
+    The PNG has the size of the page as the model receives it. Text crossed by a red line is split
+    between two crops: the case FILA's whole-page ConvNeXt branch exists for.
+    """
+    with handle_errors(verbose):
+        from .anyres import plan_canvas
+        from .config import AnyresConfig
+        from .crops_view import draw_crops
+        from .documents import open_document, page_index_from_user
+        from .errors import UsageError
+        from .render import render_for_canvas
+
+        if output.suffix.lower() != ".png":
+            raise UsageError(f"{output}: the picture is written as PNG; name it *.png")
+        config = AnyresConfig()
+        with open_document(file, password=password) as document:
+            image = render_for_canvas(document, page_index_from_user(page, document.page_count, name=file), config)
+        geometry = plan_canvas((image.height, image.width), config)
+        draw_crops(image, geometry).save(output)
+        rows, cols = geometry.grid
+        stderr.print(f"{output}: page {page}, {image.width}x{image.height} px, canvas {geometry.canvas_size[1]}x{geometry.canvas_size[0]}, {rows}x{cols} crops")
+
+
 def main() -> None:
     app()
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from PIL import Image
 
-from .anyres import resized_size_on_canvas, select_best_resolution
+from .anyres import select_best_resolution
 from .config import AnyresConfig
 from .documents import DEFAULT_MAX_PIXELS, Document
 
 POINTS_PER_INCH = 72.0
 # Resolution at which the canvas is planned; any page this large picks its canvas by shape alone.
 PLANNING_DPI = 300.0
+_ROUNDING_MARGIN = 1e-6
 
 
 def canvas_fill_scale(page_size_points: tuple[float, float], config: AnyresConfig) -> float:
@@ -24,9 +25,9 @@ def canvas_fill_scale(page_size_points: tuple[float, float], config: AnyresConfi
     width_pt, height_pt = page_size_points
     zoom = PLANNING_DPI / POINTS_PER_INCH
     nominal = (max(1, round(height_pt * zoom)), max(1, round(width_pt * zoom)))
-    canvas = select_best_resolution(nominal, config.image_grid_pinpoints)
-    fitted_h, fitted_w = resized_size_on_canvas(nominal, canvas)
-    return max(fitted_h / height_pt, fitted_w / width_pt)
+    canvas_h, canvas_w = select_best_resolution(nominal, config.image_grid_pinpoints)
+    # The exact fit, nudged down so that the renderer's rounding up never overshoots the canvas.
+    return min(canvas_h / height_pt, canvas_w / width_pt) * (1 - _ROUNDING_MARGIN)
 
 
 def render_for_canvas(document: Document, index: int, config: AnyresConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -65,3 +65,25 @@ def test_bfloat16_close_to_float32(checkpoint):
     half = load_encoder(checkpoint, dtype=torch.bfloat16).encode(image).tokens
     assert half.dtype == torch.float32  # tokens leave the encoder as float32
     assert relative_error(half, full) <= 2e-2
+
+
+@pytest.mark.parametrize("dtype", ["f16", "f32"])
+def test_mmproj_gguf_gives_the_same_tokens_as_safetensors(dtype, llava, checkpoint, tmp_path):
+    from mmproj_writer import write_mmproj_gguf
+    from tiny_vision import vision_state_hf_names
+
+    clip_state, projector_state, newline = vision_state_hf_names(llava)
+    path = tmp_path / f"mmproj-{dtype}.gguf"
+    # As llama.cpp's converter writes LLaVA-1.6: the last block dropped, 2-D weights in f16.
+    write_mmproj_gguf(path, clip_state=clip_state, projector_state=projector_state, image_newline=newline,
+                      clip_config=llava.config.vision_config, image_grid_pinpoints=llava.config.image_grid_pinpoints,
+                      image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+                      drop_last_block=True, dtype=dtype)
+    from_gguf = load_encoder(path)
+    assert len(from_gguf.vit.encoder.layers) == 2  # 23-of-24 analogue: feature layer is the last kept
+    image = page_image(*PAGE_SHAPES["very_wide"], seed=9)
+    ours = from_gguf.encode(image)
+    reference = load_encoder(checkpoint).encode(image)
+    assert ours.geometry == reference.geometry
+    assert ours.tokens.shape == reference.tokens.shape
+    assert relative_error(ours.tokens, reference.tokens) <= 1e-2  # f16 rounding of the weights
