@@ -86,4 +86,4 @@ def test_mmproj_gguf_gives_the_same_tokens_as_safetensors(dtype, llava, checkpoi
     reference = load_encoder(checkpoint).encode(image)
     assert ours.geometry == reference.geometry
     assert ours.tokens.shape == reference.tokens.shape
-    assert relative_error(ours.tokens, reference.tokens) <= 1e-2  # f16 rounding of the weights
+    assert relative_error(ours.tokens, reference.tokens) <= 2e-3  # f16 rounding of the weights (measured 3e-4)
