@@ -113,6 +113,61 @@ def crops(
         stderr.print(f"{output}: page {page}, {image.width}x{image.height} px, canvas {geometry.canvas_size[1]}x{geometry.canvas_size[0]}, {rows}x{cols} crops")
 
 
+ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model bundle: a known name (see `fila weights list`) or a directory. Default: $FILA_MODEL or llava-1.6-mistral-7b.")]
+LlmOption = Annotated[Optional[Path], typer.Option("--llm", help="LLM GGUF file (explicit form, with --mmproj).")]
+MmprojOption = Annotated[Optional[Path], typer.Option("--mmproj", help="Vision weights: mmproj GGUF or LLaVA-NeXT safetensors (explicit form, with --llm).")]
+FusionOption = Annotated[Optional[Path], typer.Option("--fusion", help="FILA fusion weights (.safetensors + .json). Without them fusion is off.")]
+GpuLayersOption = Annotated[Optional[int], typer.Option("--gpu-layers", help="LLM layers on the GPU (default: all when llama.cpp was built with CUDA or Metal, else 0).")]
+
+
+def _read_question(question: str) -> str:
+    import sys
+
+    from .errors import UsageError
+
+    text = sys.stdin.read() if question == "-" else question
+    if not text.strip():
+        raise UsageError("the question is empty: pass it as an argument, or '-' to read it from stdin")
+    return text.strip()
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def ask(
+    file: Annotated[Path, typer.Argument(help="A PDF, or an image (PNG, JPEG, WebP, TIFF).", show_default=False)],
+    question: Annotated[str, typer.Argument(help="The question, or - to read it from stdin.", show_default=False)],
+    model: ModelOption = None,
+    llm: LlmOption = None,
+    mmproj: MmprojOption = None,
+    fusion: FusionOption = None,
+    pages: Annotated[Optional[str], typer.Option("--pages", help="Pages to read, 1-based, e.g. 1,3-5. Default: fila chooses (by the text layer, else the most confident page).")] = None,
+    password: PasswordOption = None,
+    text_layer: Annotated[bool, typer.Option("--text-layer", help="Add the page's text layer to the prompt (off by default: the paper's model reads pixels only).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (the default when stdout is not a terminal).")] = False,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the answer when it is complete instead of as it is generated.")] = False,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy (deterministic).")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (with --temperature > 0).")] = 0.95,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed for sampling.")] = 0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")] = 256,
+    gpu_layers: GpuLayersOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    verbose: VerboseOption = False,
+) -> None:
+    """Answer a QUESTION about FILE, citing the page the answer came from.
+
+    On a terminal the answer is shown in a panel, streamed as it is generated. Piped, or with --json,
+    stdout holds exactly one JSON object: {"file", "question", "answer", "pages", "confidence", "model",
+    "timings": {"render_s", "encode_s", "prefill_s", "generate_s"}, "tokens": {"visual", "prompt", "generated"}}.
+    """
+    with handle_errors(verbose):
+        from .ask_output import run_ask
+
+        run_ask(file=file, question=_read_question(question), model=model, llm=llm, mmproj=mmproj, fusion=fusion,
+                pages=pages, password=password, text_layer=text_layer, as_json=as_json, stream=not no_stream,
+                temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens, gpu_layers=gpu_layers,
+                device=device, dtype=dtype, verbose=verbose)
+
+
 def main() -> None:
     app()
 
