@@ -1,0 +1,476 @@
+"""The GGUF language model, driven by llama.cpp through llama-cpp-python (DESIGN §5).
+
+A prompt is a list of *segments*: ``str`` (text, tokenised with special tokens parsed) or a
+float32 array ``[n, n_embd]`` of embeddings (the visual tokens). Text goes through the
+high-level ``Llama.eval``; embeddings go in as rows of ``llama_batch.embd``, ``n_batch`` rows at a
+time, copied with ``ctypes.memmove``. After every embedding chunk the ``Llama`` object's own
+bookkeeping (``n_tokens``, ``input_ids``) is advanced, because ``Llama.eval`` starts by removing
+every KV-cache cell at or beyond ``n_tokens``: without it the next eval would erase the image.
+
+    backend = LlamaBackend("model.gguf", n_ctx=4096)
+    answer = backend.generate([before, visual_tokens, after], SamplingParams(max_tokens=64))
+    print(answer.text, answer.mean_logprob)
+
+``Llama.scores`` is not filled when ``logits_all=False``, so the log-probabilities of the answer
+are read from ``llama_get_logits_ith`` after each decode.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Union
+
+import llama_cpp
+import numpy as np
+from gguf import GGUFReader
+
+from ..errors import ModelError, UsageError
+from .sampling import SamplingParams, TextCallback, TextStream, log_softmax_at
+
+# One prompt segment: text, or embedding rows [n, n_embd] (float32).
+Segment = Union[str, np.ndarray]
+StopReason = Literal["eos", "max_tokens", "context_full"]
+
+GGUF_MAGIC = b"GGUF"
+# ``input_ids`` entry for a position filled from embeddings. Never a real token id, so the
+# prefix matching of ``Llama.generate(reset=True)`` can never mistake an image for cached text.
+IMAGE_PLACEHOLDER_ID = -1
+ALL_LAYERS = -1  # llama-cpp-python's n_gpu_layers for "offload every layer"
+# llama_decode return code: no KV-cache slot for the batch (context full).
+DECODE_NO_KV_SLOT = 1
+TOKEN_PIECE_BUFFER = 64  # bytes; llama_token_to_piece asks for more when a piece is longer
+# Architectures that are GGUF files of this project but not language models.
+NOT_LLM_ARCHITECTURES = {"clip": "a vision projector (mmproj)"}
+# Sampling knobs of llama-cpp-python that fila leaves neutral (only temperature/top_p are exposed).
+NEUTRAL_SAMPLER = dict(top_k=0, min_p=0.0, typical_p=1.0, repeat_penalty=1.0)
+
+
+class ContextOverflowError(UsageError):
+    """The prompt (text + visual tokens) does not fit in the context window."""
+
+    def __init__(self, message: str, *, n_needed: int, n_ctx: int):
+        super().__init__(message)
+        self.n_needed = n_needed
+        self.n_ctx = n_ctx
+
+
+@dataclass
+class Generation:
+    """One answer and what it cost."""
+
+    text: str
+    n_prompt_tokens: int  # text tokens of the prompt (BOS included)
+    n_visual_tokens: int  # embedding rows of the prompt
+    n_generated: int  # answer tokens (the end-of-generation token not counted)
+    # Mean natural-log probability of the sampled tokens under the model's raw distribution
+    # (before temperature/top_p), the end-of-generation token included when one was sampled:
+    # the model's confidence in the answer *and* in stopping there.
+    mean_logprob: float
+    prefill_s: float
+    generate_s: float
+    token_ids: list[int]
+    stop_reason: StopReason
+
+
+@dataclass
+class PrefixState:
+    """A decoded prefix (e.g. system prompt + image) to restore with ``load_state``."""
+
+    llama_state: llama_cpp.LlamaState
+    n_prompt_tokens: int
+    n_visual_tokens: int
+
+
+@dataclass
+class _PromptCounts:
+    n_prompt_tokens: int = 0
+    n_visual_tokens: int = 0
+
+
+# --- llama.cpp logging ---------------------------------------------------------------------------
+
+_log_verbose = False
+
+
+@llama_cpp.llama_log_callback
+def _llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # Called from C for every llama.cpp/ggml log line: dropped unless --verbose.
+    if _log_verbose and text:
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+        sys.stderr.flush()
+
+
+def _install_log_callback(verbose: bool) -> None:
+    """Route llama.cpp's (and ggml's) log through ``_llama_log``. The callback is a module
+    global, so ctypes' trampoline is never garbage-collected while C may call it."""
+    global _log_verbose
+    _log_verbose = verbose
+    llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
+
+
+# --- model loading -------------------------------------------------------------------------------
+
+
+def _check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise ModelError(f"{path}: LLM file not found; check the path or download the model (fila weights pull)")
+    try:
+        with path.open("rb") as f:
+            magic = f.read(len(GGUF_MAGIC))
+    except OSError as e:
+        raise ModelError(f"{path}: cannot read the LLM file ({e.strerror})") from e
+    if magic != GGUF_MAGIC:
+        raise ModelError(f"{path}: not a GGUF file; pass a GGUF language model")
+
+
+def _explain_load_failure(path: Path) -> str:
+    """Why llama.cpp refused the file, as far as its GGUF header tells."""
+    try:
+        reader = GGUFReader(str(path))
+        fields = {name: reader.fields[name] for name in ("general.architecture", "general.type") if name in reader.fields}
+        values = {name: bytes(f.parts[f.data[0]]).decode("utf-8") for name, f in fields.items()}
+    except Exception:  # noqa: BLE001 - a header that gguf cannot parse is simply corrupt
+        return "the GGUF file is corrupt or truncated; download it again"
+    arch = values.get("general.architecture", "?")
+    if values.get("general.type") == "adapter":
+        return "it is a LoRA adapter, not a language model; pass the base LLM GGUF"
+    if arch in NOT_LLM_ARCHITECTURES:
+        return f"it is {NOT_LLM_ARCHITECTURES[arch]}, not a language model; pass the LLM GGUF"
+    return f"llama.cpp cannot load it (architecture '{arch}'); the file may be corrupt or need a newer llama-cpp-python"
+
+
+def _default_gpu_layers() -> int:
+    return ALL_LAYERS if llama_cpp.llama_supports_gpu_offload() else 0
+
+
+# --- the backend ---------------------------------------------------------------------------------
+
+
+class LlamaBackend:
+    """A GGUF LLM with prompts made of text and embedding segments."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_gpu_layers: int | None = None,
+        seed: int = 0,
+        n_threads: int | None = None,
+        verbose: bool = False,
+    ):
+        self.path = Path(model_path)
+        _check_gguf(self.path)
+        _install_log_callback(verbose)
+        try:
+            self._llm = llama_cpp.Llama(
+                str(self.path),
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_gpu_layers=_default_gpu_layers() if n_gpu_layers is None else n_gpu_layers,
+                seed=seed,
+                n_threads=n_threads,
+                embedding=False,
+                logits_all=False,
+                verbose=verbose,
+            )
+        except (ValueError, RuntimeError) as e:
+            raise ModelError(f"{self.path}: cannot load the LLM: {_explain_load_failure(self.path)}") from e
+        self._n_batch = self._llm.n_batch
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        self._n_vocab = self._llm.n_vocab()
+        self._n_embd = self._input_width()
+        # llama.cpp rounds its context up (to a multiple of 256), but Llama.input_ids holds only
+        # the n_ctx asked for: the smaller is the real limit.
+        self._n_ctx = min(self._llm.n_ctx(), len(self._llm.input_ids))
+        self._counts = _PromptCounts()
+        # One embedding batch for the backend's lifetime: n_batch rows of n_embd floats, 1 sequence.
+        self._embd_batch = llama_cpp.llama_batch_init(self._n_batch, self._n_embd, 1)
+        self._init_embd_batch_sequences()
+        self._free_batch = weakref.finalize(self, llama_cpp.llama_batch_free, self._embd_batch)
+
+    # -- properties --
+
+    def _input_width(self) -> int:
+        # Width of an input embedding row; differs from n_embd for some multimodal LLMs.
+        if hasattr(llama_cpp, "llama_model_n_embd_inp"):
+            return int(llama_cpp.llama_model_n_embd_inp(self._llm.model))
+        return int(llama_cpp.llama_model_n_embd(self._llm.model))
+
+    @property
+    def n_embd(self) -> int:
+        return self._n_embd
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    @property
+    def n_vocab(self) -> int:
+        return self._n_vocab
+
+    @property
+    def model_name(self) -> str:
+        return self._llm.metadata.get("general.name") or self.path.stem
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._llm.metadata.get("tokenizer.chat_template") or None
+
+    @property
+    def eos(self) -> int:
+        return self._llm.token_eos()
+
+    @property
+    def bos(self) -> int:
+        return self._llm.token_bos()
+
+    def token_text(self, token: int) -> str:
+        """The vocabulary entry of ``token`` (e.g. "<s>"), for chat templates that name it."""
+        return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
+
+    @property
+    def n_past(self) -> int:
+        """Positions decoded so far (text and embeddings)."""
+        return self._llm.n_tokens
+
+    @property
+    def llama(self) -> llama_cpp.Llama:
+        """The underlying ``Llama`` (its n_tokens/input_ids are kept consistent)."""
+        return self._llm
+
+    # -- tokens --
+
+    def tokenize(self, text: str, *, at_start: bool = False) -> list[int]:
+        """Token ids of ``text`` with special tokens parsed. At the start of a prompt, BOS is
+        prepended when the model asks for it, unless the text already begins with it."""
+        tokens = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        wants_bos = at_start and llama_cpp.llama_vocab_get_add_bos(self._vocab) and self.bos >= 0
+        if wants_bos and (not tokens or tokens[0] != self.bos):
+            tokens = [self.bos, *tokens]
+        return tokens
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (special tokens render as nothing)."""
+        size = TOKEN_PIECE_BUFFER
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, size, 0, False)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n  # the piece needs -n bytes
+
+    def last_logits(self) -> np.ndarray:
+        """Logits [n_vocab] after the last decoded position (a copy)."""
+        ptr = llama_cpp.llama_get_logits_ith(self._llm.ctx, -1)
+        if not ptr:
+            raise RuntimeError("no logits available: nothing was decoded with logits requested")
+        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+
+    # -- decoding the prompt --
+
+    def reset(self) -> None:
+        """Forget everything decoded (the next decode starts at position 0)."""
+        self._llm.reset()
+        self._remove_kv_from(0)
+        self._counts = _PromptCounts()
+
+    def prefill(self, segments: Sequence[Segment], *, append: bool = False) -> None:
+        """Decode a prompt. Without ``append`` the context is reset first and BOS may open the
+        prompt (only when its first segment is text); with it, decoding continues at ``n_past``."""
+        if not append:
+            self.reset()
+        pieces = self._prepare(segments, at_start=self._llm.n_tokens == 0)
+        self._check_fits(pieces)
+        last = len(pieces) - 1
+        for i, piece in enumerate(pieces):
+            if piece.dtype == np.float32:
+                self._decode_embeddings(piece, logits_last=i == last)
+                self._counts.n_visual_tokens += len(piece)
+            else:
+                self._decode_tokens(piece.tolist())
+                self._counts.n_prompt_tokens += len(piece)
+
+    def _prepare(self, segments: Sequence[Segment], *, at_start: bool) -> list[np.ndarray]:
+        """Segments -> non-empty token arrays (intc) and embedding arrays (float32, [n, n_embd])."""
+        pieces: list[np.ndarray] = []
+        for segment in segments:
+            if isinstance(segment, str):
+                tokens = self.tokenize(segment, at_start=at_start and not pieces)
+                piece = np.asarray(tokens, dtype=np.intc)
+            else:
+                piece = np.ascontiguousarray(segment, dtype=np.float32)
+                if piece.ndim != 2 or piece.shape[1] != self._n_embd:
+                    raise ModelError(
+                        f"{self.path}: visual tokens of shape {tuple(piece.shape)} do not fit this LLM, whose "
+                        f"embeddings are {self._n_embd} wide; use the projector (mmproj) made for this LLM"
+                    )
+            if len(piece):
+                pieces.append(piece)
+        if not pieces:
+            raise ValueError("empty prompt: no text tokens and no embeddings")
+        return pieces
+
+    def _check_fits(self, pieces: Sequence[np.ndarray]) -> None:
+        n_visual = sum(len(p) for p in pieces if p.dtype == np.float32)
+        n_text = sum(len(p) for p in pieces) - n_visual
+        n_needed = self._llm.n_tokens + n_text + n_visual
+        if n_needed > self.n_ctx:
+            raise self._overflow(n_needed, f"{n_visual} visual + {n_text} text tokens")
+
+    def _overflow(self, n_needed: int, detail: str) -> ContextOverflowError:
+        return ContextOverflowError(
+            f"{self.path}: the prompt needs {n_needed} tokens ({detail}, {self._llm.n_tokens} already "
+            f"decoded) but the context holds {self.n_ctx}; raise the context size (n_ctx) or read a "
+            "smaller page",
+            n_needed=n_needed,
+            n_ctx=self.n_ctx,
+        )
+
+    def _decode_tokens(self, tokens: list[int]) -> None:
+        try:
+            self._llm.eval(tokens)  # chunks of n_batch; advances n_tokens/input_ids itself
+        except RuntimeError as e:
+            raise ModelError(f"{self.path}: llama.cpp failed to decode the prompt ({e})") from e
+
+    def _init_embd_batch_sequences(self) -> None:
+        # Every row belongs to sequence 0, once and for all; only embd, pos and logits change.
+        batch = self._embd_batch
+        ones = np.ones(self._n_batch, dtype=np.int32)
+        ctypes.memmove(batch.n_seq_id, ones.ctypes.data, ones.nbytes)
+        for row in range(self._n_batch):
+            batch.seq_id[row][0] = 0
+
+    def _decode_embeddings(self, rows: np.ndarray, *, logits_last: bool) -> None:
+        """Decode embedding rows [n, n_embd] at positions n_past.., n_batch rows a call."""
+        batch = self._embd_batch
+        n_rows = len(rows)
+        for start in range(0, n_rows, self._n_batch):
+            chunk = rows[start : start + self._n_batch]  # contiguous: a slice of C-ordered rows
+            n = len(chunk)
+            n_past = self._llm.n_tokens
+            positions = np.arange(n_past, n_past + n, dtype=np.int32)
+            ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
+            ctypes.memmove(batch.pos, positions.ctypes.data, positions.nbytes)
+            ctypes.memset(batch.logits, 0, n)
+            if logits_last and start + n == n_rows:
+                batch.logits[n - 1] = 1
+            batch.n_tokens = n
+            self._remove_kv_from(n_past)
+            rc = llama_cpp.llama_decode(self._llm.ctx, batch)
+            if rc == DECODE_NO_KV_SLOT:
+                raise self._overflow(n_past + n_rows - start, f"{n_rows} visual tokens")
+            if rc != 0:
+                raise ModelError(f"{self.path}: llama.cpp failed to decode the visual tokens (llama_decode returned {rc})")
+            # Tell the high-level object what now sits at these positions (see module docstring).
+            self._llm.input_ids[n_past : n_past + n] = IMAGE_PLACEHOLDER_ID
+            self._llm.n_tokens = n_past + n
+
+    def _remove_kv_from(self, position: int) -> None:
+        memory = llama_cpp.llama_get_memory(self._llm.ctx)
+        if memory is not None:
+            llama_cpp.llama_memory_seq_rm(memory, -1, position, -1)
+
+    # -- generation --
+
+    def generate(
+        self, segments: Sequence[Segment], params: SamplingParams | None = None, on_text: TextCallback | None = None
+    ) -> Generation:
+        """Decode the prompt, then sample the answer (streamed to ``on_text`` as it comes)."""
+        started = time.perf_counter()
+        self.prefill(segments)
+        return self._sample(params or SamplingParams(), on_text, prefill_s=time.perf_counter() - started)
+
+    def save_state(self) -> PrefixState:
+        """Snapshot of the decoded prefix (KV cache and bookkeeping)."""
+        return PrefixState(self._llm.save_state(), self._counts.n_prompt_tokens, self._counts.n_visual_tokens)
+
+    def load_state(self, state: PrefixState) -> None:
+        self._llm.load_state(state.llama_state)
+        self._remove_kv_from(self._llm.n_tokens)
+        self._counts = _PromptCounts(state.n_prompt_tokens, state.n_visual_tokens)
+
+    def generate_from_state(
+        self,
+        state: PrefixState,
+        suffix_segments: Sequence[Segment],
+        params: SamplingParams | None = None,
+        on_text: TextCallback | None = None,
+    ) -> Generation:
+        """Restore a decoded prefix, decode only ``suffix_segments`` (non-empty), then sample."""
+        started = time.perf_counter()
+        self.load_state(state)
+        self.prefill(suffix_segments, append=True)
+        return self._sample(params or SamplingParams(), on_text, prefill_s=time.perf_counter() - started)
+
+    def _sample(self, params: SamplingParams, on_text: TextCallback | None, *, prefill_s: float) -> Generation:
+        started = time.perf_counter()
+        stream = TextStream(on_text)
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        stop: StopReason = "max_tokens"
+        self._llm.set_seed(params.seed)
+        # Nothing new to eval (reset=False, no tokens): the first token comes from the prefill's
+        # logits; each later one after Llama.eval of the previous, which keeps n_tokens right.
+        sampler = self._llm.generate(
+            [], reset=False, temp=params.temperature, top_p=params.top_p, **NEUTRAL_SAMPLER
+        )
+        try:
+            for token in sampler:
+                # The logits the sampler just used: the last decode's, as nothing ran since.
+                logprobs.append(log_softmax_at(self.last_logits(), token))
+                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+                    stop = "eos"
+                    break
+                tokens.append(token)
+                stream.push(self.token_bytes(token))
+                if len(tokens) >= params.max_tokens:
+                    break
+                if self._llm.n_tokens + 1 > self.n_ctx:  # no room to decode this token
+                    stop = "context_full"
+                    break
+        except RuntimeError as e:
+            raise ModelError(f"{self.path}: llama.cpp failed while generating ({e})") from e
+        finally:
+            sampler.close()
+        stream.close()
+        return Generation(
+            text=stream.text,
+            n_prompt_tokens=self._counts.n_prompt_tokens,
+            n_visual_tokens=self._counts.n_visual_tokens,
+            n_generated=len(tokens),
+            mean_logprob=float(np.mean(logprobs)) if logprobs else float("nan"),
+            prefill_s=prefill_s,
+            generate_s=time.perf_counter() - started,
+            token_ids=tokens,
+            stop_reason=stop,
+        )
+
+    # -- lifetime --
+
+    def close(self) -> None:
+        self._free_batch()
+        self._llm.close()
+
+    def __enter__(self) -> "LlamaBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+__all__ = [
+    "ContextOverflowError",
+    "Generation",
+    "LlamaBackend",
+    "PrefixState",
+    "Segment",
+]

@@ -1,0 +1,150 @@
+"""Prompt templates: the families, GGUF chat templates (jinja), selection, BOS handling."""
+
+from __future__ import annotations
+
+import pytest
+
+from fila_cli.errors import ModelError
+from fila_cli.llm import LlamaBackend
+from fila_cli.llm.templates import (
+    FAMILIES,
+    VICUNA_SYSTEM,
+    guess_family,
+    select_template,
+    template_from_chat_template,
+)
+from tiny_llm import BOS_ID, build_tiny_llm, tiny_llm_tokens
+
+QUESTION = "What is the total {amount}?"  # braces must survive rendering
+
+# Shaped like the chat templates shipped in Qwen/ChatML and Mistral GGUFs.
+CHATML_JINJA = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+MISTRAL_JINJA = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def test_vicuna_matches_llava_1_6():
+    before, after = FAMILIES["vicuna"].render(QUESTION)
+    assert before + "<image>" + after == f"{VICUNA_SYSTEM} USER: <image>\n{QUESTION} ASSISTANT:"
+
+
+def test_mistral_matches_llava_1_6():
+    before, after = FAMILIES["mistral"].render(QUESTION)
+    assert before + "<image>" + after == f"[INST] <image>\n{QUESTION} [/INST]"
+    before, _ = FAMILIES["mistral"].render(QUESTION, system="Be brief.")
+    assert before == "[INST] Be brief.\n\n"
+
+
+def test_chatml_and_llama3():
+    before, after = FAMILIES["chatml"].render(QUESTION, system="Answer.")
+    assert before == "<|im_start|>system\nAnswer.<|im_end|>\n<|im_start|>user\n"
+    assert after == f"\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+    before, after = FAMILIES["llama3"].render(QUESTION, system="Answer.")
+    assert before == (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nAnswer.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\n"
+    )
+    assert after == f"\n{QUESTION}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_splits_around_the_image(family):
+    template = FAMILIES[family]
+    before, after = template.render(QUESTION)
+    assert QUESTION in after and QUESTION not in before
+    if template.default_system:
+        assert template.default_system in before
+    no_system, _ = template.render(QUESTION, system="")
+    assert template.default_system is None or template.default_system not in no_system
+
+
+def test_gguf_chat_template_splits_at_the_image():
+    template = template_from_chat_template(CHATML_JINJA)
+    before, after = template.render(QUESTION)
+    assert before == "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    assert after == f"\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+    before, _ = template.render(QUESTION, system="Be brief.")
+    assert before == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+
+
+def test_gguf_template_without_a_system_role_folds_the_system_prompt_in():
+    template = template_from_chat_template(MISTRAL_JINJA, bos_token="<s>", eos_token="</s>")
+    assert template.render(QUESTION) == ("<s>[INST] ", f"\n{QUESTION} [/INST]")
+    assert template.render(QUESTION, system="Be brief.") == ("<s>[INST] Be brief.\n\n", f"\n{QUESTION} [/INST]")
+
+
+def test_broken_gguf_template_is_an_error_and_selection_falls_back():
+    with pytest.raises(ModelError):
+        template_from_chat_template("{% for m in messages %}")  # not valid jinja
+    with pytest.raises(ModelError):
+        template_from_chat_template("{{ raise_exception('no') }}")
+    with pytest.raises(ModelError, match="exactly once"):
+        template_from_chat_template("no messages here")
+    assert select_template(None, "{% for m in messages %}", "llava-v1.6-mistral-7b").name == "mistral"
+
+
+def test_sandbox_blocks_unsafe_templates():
+    with pytest.raises(ModelError, match="unsafe"):
+        template_from_chat_template("{{ messages[0].content }}{{ ''.__class__.__mro__[1].__subclasses__() }}")
+
+
+def test_selection_order():
+    assert select_template("chatml", CHATML_JINJA, "llava-v1.6-mistral-7b").name == "chatml"  # bundle wins
+    assert select_template(None, CHATML_JINJA, "llava-v1.6-mistral-7b").name == "gguf"  # then the GGUF
+    assert select_template(None, None, "llava-v1.6-mistral-7b").name == "mistral"  # then the name
+    assert select_template(None, None, "some-model").name == "vicuna"  # else vicuna
+    with pytest.raises(ModelError, match="unknown prompt template 'alpaca'"):
+        select_template("alpaca", None, "x")
+
+
+@pytest.mark.parametrize(
+    "name, family",
+    [
+        ("llava-v1.6-vicuna-7b", "vicuna"),
+        ("llava-v1.6-mistral-7b", "mistral"),
+        ("llava-v1.6-34b", "chatml"),
+        ("Nous-Hermes-2-Yi-34B", "chatml"),
+        ("Qwen2-7B-Instruct", "chatml"),
+        ("llama3-llava-next-8b", "llama3"),
+        ("Meta-Llama-3-8B-Instruct", "llama3"),
+        ("tiny-llama", "vicuna"),
+    ],
+)
+def test_guess_family(name, family):
+    assert guess_family(name) == family
+
+
+def test_chat_template_from_a_gguf_drives_tokenisation(tmp_path):
+    """The GGUF's own template is found, rendered and tokenised: markers are single special
+    tokens, and the BOS the template writes is not doubled by the backend."""
+    path = build_tiny_llm(tmp_path / "mistral-like.gguf", chat_template=MISTRAL_JINJA)
+    tokens = tiny_llm_tokens()
+    with LlamaBackend(path, n_ctx=128) as backend:
+        template = select_template(
+            None,
+            backend.chat_template,
+            backend.model_name,
+            bos_token=backend.token_text(backend.bos),
+            eos_token=backend.token_text(backend.eos),
+        )
+        assert template.name == "gguf"
+        before, after = template.render("What is the total?")
+        before_ids = backend.tokenize(before, at_start=True)
+        after_ids = backend.tokenize(after)
+        assert before_ids[:2] == [BOS_ID, tokens.index("[INST]")] and before_ids.count(BOS_ID) == 1
+        assert after_ids[-1] == tokens.index("[/INST]")
+        # With an empty bos_token the backend supplies the BOS itself: the same ids.
+        plain = template_from_chat_template(MISTRAL_JINJA)
+        assert backend.tokenize(plain.render("What is the total?")[0], at_start=True) == before_ids

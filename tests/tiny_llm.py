@@ -1,0 +1,199 @@
+"""Build a tiny random-weight llama-architecture GGUF LLM at test time (test helper).
+
+The file is written with the real ``gguf`` writer, so llama.cpp loads it exactly as it loads a
+converted model: llama hyper-parameters, an F32 (or F16) tensor set named as llama.cpp's
+``LLM_ARCH_LLAMA`` expects, and a real SentencePiece-style ("llama") tokenizer:
+
+- control tokens ``<unk>``, ``<s>`` (BOS), ``</s>`` (EOS) and the chat-template markers of the
+  families in ``fila_cli.llm.templates`` (``<|im_start|>``, ``<|eot_id|>``, ``[INST]``, ...), so
+  rendered prompts tokenise their markers as single special tokens;
+- the 256 byte-fallback tokens ``<0x00>``..``<0xFF>``, so *any* UTF-8 text tokenises;
+- every printable ASCII character, and ``▁word`` pieces (with all their prefixes, so the SPM
+  merge loop can reach them) for a small English word list.
+
+Weights are drawn from ``numpy.random.default_rng(seed)``: the same arguments give the same file,
+byte for byte. Quantized tiny models segfault on this machine's CPU (DESIGN §5), hence F32/F16.
+
+Public API (others use it in end-to-end tests; keep it stable):
+
+    build_tiny_llm(path, *, n_embd=64, n_layer=2, n_head=4, n_ff=128, vocab=None,
+                   chat_template=None, seed=0, n_ctx_train=2048, dtype="f32",
+                   name="tiny-llama", always_eos=False) -> Path
+    tiny_llm_tokens(vocab=None) -> list[str]     # the token list, index = token id
+    BOS_ID, EOS_ID, UNK_ID                        # special token ids
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from gguf import GGUFWriter, TokenType
+
+ARCH = "llama"
+SPM_SPACE = "\u2581"  # "▁": SentencePiece's visible space
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+# Markers of the prompt families (templates.py); control tokens, so they tokenise as one id.
+TEMPLATE_MARKERS = (
+    "[INST]",
+    "[/INST]",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+)
+N_BYTES = 256
+PRINTABLE_ASCII = [chr(c) for c in range(0x21, 0x7F)]
+DEFAULT_WORDS = (
+    "a an the of to in on at is are was be it this that what which who how many much where when "
+    "why and or not with for from by as chat between curious human artificial intelligence "
+    "assistant gives helpful detailed polite answers questions question answer user system you "
+    "document page image table chart figure value total number year date name title text read "
+    "show shows describe tell me please hello world"
+).split()
+ROPE_FREQ_BASE = 10000.0
+RMS_NORM_EPS = 1e-5
+# Scale of the constant channel used by ``always_eos`` (see below); far above the O(1) channels.
+ALWAYS_EOS_CHANNEL_VALUE = 30.0
+ALWAYS_EOS_LOGIT_GAIN = 4.0
+
+
+def tiny_llm_tokens(vocab: Sequence[str] | None = None) -> list[str]:
+    """The token list (index = id): specials, markers, bytes, ASCII characters, word pieces."""
+    words = DEFAULT_WORDS if vocab is None else tuple(vocab)
+    tokens = list(SPECIAL_TOKENS) + list(TEMPLATE_MARKERS)
+    tokens += [f"<0x{b:02X}>" for b in range(N_BYTES)]
+    tokens += [SPM_SPACE] + PRINTABLE_ASCII
+    seen = set(tokens)
+    for word in words:
+        piece = SPM_SPACE + word
+        # Every prefix, so the merge loop can grow "▁t" -> "▁th" -> "▁the".
+        for end in range(2, len(piece) + 1):
+            if piece[:end] not in seen:
+                seen.add(piece[:end])
+                tokens.append(piece[:end])
+    return tokens
+
+
+def _token_types(tokens: Sequence[str]) -> list[int]:
+    n_control = len(SPECIAL_TOKENS) + len(TEMPLATE_MARKERS)
+    types = [TokenType.CONTROL] * n_control + [TokenType.BYTE] * N_BYTES
+    types += [TokenType.NORMAL] * (len(tokens) - len(types))
+    types[UNK_ID] = TokenType.UNKNOWN
+    return [int(t) for t in types]
+
+
+def _token_scores(tokens: Sequence[str], types: Sequence[int]) -> list[float]:
+    # SPM merges the adjacent pair whose result has the highest score: longer pieces win.
+    return [float(len(t)) if ty == TokenType.NORMAL else 0.0 for t, ty in zip(tokens, types)]
+
+
+def _random_weights(
+    rng: np.random.Generator, *, n_vocab: int, n_embd: int, n_layer: int, n_ff: int
+) -> dict[str, np.ndarray]:
+    """llama.cpp tensor names -> arrays shaped (out, in) as numpy sees them (gguf reverses)."""
+    scale = 1.0 / np.sqrt(n_embd)  # keeps attention scores and logits O(1): outputs depend on context
+
+    def normal(*shape: int, std: float) -> np.ndarray:
+        return rng.normal(0.0, std, size=shape).astype(np.float32)
+
+    tensors = {"token_embd.weight": normal(n_vocab, n_embd, std=1.0)}
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        tensors[p + "attn_norm.weight"] = np.ones(n_embd, np.float32)
+        for proj in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            tensors[p + proj + ".weight"] = normal(n_embd, n_embd, std=scale)
+        tensors[p + "ffn_norm.weight"] = np.ones(n_embd, np.float32)
+        tensors[p + "ffn_gate.weight"] = normal(n_ff, n_embd, std=scale)
+        tensors[p + "ffn_up.weight"] = normal(n_ff, n_embd, std=scale)
+        tensors[p + "ffn_down.weight"] = normal(n_embd, n_ff, std=1.0 / np.sqrt(n_ff))
+    tensors["output_norm.weight"] = np.ones(n_embd, np.float32)
+    tensors["output.weight"] = normal(n_vocab, n_embd, std=scale * 4)
+    return tensors
+
+
+def _force_eos(tensors: dict[str, np.ndarray]) -> None:
+    """Make EOS the greedy choice at every step: channel 0 of every token embedding is a large
+    constant, so after the final RMSNorm channel 0 is large and positive whatever the context;
+    only the EOS row of the output matrix reads it."""
+    tensors["token_embd.weight"][:, 0] = ALWAYS_EOS_CHANNEL_VALUE
+    output = tensors["output.weight"]
+    output[:, 0] = 0.0
+    output[EOS_ID, 0] = ALWAYS_EOS_LOGIT_GAIN
+
+
+def build_tiny_llm(
+    path: str | os.PathLike,
+    *,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_ff: int = 128,
+    vocab: Sequence[str] | None = None,
+    chat_template: str | None = None,
+    seed: int = 0,
+    n_ctx_train: int = 2048,
+    dtype: Literal["f32", "f16"] = "f32",
+    name: str = "tiny-llama",
+    always_eos: bool = False,
+) -> Path:
+    """Write a tiny random llama GGUF LLM to ``path`` and return the path.
+
+    vocab: extra English words for the tokenizer (default: a small built-in list); characters and
+        byte fallback make any text tokenise regardless.
+    chat_template: stored as ``tokenizer.chat_template`` when given (jinja source).
+    dtype: "f32" (default; token embeddings read back bit-exact) or "f16" for the matrices
+        (norm weights stay F32, as llama.cpp's converter does).
+    always_eos: make greedy decoding emit EOS at the first step (to test stopping).
+    """
+    if n_embd % n_head:
+        raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    tokens = tiny_llm_tokens(vocab)
+    types = _token_types(tokens)
+    tensors = _random_weights(rng, n_vocab=len(tokens), n_embd=n_embd, n_layer=n_layer, n_ff=n_ff)
+    if always_eos:
+        _force_eos(tensors)
+
+    writer = GGUFWriter(str(path), ARCH)
+    writer.add_name(name)
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_head)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_rope_freq_base(ROPE_FREQ_BASE)
+    writer.add_layer_norm_rms_eps(RMS_NORM_EPS)
+    writer.add_file_type(0 if dtype == "f32" else 1)  # llama_ftype: ALL_F32 / MOSTLY_F16
+
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(_token_scores(tokens, types))
+    writer.add_token_types(types)
+    writer.add_unk_token_id(UNK_ID)
+    writer.add_bos_token_id(BOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
+
+    for tensor_name, array in tensors.items():
+        if dtype == "f16" and array.ndim == 2:
+            array = array.astype(np.float16)
+        writer.add_tensor(tensor_name, array)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
