@@ -17,6 +17,14 @@ app = typer.Typer(
     add_completion=True,
 )
 
+def _mount_weights_app() -> None:
+    from .cli_weights import weights_app
+
+    app.add_typer(weights_app, name="weights", help="List, download, inspect and verify model bundles.")
+
+
+_mount_weights_app()
+
 DeviceOption = Annotated[str, typer.Option("--device", help="Where the vision encoder runs: auto (best present), cpu, cuda or mps.")]
 DtypeOption = Annotated[
     str, typer.Option("--dtype", help="Vision encoder precision: auto (bfloat16 on GPUs and on CPUs with AMX/AVX512-BF16), float32, bfloat16.")

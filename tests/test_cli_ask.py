@@ -1,0 +1,142 @@
+"""`fila ask` end to end: a tiny GGUF LLM and a tiny mmproj, built at test time, run by the real
+llama.cpp over real PyMuPDF renders; and every documented exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pymupdf
+import pytest
+from PIL import Image
+
+from bad_documents import make_good_pdf
+from fila_cli.errors import ExitCode
+from tiny_bundle import LLM_FILE, MMPROJ_FILE, build_tiny_bundle
+from tiny_vision import page_image
+
+DOCUMENTED_KEYS = {"file", "question", "answer", "pages", "confidence", "model", "timings", "tokens"}
+TIMING_KEYS = {"render_s", "encode_s", "prefill_s", "generate_s"}
+TOKEN_KEYS = {"visual", "prompt", "generated"}
+QUESTION = "What is the total due?"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    # Page 2 has a text layer naming the total; page 3 is a scan (an image, no text layer).
+    path = tmp_path_factory.mktemp("docs") / "report.pdf"
+    return make_good_pdf(path, ["Welcome to the annual report of the company",
+                                "Invoice summary. The total due is 1,234.00 EUR, payable in 30 days.",
+                                "Scanned appendix"], scanned_page=2) or path
+
+
+def fila(*args, stdin: str | None = None, timeout: int = 300):
+    return subprocess.run([sys.executable, "-m", "fila_cli", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, timeout=timeout)
+
+
+def ask_json(bundle, *args, **kwargs):
+    return fila("ask", *args, "--model", bundle, "--max-tokens", 12, "--json", **kwargs)
+
+
+def test_ask_pdf_end_to_end(bundle, report):
+    first = ask_json(bundle, report, QUESTION)
+    assert first.returncode == 0, first.stderr
+    record = json.loads(first.stdout)  # stdout is exactly one JSON object
+    assert set(record) == DOCUMENTED_KEYS
+    assert set(record["timings"]) == TIMING_KEYS and set(record["tokens"]) == TOKEN_KEYS
+    assert record["file"] == str(report) and record["question"] == QUESTION
+    assert record["pages"] == [2], "the page chooser must pick the page whose text names the total"
+    assert 0 < record["confidence"] <= 1
+    assert record["tokens"]["visual"] > 576 and 0 < record["tokens"]["generated"] <= 12
+    second = ask_json(bundle, report, QUESTION)
+    assert json.loads(second.stdout)["answer"] == record["answer"], "greedy decoding must be deterministic"
+
+
+def test_ask_png_and_question_from_stdin(bundle, tmp_path):
+    image = tmp_path / "receipt.png"
+    page_image(900, 400).save(image)
+    completed = ask_json(bundle, image, "-", stdin=QUESTION + "\n")
+    assert completed.returncode == 0, completed.stderr
+    record = json.loads(completed.stdout)
+    assert record["question"] == QUESTION and record["pages"] == [1]
+
+
+def test_piped_output_is_json_without_flag(bundle, report):
+    completed = fila("ask", report, QUESTION, "--model", bundle, "--max-tokens", 4, "--pages", "1")
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout)["pages"] == [1]
+
+
+def test_scanned_document_reads_every_page(bundle, tmp_path):
+    scans = tmp_path / "scans.pdf"
+    document = pymupdf.open()
+    for seed in range(2):
+        page = document.new_page()
+        png = tmp_path / f"scan{seed}.png"
+        page_image(800, 600, seed=seed).save(png)
+        page.insert_image(page.rect, filename=str(png))
+    document.save(scans)
+    completed = ask_json(bundle, scans, QUESTION)
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout)["pages"][0] in (1, 2)
+
+
+def assert_fails(completed, exit_code, *needles):
+    assert completed.returncode == exit_code, (completed.returncode, completed.stderr)
+    lines = completed.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("fila: error:"), completed.stderr
+    assert "Traceback" not in completed.stderr and completed.stdout == ""
+    for needle in needles:
+        assert needle in lines[-1]
+
+
+def test_document_errors_exit_3(bundle, report, tmp_path):
+    assert_fails(ask_json(bundle, tmp_path / "missing.pdf", QUESTION), ExitCode.DOCUMENT, "missing.pdf")
+    not_pdf = tmp_path / "notes.pdf"
+    not_pdf.write_text("just some text, not a PDF")
+    assert_fails(ask_json(bundle, not_pdf, QUESTION), ExitCode.DOCUMENT, "notes.pdf")
+    truncated = tmp_path / "truncated.pdf"
+    truncated.write_bytes(report.read_bytes()[:300])
+    assert_fails(ask_json(bundle, truncated, QUESTION), ExitCode.DOCUMENT, "truncated.pdf")
+    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "0"), ExitCode.DOCUMENT, "report.pdf")
+    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "7"), ExitCode.DOCUMENT, "report.pdf")
+
+
+def test_encrypted_pdf(bundle, tmp_path):
+    locked = tmp_path / "locked.pdf"
+    document = pymupdf.open()
+    document.new_page().insert_text((72, 72), "Total due: 99.00")
+    document.save(locked, encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="secret", owner_pw="owner")
+    assert_fails(ask_json(bundle, locked, QUESTION), ExitCode.DOCUMENT, "locked.pdf", "--password")
+    assert_fails(ask_json(bundle, locked, QUESTION, "--password", "wrong"), ExitCode.DOCUMENT, "locked.pdf")
+    completed = ask_json(bundle, locked, QUESTION, "--password", "secret")
+    assert completed.returncode == 0, completed.stderr
+
+
+def test_model_errors_exit_4(bundle, report, tmp_path):
+    missing = fila("ask", report, QUESTION, "--llm", tmp_path / "none.gguf", "--mmproj", bundle / MMPROJ_FILE, "--json")
+    assert_fails(missing, ExitCode.MODEL, "none.gguf")
+    mismatched = build_tiny_bundle(tmp_path / "mismatched", llm_width=64, mmproj_width=48)
+    completed = fila("ask", report, QUESTION, "--llm", mismatched / LLM_FILE, "--mmproj", mismatched / MMPROJ_FILE, "--json")
+    assert_fails(completed, ExitCode.MODEL, "48", "64")
+
+
+def test_not_installed_model_names_the_command(report, tmp_path):
+    env_home = tmp_path / "hf"
+    completed = subprocess.run([sys.executable, "-m", "fila_cli", "ask", str(report), QUESTION, "--model", "llava-1.6-mistral-7b"],
+                               capture_output=True, text=True, timeout=120,
+                               env={**__import__("os").environ, "HF_HOME": str(env_home), "HF_HUB_OFFLINE": "1"})
+    assert_fails(completed, ExitCode.MODEL, "fila weights pull llava-1.6-mistral-7b")
+
+
+def test_usage_errors_exit_2(bundle, report):
+    assert fila("ask", report).returncode == ExitCode.USAGE  # no question
+    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "two"), ExitCode.USAGE)
+    assert_fails(ask_json(bundle, report, QUESTION, "--temperature", "-1"), ExitCode.USAGE)
