@@ -30,6 +30,13 @@ DtypeOption = Annotated[
     str, typer.Option("--dtype", help="Vision encoder precision: auto (bfloat16 on GPUs and on CPUs with AMX/AVX512-BF16), float32, bfloat16.")
 ]
 PasswordOption = Annotated[Optional[str], typer.Option("--password", help="Password of an encrypted PDF.")]
+ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model bundle: a known name (see `fila weights list`) or a directory. Default: $FILA_MODEL or llava-1.6-mistral-7b.")]
+LlmOption = Annotated[Optional[Path], typer.Option("--llm", help="LLM GGUF file (explicit form, with --mmproj).")]
+MmprojOption = Annotated[Optional[Path], typer.Option("--mmproj", help="Vision weights: mmproj GGUF or LLaVA-NeXT safetensors (explicit form, with --llm).")]
+FusionOption = Annotated[Optional[Path], typer.Option("--fusion", help="FILA fusion weights (.safetensors + .json). Without them fusion is off.")]
+GpuLayersOption = Annotated[Optional[int], typer.Option("--gpu-layers", help="LLM layers on the GPU (default: all when llama.cpp was built with CUDA or Metal, else 0).")]
+
+
 
 
 def _version(value: bool) -> None:
@@ -47,13 +54,24 @@ def _main(
     """Answer questions about documents with a local FILA vision-language model."""
 
 
+def _vision_weights(model: str | None, mmproj: Path | None, fusion: Path | None) -> tuple[Path, Path | None]:
+    """The vision weights to use: --mmproj [--fusion] as given, else the bundle's."""
+    if mmproj is not None:
+        return mmproj, fusion
+    from .bundles import resolve_bundle
+
+    bundle = resolve_bundle(model, fusion=fusion)
+    return bundle.vision, bundle.fusion
+
+
 @app.command(epilog=EXIT_CODES_HELP)
 def encode(
     file: Annotated[Path, typer.Argument(help="A PDF, or an image (PNG, JPEG, WebP, TIFF).", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the visual tokens (.safetensors).", show_default=False)],
-    mmproj: Annotated[Path, typer.Option("--mmproj", help="Vision weights: an mmproj GGUF, or a LLaVA-NeXT safetensors checkpoint.", show_default=False)],
     page: Annotated[int, typer.Option("--page", "-p", help="Page of a PDF to encode, 1-based.")] = 1,
-    fusion: Annotated[Optional[Path], typer.Option("--fusion", help="FILA fusion weights (.safetensors with its .json config). Without them fusion is off and the ConvNeXt branch does not run.")] = None,
+    model: ModelOption = None,
+    mmproj: MmprojOption = None,
+    fusion: FusionOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     password: PasswordOption = None,
@@ -77,9 +95,10 @@ def encode(
             from .errors import DocumentError
 
             raise DocumentError(f"{file}: no such file; check the path")
-        encoder = load_encoder(mmproj, fusion, device=torch_device, dtype=torch_dtype)
+        vision, fusion = _vision_weights(model, mmproj, fusion)
+        encoder = load_encoder(vision, fusion, device=torch_device, dtype=torch_dtype)
         result = encode_page(file, page, encoder, password=password)
-        metadata = token_metadata(result, file, file_identity(mmproj), file_identity(fusion) if fusion else None, torch_dtype)
+        metadata = token_metadata(result, file, file_identity(vision), file_identity(fusion) if fusion else None, torch_dtype)
         save_visual_tokens(output, result.page.tokens, metadata)
         rows, cols = result.page.geometry.grid
         stderr.print(
@@ -94,6 +113,8 @@ def crops(
     file: Annotated[Path, typer.Argument(help="A PDF, or an image (PNG, JPEG, WebP, TIFF).", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the picture (.png).", show_default=False)],
     page: Annotated[int, typer.Option("--page", "-p", help="Page of a PDF, 1-based.")] = 1,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Take the canvases from this bundle's vision weights (default: the paper's five canvases, as LLaVA-1.6).")] = None,
+    mmproj: MmprojOption = None,
     password: PasswordOption = None,
     verbose: VerboseOption = False,
 ) -> None:
@@ -113,19 +134,17 @@ def crops(
         if output.suffix.lower() != ".png":
             raise UsageError(f"{output}: the picture is written as PNG; name it *.png")
         config = AnyresConfig()
+        if model is not None or mmproj is not None:
+            from .vision import load_vision_weights
+
+            weights = load_vision_weights(_vision_weights(model, mmproj, None)[0])
+            config = AnyresConfig(crop_size=weights.clip_config.image_size, image_grid_pinpoints=weights.image_grid_pinpoints)
         with open_document(file, password=password) as document:
             image = render_for_canvas(document, page_index_from_user(page, document.page_count, name=file), config)
         geometry = plan_canvas((image.height, image.width), config)
         draw_crops(image, geometry).save(output)
         rows, cols = geometry.grid
         stderr.print(f"{output}: page {page}, {image.width}x{image.height} px, canvas {geometry.canvas_size[1]}x{geometry.canvas_size[0]}, {rows}x{cols} crops")
-
-
-ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model bundle: a known name (see `fila weights list`) or a directory. Default: $FILA_MODEL or llava-1.6-mistral-7b.")]
-LlmOption = Annotated[Optional[Path], typer.Option("--llm", help="LLM GGUF file (explicit form, with --mmproj).")]
-MmprojOption = Annotated[Optional[Path], typer.Option("--mmproj", help="Vision weights: mmproj GGUF or LLaVA-NeXT safetensors (explicit form, with --llm).")]
-FusionOption = Annotated[Optional[Path], typer.Option("--fusion", help="FILA fusion weights (.safetensors + .json). Without them fusion is off.")]
-GpuLayersOption = Annotated[Optional[int], typer.Option("--gpu-layers", help="LLM layers on the GPU (default: all when llama.cpp was built with CUDA or Metal, else 0).")]
 
 
 def _read_question(question: str) -> str:
