@@ -14,11 +14,10 @@ import torch
 from .config import AnyresConfig, FusionConfig
 from .errors import ModelError
 from .loaders.fusion_weights import load_fusion_weights
+from .loaders.gguf_files import is_gguf
 from .loaders.hf_safetensors import load_hf_vision
 from .loaders.vision_weights import VisionWeights
 from .model.encoder import HybridEncoder, feature_layer_number
-
-_GGUF_MAGIC = b"GGUF"
 
 
 def load_vision_weights(path: str | Path) -> VisionWeights:
@@ -27,9 +26,7 @@ def load_vision_weights(path: str | Path) -> VisionWeights:
     if not path.exists():
         raise ModelError(f"{path}: no such file or directory; pass an mmproj .gguf or a LLaVA-NeXT safetensors checkpoint")
     if path.is_file():
-        with open(path, "rb") as handle:
-            magic = handle.read(len(_GGUF_MAGIC))
-        if magic == _GGUF_MAGIC:
+        if is_gguf(path):
             from .loaders.mmproj_gguf import load_mmproj_gguf
 
             return load_mmproj_gguf(path)

@@ -254,7 +254,7 @@ def test_visual_tokens_of_the_wrong_width_are_a_model_error(backend):
 
 
 def test_missing_file_is_a_model_error(tmp_path):
-    with pytest.raises(ModelError, match="missing.gguf.*not found"):
+    with pytest.raises(ModelError, match="missing.gguf.*no such LLM file"):
         LlamaBackend(tmp_path / "missing.gguf")
 
 

@@ -32,13 +32,13 @@ import numpy as np
 from gguf import GGUFReader
 
 from ..errors import ModelError, UsageError
+from ..loaders.gguf_files import require_gguf
 from .sampling import SamplingParams, TextCallback, TextStream, log_softmax_at
 
 # One prompt segment: text, or embedding rows [n, n_embd] (float32).
 Segment = Union[str, np.ndarray]
 StopReason = Literal["eos", "max_tokens", "context_full"]
 
-GGUF_MAGIC = b"GGUF"
 # ``input_ids`` entry for a position filled from embeddings. Never a real token id, so the
 # prefix matching of ``Llama.generate(reset=True)`` can never mistake an image for cached text.
 IMAGE_PLACEHOLDER_ID = -1
@@ -119,15 +119,7 @@ def _install_log_callback(verbose: bool) -> None:
 
 
 def _check_gguf(path: Path) -> None:
-    if not path.is_file():
-        raise ModelError(f"{path}: LLM file not found; check the path or download the model (fila weights pull)")
-    try:
-        with path.open("rb") as f:
-            magic = f.read(len(GGUF_MAGIC))
-    except OSError as e:
-        raise ModelError(f"{path}: cannot read the LLM file ({e.strerror})") from e
-    if magic != GGUF_MAGIC:
-        raise ModelError(f"{path}: not a GGUF file; pass a GGUF language model")
+    require_gguf(path, "LLM", "pass a GGUF language model, or download one with `fila weights pull`")
 
 
 def _explain_load_failure(path: Path) -> str:

@@ -43,10 +43,10 @@ from transformers import CLIPVisionConfig
 
 from fila_cli.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from fila_cli.errors import ModelError
+from fila_cli.loaders.gguf_files import require_gguf
 from fila_cli.loaders.identity import file_identity
 from fila_cli.loaders.vision_weights import VisionWeights
 
-GGUF_MAGIC = b"GGUF"
 CLIP_ARCHITECTURE = "clip"
 # The LLaVA-1.5/1.6 projector: Linear -> GELU -> Linear. Others (ldp, ldpv2, resampler, ...) are
 # different networks that fila does not implement.
@@ -195,15 +195,7 @@ def load_mmproj_gguf(path: str | os.PathLike[str]) -> VisionWeights:
 
 
 def _open_reader(path: Path) -> GGUFReader:
-    if not path.is_file():
-        raise ModelError(f"{path}: no such mmproj file; pass the path of a LLaVA-1.6 mmproj GGUF")
-    try:
-        with path.open("rb") as handle:
-            magic = handle.read(len(GGUF_MAGIC))
-    except OSError as error:
-        raise ModelError(f"{path}: cannot read the mmproj file ({error.strerror}); check its permissions") from error
-    if magic != GGUF_MAGIC:
-        raise ModelError(f"{path}: not a GGUF file; pass a LLaVA-1.6 mmproj GGUF (e.g. mmproj-model-f16.gguf)")
+    require_gguf(path, "mmproj", "pass a LLaVA-1.6 mmproj GGUF (e.g. mmproj-model-f16.gguf)")
     try:
         return GGUFReader(path, "r")
     except Exception as error:  # the reader raises ValueError, struct/IndexError on truncation...

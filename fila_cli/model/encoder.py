@@ -94,19 +94,22 @@ class HybridEncoder(nn.Module):
             for stage in self.cvfm.config.active_stages()
         }
 
+    def _fusion_hook(self, page: AnyresImage):
+        """Runs the ConvNeXt once for the page; the returned hook fuses after each interaction layer."""
+        aligned = self._aligned_stage_features(page)
+        cvfm = self.cvfm
+        assert cvfm is not None
+
+        def hook(layer_number: int, hidden: torch.Tensor) -> torch.Tensor:
+            for stage in cvfm.stages_after_layer(layer_number):
+                hidden = cvfm.fuse(stage, hidden, aligned[stage])
+            return hidden
+
+        return hook
+
     def view_features(self, page: AnyresImage) -> torch.Tensor:
         """Projected features of every view: [n_views, grid^2, d]."""
-        hook = None
-        if self.fusion_enabled:
-            aligned = self._aligned_stage_features(page)
-            cvfm = self.cvfm
-            assert cvfm is not None
-
-            def hook(layer_number: int, hidden: torch.Tensor) -> torch.Tensor:
-                for stage in cvfm.stages_after_layer(layer_number):
-                    hidden = cvfm.fuse(stage, hidden, aligned[stage])
-                return hidden
-
+        hook = self._fusion_hook(page) if self.fusion_enabled else None
         hidden = self.vit(page.views.to(self.image_newline.device), hook=hook)  # [n_views, 1 + grid^2, D]
         return self.projector(hidden[:, 1:])  # class token dropped
 
