@@ -87,3 +87,16 @@ def test_mmproj_gguf_gives_the_same_tokens_as_safetensors(dtype, llava, checkpoi
     assert ours.geometry == reference.geometry
     assert ours.tokens.shape == reference.tokens.shape
     assert relative_error(ours.tokens, reference.tokens) <= 2e-3  # f16 rounding of the weights (measured 3e-4)
+
+
+def test_mismatched_checkpoint_names_file_and_tensor(llava, tmp_path):
+    import json
+
+    from fila_cli.errors import ModelError
+
+    directory = save_llava_next_checkpoint(llava, tmp_path / "broken")
+    config = json.loads((directory / "config.json").read_text())
+    config["vision_config"]["intermediate_size"] = 96  # the tensors say 64
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match=r"broken: tensor encoder.layers.0.mlp.fc1.* has shape \(64,?.*expected \(96"):
+        load_encoder(directory)
