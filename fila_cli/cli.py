@@ -6,11 +6,23 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from .cli_support import EXIT_CODES_HELP, VerboseOption, handle_errors, stderr
 
+# The main job first, then the tools around it.
+COMMAND_ORDER = ("ask", "batch", "crops", "encode", "weights", "cache")
+
+
+class _MainJobFirst(TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        rank = {name: index for index, name in enumerate(COMMAND_ORDER)}
+        return sorted(super().list_commands(ctx), key=lambda name: rank.get(name, len(rank)))
+
+
 app = typer.Typer(
     name="fila",
+    cls=_MainJobFirst,
     help="Answer questions about documents with a local FILA vision-language model.\n\n" + EXIT_CODES_HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
