@@ -15,9 +15,10 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
+from PIL import Image
 
 from .bundles import Bundle
 from .documents import Document, open_document, parse_page_spec
@@ -69,6 +70,14 @@ class Answer:
             "timings": {k: round(v, 4) for k, v in self.timings.items()},
             "tokens": dict(self.tokens),
         }
+
+
+@dataclass
+class RenderedPage:
+    index: int  # 0-based
+    image: Image.Image
+    text: str  # the text layer, when --text-layer asked for it
+    render_s: float
 
 
 @dataclass
@@ -137,23 +146,47 @@ class Asker:
         on_text: TextCallback | None = None,
         on_page: PageProgress | None = None,
     ) -> Answer:
+        """Open, choose pages, render and answer, all in this process."""
         options = options or AskOptions()
-        timings = {"render_s": 0.0, "encode_s": 0.0, "prefill_s": 0.0, "generate_s": 0.0}
         with open_document(path, password=options.password) as document:
             indices, reason = choose_page_indices(document, question, options.pages)
-            answers = []
-            for done, index in enumerate(indices):
-                if on_page is not None:
-                    on_page(done, len(indices))
-                # Stream only when one page is read: with several, the best answer is known at the end.
-                answers.append(self._answer_page(document, index, question, options, timings, on_text if len(indices) == 1 else None))
+
+            def pages():
+                for index in indices:
+                    started = time.perf_counter()
+                    image = render_for_canvas(document, index, self.encoder.anyres)
+                    text = document.page_text(index) if options.text_layer else ""
+                    yield RenderedPage(index, image, text, time.perf_counter() - started)
+
+            return self.answer_pages(str(path), question, pages(), len(indices), reason, options, on_text, on_page)
+
+    def answer_pages(
+        self,
+        file: str,
+        question: str,
+        pages: Iterable[RenderedPage],
+        n_pages: int,
+        reason: str,
+        options: AskOptions,
+        on_text: TextCallback | None = None,
+        on_page: PageProgress | None = None,
+    ) -> Answer:
+        """Answer from pages rendered elsewhere (``fila batch`` renders in an isolated process)."""
+        timings = {"render_s": 0.0, "encode_s": 0.0, "prefill_s": 0.0, "generate_s": 0.0}
+        answers = []
+        for done, page in enumerate(pages):
             if on_page is not None:
-                on_page(len(indices), len(indices))
+                on_page(done, n_pages)
+            timings["render_s"] += page.render_s
+            # Stream only when one page is read: with several, the best answer is known at the end.
+            answers.append(self._answer_page(file, page, question, options, timings, on_text if n_pages == 1 else None))
+        if on_page is not None:
+            on_page(n_pages, n_pages)
         best = max(answers, key=lambda a: a.mean_logprob)
-        if len(indices) > 1:
+        if n_pages > 1:
             reason += f"; page {best.page + 1} gave the most confident answer"
         return Answer(
-            file=str(path),
+            file=file,
             question=question,
             answer=best.text.strip(),
             pages=[best.page + 1],
@@ -164,29 +197,27 @@ class Asker:
             page_reason=reason,
         )
 
-    def _question_text(self, document: Document, index: int, question: str, options: AskOptions) -> str:
+    @staticmethod
+    def _question_text(page: RenderedPage, question: str, options: AskOptions) -> str:
         if not options.text_layer:
             return question
-        text = " ".join(document.page_text(index).split())[:MAX_TEXT_LAYER_CHARS]
+        text = " ".join(page.text.split())[:MAX_TEXT_LAYER_CHARS]
         return f"Text of the page: {text}\n\n{question}" if text else question
 
-    def _answer_page(self, document: Document, index: int, question: str, options: AskOptions,
+    def _answer_page(self, file: str, page: RenderedPage, question: str, options: AskOptions,
                      timings: dict[str, float], on_text: TextCallback | None) -> _PageAnswer:
         started = time.perf_counter()
-        image = render_for_canvas(document, index, self.encoder.anyres)
-        rendered = time.perf_counter()
-        page = self.encoder.encode(image)
-        timings["render_s"] += rendered - started
-        timings["encode_s"] += time.perf_counter() - rendered
-        if page.n_tokens > self.bundle.max_visual_tokens:
+        encoded = self.encoder.encode(page.image)
+        timings["encode_s"] += time.perf_counter() - started
+        if encoded.n_tokens > self.bundle.max_visual_tokens:
             raise ModelError(
-                f"{document.path}: page {index + 1} makes {page.n_tokens} visual tokens, over the model's limit of "
+                f"{file}: page {page.index + 1} makes {encoded.n_tokens} visual tokens, over the model's limit of "
                 f"{self.bundle.max_visual_tokens}; raise max_visual_tokens in the bundle"
             )
-        before, after = self.template.render(self._question_text(document, index, question, options))
-        visual = page.tokens.numpy().astype(np.float32, copy=False)
+        before, after = self.template.render(self._question_text(page, question, options))
+        visual = encoded.tokens.numpy().astype(np.float32, copy=False)
         generation = self.backend.generate([before, visual, after], options.sampling, on_text=on_text)
         timings["prefill_s"] += generation.prefill_s
         timings["generate_s"] += generation.generate_s
-        return _PageAnswer(index, generation.text, generation.mean_logprob, page.n_tokens,
+        return _PageAnswer(page.index, generation.text, generation.mean_logprob, encoded.n_tokens,
                            generation.n_prompt_tokens, generation.n_generated)
