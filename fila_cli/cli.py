@@ -207,6 +207,48 @@ def ask(
                 device=device, dtype=dtype, verbose=verbose)
 
 
+@app.command(epilog=EXIT_CODES_HELP)
+def batch(
+    paths: Annotated[list[str], typer.Argument(help="Documents: files, folders (their PDFs and images) and globs.", show_default=False)],
+    question: Annotated[list[str], typer.Option("--question", "-q", help="A question; repeat for several.")] = [],
+    questions_file: Annotated[Optional[Path], typer.Option("--questions", help="A file of questions, one per line.")] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write JSON lines to this file (default: stdout).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue OUTPUT: skip the (document, question, model) records it already holds.")] = False,
+    pages: Annotated[Optional[str], typer.Option("--pages", help="Pages to read in every document, 1-based (default: fila chooses).")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds allowed to open and render one document before it is recorded as a timeout.")] = 120.0,
+    model: ModelOption = None,
+    llm: LlmOption = None,
+    mmproj: MmprojOption = None,
+    fusion: FusionOption = None,
+    password: PasswordOption = None,
+    text_layer: Annotated[bool, typer.Option("--text-layer", help="Add each page's text layer to the prompt.")] = False,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")] = 0.95,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed for sampling.")] = 0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate per answer.")] = 256,
+    gpu_layers: GpuLayersOption = None,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    verbose: VerboseOption = False,
+) -> None:
+    """Answer questions over many documents: one JSON record per (document, question).
+
+    Each record has the `fila ask --json` keys plus "sha256" (of the document) and "error" (null, or
+    {"kind", "message"} with kind document, model, timeout, crash, usage or error). Records are written
+    and flushed one by one, so an interrupted batch loses at most the record in flight; `--resume`
+    continues it. Exit 0 when every record succeeded, 1 when some failed, 130 on Ctrl-C.
+    """
+    with handle_errors(verbose):
+        from .batch_output import run_batch_command
+
+        raise typer.Exit(run_batch_command(
+            paths=paths, questions=question, questions_file=questions_file, recursive=recursive, output=output,
+            resume=resume, pages=pages, timeout=timeout, model=model, llm=llm, mmproj=mmproj, fusion=fusion,
+            password=password, text_layer=text_layer, temperature=temperature, top_p=top_p, seed=seed,
+            max_tokens=max_tokens, gpu_layers=gpu_layers, device=device, dtype=dtype, verbose=verbose))
+
+
 def main() -> None:
     app()
 
