@@ -168,7 +168,7 @@ def run_batch(asker: Asker, documents: list[Path], questions: list[str], options
 def _sha256_or_none(file: Path) -> str | None:
     try:
         return file_sha256(file)
-    except OSError:
+    except (OSError, FilaError):
         return None
 
 
