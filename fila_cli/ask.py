@@ -15,17 +15,19 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from .bundles import Bundle
-from .documents import Document, open_document, parse_page_spec
+from .cache import TokenCache, token_cache_key
+from .documents import DEFAULT_MAX_PIXELS, Document, open_document, parse_page_spec
 from .errors import ModelError
-from .llm import LlamaBackend, SamplingParams
+from .llm import LlamaBackend, PrefixState, SamplingParams
+from .loaders.identity import file_identity
 from .llm.templates import PromptTemplate, select_template
-from .model.encoder import HybridEncoder
+from .model.encoder import EncodedPage, HybridEncoder
 from .page_select import choose_pages
 from .render import render_for_canvas
 
@@ -81,6 +83,15 @@ class RenderedPage:
 
 
 @dataclass
+class PageSource:
+    """A page that is rendered only if its visual tokens are not cached."""
+
+    index: int  # 0-based
+    render: Callable[[], RenderedPage]
+    text: Callable[[], str]  # the text layer alone (cheap), for --text-layer on a cached page
+
+
+@dataclass
 class _PageAnswer:
     page: int  # 0-based
     text: str
@@ -102,9 +113,15 @@ def choose_page_indices(document: Document, question: str, pages: str | None) ->
 
 
 class Asker:
-    """A loaded model: the vision encoder and the LLM, ready for questions."""
+    """A loaded model: the vision encoder and the LLM, ready for questions.
 
-    def __init__(self, encoder: HybridEncoder, backend: LlamaBackend, template: PromptTemplate, bundle: Bundle):
+    ``token_cache``: visual tokens on disk, so a page already seen is neither rendered nor encoded
+    again. ``reuse_prefix``: keep the LLM state after [prompt start, image] of the last page, so a
+    further question on that page decodes only its own text (``fila batch`` with several questions).
+    """
+
+    def __init__(self, encoder: HybridEncoder, backend: LlamaBackend, template: PromptTemplate, bundle: Bundle,
+                 token_cache: TokenCache | None = None, reuse_prefix: bool = False):
         if encoder.llm_width != backend.n_embd:
             raise ModelError(
                 f"{bundle.vision}: its projector makes {encoder.llm_width}-wide tokens but {bundle.llm} embeds "
@@ -114,6 +131,10 @@ class Asker:
         self.backend = backend
         self.template = template
         self.bundle = bundle
+        self.token_cache = token_cache
+        self.reuse_prefix = reuse_prefix
+        self._prefix: tuple[tuple, PrefixState] | None = None  # (key, state) of the last page
+        self._weights_identity = (file_identity(bundle.vision), file_identity(bundle.fusion) if bundle.fusion else None)
 
     @classmethod
     def load(
@@ -124,6 +145,8 @@ class Asker:
         dtype: str = "auto",
         n_gpu_layers: int | None = None,
         verbose: bool = False,
+        token_cache: TokenCache | None = None,
+        reuse_prefix: bool = False,
     ) -> "Asker":
         from .devices import pick_device, pick_dtype
         from .vision import load_encoder
@@ -132,7 +155,7 @@ class Asker:
         encoder = load_encoder(bundle.vision, bundle.fusion, device=torch_device, dtype=pick_dtype(dtype, torch_device))
         backend = LlamaBackend(bundle.llm, n_ctx=bundle.n_ctx, n_gpu_layers=n_gpu_layers, verbose=verbose)
         template = select_template(bundle.template, backend.chat_template, backend.model_name)
-        return cls(encoder, backend, template, bundle)
+        return cls(encoder, backend, template, bundle, token_cache=token_cache, reuse_prefix=reuse_prefix)
 
     @property
     def model_name(self) -> str:
@@ -150,40 +173,43 @@ class Asker:
         options = options or AskOptions()
         with open_document(path, password=options.password) as document:
             indices, reason = choose_page_indices(document, question, options.pages)
+            sources = [self.local_page_source(document, index, options) for index in indices]
+            sha256 = document.content_hash() if self.token_cache is not None else None
+            return self.answer_pages(str(path), question, sources, reason, options, sha256, on_text, on_page)
 
-            def pages():
-                for index in indices:
-                    started = time.perf_counter()
-                    image = render_for_canvas(document, index, self.encoder.anyres)
-                    text = document.page_text(index) if options.text_layer else ""
-                    yield RenderedPage(index, image, text, time.perf_counter() - started)
+    def local_page_source(self, document: Document, index: int, options: AskOptions) -> PageSource:
+        def render() -> RenderedPage:
+            started = time.perf_counter()
+            image = render_for_canvas(document, index, self.encoder.anyres)
+            text = document.page_text(index) if options.text_layer else ""
+            return RenderedPage(index, image, text, time.perf_counter() - started)
 
-            return self.answer_pages(str(path), question, pages(), len(indices), reason, options, on_text, on_page)
+        return PageSource(index, render, lambda: document.page_text(index))
 
     def answer_pages(
         self,
         file: str,
         question: str,
-        pages: Iterable[RenderedPage],
-        n_pages: int,
+        pages: Sequence[PageSource],
         reason: str,
         options: AskOptions,
+        document_sha256: str | None = None,
         on_text: TextCallback | None = None,
         on_page: PageProgress | None = None,
     ) -> Answer:
-        """Answer from pages rendered elsewhere (``fila batch`` renders in an isolated process)."""
+        """Answer from the given pages; the most confident page's answer wins."""
         timings = {"render_s": 0.0, "encode_s": 0.0, "prefill_s": 0.0, "generate_s": 0.0}
         answers = []
         for done, page in enumerate(pages):
             if on_page is not None:
-                on_page(done, n_pages)
-            timings["render_s"] += page.render_s
+                on_page(done, len(pages))
             # Stream only when one page is read: with several, the best answer is known at the end.
-            answers.append(self._answer_page(file, page, question, options, timings, on_text if n_pages == 1 else None))
+            stream = on_text if len(pages) == 1 else None
+            answers.append(self._answer_page(file, page, question, options, timings, document_sha256, stream))
         if on_page is not None:
-            on_page(n_pages, n_pages)
+            on_page(len(pages), len(pages))
         best = max(answers, key=lambda a: a.mean_logprob)
-        if n_pages > 1:
+        if len(pages) > 1:
             reason += f"; page {best.page + 1} gave the most confident answer"
         return Answer(
             file=file,
@@ -197,27 +223,56 @@ class Asker:
             page_reason=reason,
         )
 
-    @staticmethod
-    def _question_text(page: RenderedPage, question: str, options: AskOptions) -> str:
-        if not options.text_layer:
-            return question
-        text = " ".join(page.text.split())[:MAX_TEXT_LAYER_CHARS]
-        return f"Text of the page: {text}\n\n{question}" if text else question
-
-    def _answer_page(self, file: str, page: RenderedPage, question: str, options: AskOptions,
-                     timings: dict[str, float], on_text: TextCallback | None) -> _PageAnswer:
+    def _encoded_page(self, page: PageSource, document_sha256: str | None, timings: dict[str, float]) -> tuple[EncodedPage, str | None]:
+        """Visual tokens of the page, from the cache or rendered and encoded; plus the rendered text layer."""
+        key = None
+        if self.token_cache is not None and document_sha256 is not None:
+            key = token_cache_key(document_sha256, page.index, self.encoder.anyres, DEFAULT_MAX_PIXELS, *self._weights_identity)
+            cached = self.token_cache.get(key)
+            if cached is not None:
+                return cached, None
+        rendered = page.render()
+        timings["render_s"] += rendered.render_s
         started = time.perf_counter()
-        encoded = self.encoder.encode(page.image)
+        encoded = self.encoder.encode(rendered.image)
         timings["encode_s"] += time.perf_counter() - started
+        if key is not None:
+            self.token_cache.put(key, encoded)
+        return encoded, rendered.text
+
+    def _answer_page(self, file: str, page: PageSource, question: str, options: AskOptions, timings: dict[str, float],
+                     document_sha256: str | None, on_text: TextCallback | None) -> _PageAnswer:
+        encoded, text = self._encoded_page(page, document_sha256, timings)
         if encoded.n_tokens > self.bundle.max_visual_tokens:
             raise ModelError(
                 f"{file}: page {page.index + 1} makes {encoded.n_tokens} visual tokens, over the model's limit of "
                 f"{self.bundle.max_visual_tokens}; raise max_visual_tokens in the bundle"
             )
-        before, after = self.template.render(self._question_text(page, question, options))
+        if options.text_layer:
+            text = page.text() if text is None else text
+            text = " ".join(text.split())[:MAX_TEXT_LAYER_CHARS]
+            question = f"Text of the page: {text}\n\n{question}" if text else question
+        before, after = self.template.render(question)
         visual = encoded.tokens.numpy().astype(np.float32, copy=False)
-        generation = self.backend.generate([before, visual, after], options.sampling, on_text=on_text)
+        generation = self._generate(before, visual, after, options, (document_sha256, page.index, before), on_text)
         timings["prefill_s"] += generation.prefill_s
         timings["generate_s"] += generation.generate_s
         return _PageAnswer(page.index, generation.text, generation.mean_logprob, encoded.n_tokens,
                            generation.n_prompt_tokens, generation.n_generated)
+
+    def _generate(self, before: str, visual: np.ndarray, after: str, options: AskOptions, prefix_key: tuple,
+                  on_text: TextCallback | None):
+        """[before, image, after] through the LLM; with reuse_prefix, [before, image] is decoded once per page."""
+        if not self.reuse_prefix or prefix_key[0] is None:
+            return self.backend.generate([before, visual, after], options.sampling, on_text=on_text)
+        if self._prefix is None or self._prefix[0] != prefix_key:
+            started = time.perf_counter()
+            self._prefix = None  # free the previous page's state before making the next
+            self.backend.prefill([before, visual])
+            self._prefix = (prefix_key, self.backend.save_state())
+            prefix_s = time.perf_counter() - started
+        else:
+            prefix_s = 0.0
+        generation = self.backend.generate_from_state(self._prefix[1], [after], options.sampling, on_text=on_text)
+        generation.prefill_s += prefix_s
+        return generation

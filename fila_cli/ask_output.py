@@ -14,6 +14,7 @@ from rich.text import Text
 
 from .ask import Answer, Asker, AskOptions
 from .bundles import resolve_bundle
+from .cache import TokenCache
 from .cli_support import stderr
 from .documents import open_document
 from .llm import SamplingParams
@@ -47,7 +48,8 @@ def _page_progress(progress: Progress):
 
 def run_ask(*, file: Path, question: str, model: str | None, llm: Path | None, mmproj: Path | None, fusion: Path | None,
             pages: str | None, password: str | None, text_layer: bool, as_json: bool, stream: bool, temperature: float,
-            top_p: float, seed: int, max_tokens: int, gpu_layers: int | None, device: str, dtype: str, verbose: bool) -> None:
+            top_p: float, seed: int, max_tokens: int, gpu_layers: int | None, device: str, dtype: str, verbose: bool,
+            no_cache: bool = False) -> None:
     # Check the document before loading gigabytes of model: a typo fails in milliseconds.
     with open_document(file, password=password):
         pass
@@ -55,7 +57,8 @@ def run_ask(*, file: Path, question: str, model: str | None, llm: Path | None, m
     options = AskOptions(pages=pages, password=password, text_layer=text_layer,
                          sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens))
     with stderr.status(f"loading {bundle.name}…"):
-        asker = Asker.load(bundle, device=device, dtype=dtype, n_gpu_layers=gpu_layers, verbose=verbose)
+        asker = Asker.load(bundle, device=device, dtype=dtype, n_gpu_layers=gpu_layers, verbose=verbose,
+                           token_cache=None if no_cache else TokenCache())
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=stderr, transient=True)

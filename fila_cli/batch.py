@@ -16,11 +16,12 @@ import json
 import os
 import signal
 import sys
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from .ask import Asker, AskOptions
+from .ask import Asker, AskOptions, PageSource
 from .documents import file_sha256
 from .errors import FilaError, UsageError
 from .isolation import DocumentWorker, WorkerFailure
@@ -179,8 +180,10 @@ def _answer_one(asker: Asker, worker: DocumentWorker, file: Path, sha256: str | 
         return failed_record(file, question, model, None, "document", f"{file}: no such file or not readable; check the path")
     try:
         plan = worker.open(file, question, options.pages, options.password)
-        pages = worker.iter_pages(file, plan, asker.encoder.anyres, options.text_layer)
-        answer = asker.answer_pages(str(file), question, pages, len(plan.page_indices), plan.reason, options)
+        anyres = asker.encoder.anyres
+        sources = [PageSource(index, render=partial(worker.render, file, index, anyres, options.text_layer),
+                              text=partial(worker.text, file, index)) for index in plan.page_indices]
+        answer = asker.answer_pages(str(file), question, sources, plan.reason, options, sha256)
     except WorkerFailure as error:
         return failed_record(file, question, model, sha256, error.kind, str(error))
     except FilaError as error:

@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .ask import Asker, AskOptions
+from .cache import TokenCache
 from .batch import RecordSink, collect_documents, load_done, read_questions, run_batch
 from .bundles import resolve_bundle
 from .cli_support import stderr
@@ -18,7 +19,7 @@ def run_batch_command(*, paths: list[str], questions: list[str], questions_file:
                       output: Path | None, resume: bool, pages: str | None, timeout: float, model: str | None,
                       llm: Path | None, mmproj: Path | None, fusion: Path | None, password: str | None,
                       text_layer: bool, temperature: float, top_p: float, seed: int, max_tokens: int,
-                      gpu_layers: int | None, device: str, dtype: str, verbose: bool) -> int:
+                      gpu_layers: int | None, device: str, dtype: str, verbose: bool, no_cache: bool = False) -> int:
     all_questions = read_questions(questions, questions_file)
     documents = collect_documents(paths, recursive)
     if not documents:
@@ -34,7 +35,8 @@ def run_batch_command(*, paths: list[str], questions: list[str], questions_file:
                          sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens))
     bundle = resolve_bundle(model, llm=llm, mmproj=mmproj, fusion=fusion)
     with stderr.status(f"loading {bundle.name}…"):
-        asker = Asker.load(bundle, device=device, dtype=dtype, n_gpu_layers=gpu_layers, verbose=verbose)
+        asker = Asker.load(bundle, device=device, dtype=dtype, n_gpu_layers=gpu_layers, verbose=verbose,
+                           token_cache=None if no_cache else TokenCache(), reuse_prefix=len(all_questions) > 1)
 
     sink = RecordSink(output)
     progress = Progress(TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -46,6 +46,7 @@ ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model
 LlmOption = Annotated[Optional[Path], typer.Option("--llm", help="LLM GGUF file (explicit form, with --mmproj).")]
 MmprojOption = Annotated[Optional[Path], typer.Option("--mmproj", help="Vision weights: mmproj GGUF or LLaVA-NeXT safetensors (explicit form, with --llm).")]
 FusionOption = Annotated[Optional[Path], typer.Option("--fusion", help="FILA fusion weights (.safetensors + .json). Without them fusion is off.")]
+NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the visual-token cache (see `fila cache`).")]
 GpuLayersOption = Annotated[Optional[int], typer.Option("--gpu-layers", help="LLM layers on the GPU (default: all when llama.cpp was built with CUDA or Metal, else 0).")]
 
 
@@ -190,6 +191,7 @@ def ask(
     gpu_layers: GpuLayersOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    no_cache: NoCacheOption = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Answer a QUESTION about FILE, citing the page the answer came from.
@@ -204,7 +206,7 @@ def ask(
         run_ask(file=file, question=_read_question(question), model=model, llm=llm, mmproj=mmproj, fusion=fusion,
                 pages=pages, password=password, text_layer=text_layer, as_json=as_json, stream=not no_stream,
                 temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens, gpu_layers=gpu_layers,
-                device=device, dtype=dtype, verbose=verbose)
+                device=device, dtype=dtype, verbose=verbose, no_cache=no_cache)
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -230,6 +232,7 @@ def batch(
     gpu_layers: GpuLayersOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
+    no_cache: NoCacheOption = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Answer questions over many documents: one JSON record per (document, question).
@@ -246,7 +249,32 @@ def batch(
             paths=paths, questions=question, questions_file=questions_file, recursive=recursive, output=output,
             resume=resume, pages=pages, timeout=timeout, model=model, llm=llm, mmproj=mmproj, fusion=fusion,
             password=password, text_layer=text_layer, temperature=temperature, top_p=top_p, seed=seed,
-            max_tokens=max_tokens, gpu_layers=gpu_layers, device=device, dtype=dtype, verbose=verbose))
+            max_tokens=max_tokens, gpu_layers=gpu_layers, device=device, dtype=dtype, verbose=verbose, no_cache=no_cache))
+
+
+cache_app = typer.Typer(help="The visual-token cache: pages already encoded are neither rendered nor encoded again.",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info() -> None:
+    """Where the cache is, how many pages it holds and its size ($FILA_CACHE_DIR overrides the place)."""
+    with handle_errors():
+        from .cache import TokenCache
+
+        info = TokenCache().info()
+        print(f"{info.path}: {info.entries} pages, {info.bytes / 1e6:.1f} MB")
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Delete every cached page."""
+    with handle_errors():
+        from .cache import TokenCache
+
+        cache = TokenCache()
+        print(f"{cache.directory}: removed {cache.clear()} files")
 
 
 def main() -> None:

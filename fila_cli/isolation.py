@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image
 
@@ -65,6 +64,8 @@ def _serve(connection: Connection) -> None:
                 image = render_for_canvas(document, index, anyres)
                 text = document.page_text(index) if text_layer else ""
                 connection.send(("ok", index, image.size, image.tobytes(), text, time.perf_counter() - started))
+            elif request[0] == "text":
+                connection.send(("ok", document.page_text(request[1])))
             else:  # "stop"
                 return
         except FilaError as error:
@@ -123,11 +124,13 @@ class DocumentWorker:
         _, indices, reason = self._call(file, ("open", str(file), password, question, pages), self._deadline)
         return DocumentPlan(indices, reason)
 
-    def iter_pages(self, file: Path, plan: DocumentPlan, anyres: AnyresConfig, text_layer: bool) -> Iterator[RenderedPage]:
-        """Render the planned pages one at a time (memory: one page), within the same deadline."""
-        for index in plan.page_indices:
-            _, index, size, pixels, text, render_s = self._call(file, ("render", index, anyres, text_layer), self._deadline)
-            yield RenderedPage(index, Image.frombytes("RGB", size, pixels), text, render_s)
+    def render(self, file: Path, index: int, anyres: AnyresConfig, text_layer: bool) -> RenderedPage:
+        """Render one planned page (memory: one page), within the document's deadline."""
+        _, index, size, pixels, text, render_s = self._call(file, ("render", index, anyres, text_layer), self._deadline)
+        return RenderedPage(index, Image.frombytes("RGB", size, pixels), text, render_s)
+
+    def text(self, file: Path, index: int) -> str:
+        return self._call(file, ("text", index), self._deadline)[1]
 
     def close(self) -> None:
         if self._process is not None and self._process.is_alive() and self._connection is not None:

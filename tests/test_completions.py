@@ -38,4 +38,4 @@ printf '%s\\n' "${{COMPREPLY[@]}}"
     completed = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert completed.returncode == 0, completed.stderr
     candidates = set(completed.stdout.split())
-    assert {"ask", "encode", "crops"} <= candidates
+    assert {"ask", "batch", "encode", "crops", "weights", "cache"} <= candidates

@@ -1,0 +1,83 @@
+"""Caches: a second question on a page does no rendering and no vision encoding (counted, not
+timed); prefix reuse gives the same answers as decoding everything; `fila cache info|clear`."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from bad_documents import make_good_pdf
+from fila_cli.ask import Asker, AskOptions
+from fila_cli.bundles import resolve_bundle
+from fila_cli.cache import TokenCache
+from fila_cli.cli import app
+from fila_cli.documents import Document
+from fila_cli.llm import SamplingParams
+from fila_cli.model.encoder import HybridEncoder
+from tiny_bundle import build_tiny_bundle
+
+OPTIONS = AskOptions(sampling=SamplingParams(max_tokens=6))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return resolve_bundle(str(build_tiny_bundle(tmp_path_factory.mktemp("bundle"))))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    counts = {"render": 0, "encode": 0}
+    render, encode = Document.render_page, HybridEncoder.encode
+
+    def counting_render(self, *args, **kwargs):
+        counts["render"] += 1
+        return render(self, *args, **kwargs)
+
+    def counting_encode(self, *args, **kwargs):
+        counts["encode"] += 1
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(Document, "render_page", counting_render)
+    monkeypatch.setattr(HybridEncoder, "encode", counting_encode)
+    return counts
+
+
+def test_second_question_on_a_cached_page_skips_render_and_encode(bundle, counted, tmp_path):
+    pdf = make_good_pdf(tmp_path / "one.pdf", ["Total due: 42.00 EUR. Signed by Ada."])
+    asker = Asker.load(bundle, device="cpu", dtype="float32", token_cache=TokenCache(tmp_path / "cache"))
+    first = asker.ask(pdf, "What is the total due?", OPTIONS)
+    assert counted == {"render": 1, "encode": 1}
+    second = asker.ask(pdf, "Who signed?", OPTIONS)
+    assert counted == {"render": 1, "encode": 1}, "the cached page was rendered or encoded again"
+    assert second.timings["render_s"] == 0 and second.timings["encode_s"] == 0
+    assert second.tokens["visual"] == first.tokens["visual"]
+    # Same answer from cached tokens as from fresh ones.
+    fresh = Asker(asker.encoder, asker.backend, asker.template, bundle).ask(pdf, "Who signed?", OPTIONS)
+    assert fresh.answer == second.answer and counted["encode"] == 2
+
+
+def test_cache_key_separates_documents(bundle, counted, tmp_path):
+    asker = Asker.load(bundle, device="cpu", dtype="float32", token_cache=TokenCache(tmp_path / "cache"))
+    for name in ("a", "b"):
+        asker.ask(make_good_pdf(tmp_path / f"{name}.pdf", [f"Document {name}"]), "What is it?", OPTIONS)
+    assert counted["encode"] == 2
+
+
+def test_prefix_reuse_gives_the_same_answers(bundle, tmp_path):
+    pdf = make_good_pdf(tmp_path / "one.pdf", ["Total due: 42.00 EUR. Signed by Ada."])
+    plain = Asker.load(bundle, device="cpu", dtype="float32")
+    reusing = Asker(plain.encoder, plain.backend, plain.template, bundle, token_cache=TokenCache(tmp_path / "c"), reuse_prefix=True)
+    questions = ["What is the total due?", "Who signed?", "What currency?"]
+    expected = [plain.ask(pdf, q, OPTIONS).answer for q in questions]
+    assert [reusing.ask(pdf, q, OPTIONS).answer for q in questions] == expected
+
+
+def test_cache_info_and_clear(bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("FILA_CACHE_DIR", str(tmp_path / "cli-cache"))
+    asker = Asker.load(bundle, device="cpu", dtype="float32", token_cache=TokenCache())
+    asker.ask(make_good_pdf(tmp_path / "x.pdf", ["Hello"]), "What is it?", OPTIONS)
+    runner = CliRunner()
+    info = runner.invoke(app, ["cache", "info"])
+    assert info.exit_code == 0 and "1 pages" in info.stdout and str(tmp_path / "cli-cache") in info.stdout
+    assert runner.invoke(app, ["cache", "clear"]).exit_code == 0
+    assert "0 pages" in runner.invoke(app, ["cache", "info"]).stdout
