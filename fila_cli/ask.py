@@ -38,6 +38,9 @@ PageProgress = Callable[[int, int], None]
 # The page's text layer, when --text-layer asks for it, is cut to this many characters so that it
 # cannot crowd the image out of the context.
 MAX_TEXT_LAYER_CHARS = 4000
+# Without a text layer to narrow the choice, at most this many pages are read (each one is a full
+# encode and LLM prefill); --pages reads any others.
+MAX_PAGES_WITHOUT_TEXT = 20
 
 
 @dataclass
@@ -109,6 +112,12 @@ def choose_page_indices(document: Document, question: str, pages: str | None) ->
     if document.page_count == 1:
         return [0], "the document has one page"
     choice = choose_pages(question, [document.page_text(i) for i in range(document.page_count)])
+    if not choice.by_text and len(choice.pages) > MAX_PAGES_WITHOUT_TEXT:
+        # Every page costs a full encode and prefill: a 5,000-page scan would run for hours.
+        return list(choice.pages[:MAX_PAGES_WITHOUT_TEXT]), (
+            f"no usable text layer; read the first {MAX_PAGES_WITHOUT_TEXT} of {document.page_count} pages "
+            f"(pass --pages to read others)"
+        )
     return list(choice.pages), choice.reason
 
 
