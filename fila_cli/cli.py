@@ -46,6 +46,11 @@ ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model
 LlmOption = Annotated[Optional[Path], typer.Option("--llm", help="LLM GGUF file (explicit form, with --mmproj).")]
 MmprojOption = Annotated[Optional[Path], typer.Option("--mmproj", help="Vision weights: mmproj GGUF or LLaVA-NeXT safetensors (explicit form, with --llm).")]
 FusionOption = Annotated[Optional[Path], typer.Option("--fusion", help="FILA fusion weights (.safetensors + .json). Without them fusion is off.")]
+TextLayerOption = Annotated[bool, typer.Option("--text-layer", help="Add the page's text layer to the prompt (off by default: the paper's model reads pixels only).")]
+TemperatureOption = Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy (deterministic).")]
+TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (with --temperature > 0).")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Random seed for sampling.")]
+MaxTokensOption = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate per answer.")]
 NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the visual-token cache (see `fila cache`).")]
 GpuLayersOption = Annotated[Optional[int], typer.Option("--gpu-layers", help="LLM layers on the GPU (default: all when llama.cpp was built with CUDA or Metal, else 0).")]
 
@@ -181,13 +186,13 @@ def ask(
     fusion: FusionOption = None,
     pages: Annotated[Optional[str], typer.Option("--pages", help="Pages to read, 1-based, e.g. 1,3-5. Default: fila chooses (by the text layer, else the most confident page).")] = None,
     password: PasswordOption = None,
-    text_layer: Annotated[bool, typer.Option("--text-layer", help="Add the page's text layer to the prompt (off by default: the paper's model reads pixels only).")] = False,
+    text_layer: TextLayerOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (the default when stdout is not a terminal).")] = False,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the answer when it is complete instead of as it is generated.")] = False,
-    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy (deterministic).")] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (with --temperature > 0).")] = 0.95,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed for sampling.")] = 0,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")] = 256,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 0.95,
+    seed: SeedOption = 0,
+    max_tokens: MaxTokensOption = 256,
     gpu_layers: GpuLayersOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -224,11 +229,11 @@ def batch(
     mmproj: MmprojOption = None,
     fusion: FusionOption = None,
     password: PasswordOption = None,
-    text_layer: Annotated[bool, typer.Option("--text-layer", help="Add each page's text layer to the prompt.")] = False,
-    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold.")] = 0.95,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed for sampling.")] = 0,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate per answer.")] = 256,
+    text_layer: TextLayerOption = False,
+    temperature: TemperatureOption = 0.0,
+    top_p: TopPOption = 0.95,
+    seed: SeedOption = 0,
+    max_tokens: MaxTokensOption = 256,
     gpu_layers: GpuLayersOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
