@@ -22,6 +22,13 @@ class ConvNeXtBranch(nn.Module):
         self.model = timm.create_model(config.arch, pretrained=False, num_classes=0, **config.timm_kwargs())
         self.model.prune_intermediate_layers(indices=len(config.dims), prune_head=True, prune_norm=True)
 
+    def load_timm_weights(self, path) -> None:
+        """Initialise from timm's published ConvNeXt safetensors (e.g. the LAION CLIP ConvNeXt-L):
+        the starting point of FILA training. The classifier head is skipped."""
+        from ..loaders.timm_convnext import load_timm_convnext_state
+
+        self.model.load_state_dict(load_timm_convnext_state(path, self.model.state_dict()))
+
     def input_size(self, canvas_size: tuple[int, int]) -> tuple[int, int]:
         num, den = self.config.input_scale_numerator, self.config.input_scale_denominator
         height, width = canvas_size
