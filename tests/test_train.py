@@ -196,28 +196,69 @@ def test_missing_options_are_a_usage_error(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("fila: error: missing --data, --images, --base")
 
 
-def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(workspace, tmp_path):
-    """torchrun --nproc_per_node 2 (gloo, CPU), 1 sample per process x 2 accumulated, against one
-    process with 2 samples x 2 accumulated: the same 4 samples per step, the same weights."""
-    common = ["--stage", "1", "--data", str(workspace["data"]), "--images", str(workspace["images"]),
-              "--base", str(workspace["base"]), "--fusion-config", str(workspace["fusion"]), "--grad-accum", "2",
-              "--max-steps", "2", "--device", "cpu"]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "fila_cli", "train", *common, "--batch-size", "1", "--out", str(tmp_path / "ddp")],
-                         capture_output=True, text=True, timeout=600, env=environment)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = fila("train", *common, "--batch-size", "2", "--out", str(tmp_path / "single"))
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = ROOT / "examples" / "accelerate"
+# Two processes on CPU: one thread each, so that the two share the machine's cores without oversubscribing.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # The shipped DDP config, unchanged but for the process count and fp32 (CPU autocast is slow and lossy).
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "ddp.yaml"),
+                   "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"],
+}
+
+
+def ddp_options(workspace) -> list[str]:
+    return ["--stage", "1", "--data", str(workspace["data"]), "--images", str(workspace["images"]),
+            "--base", str(workspace["base"]), "--fusion-config", str(workspace["fusion"]), "--grad-accum", "2",
+            "--max-steps", "2", "--device", "cpu", "--json"]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(workspace):
+    """The reference of the data-parallel tests: one process, 2 samples x 2 accumulated per step."""
+    out = workspace["root"] / "one-process"
+    single = fila("train", *ddp_options(workspace), "--batch-size", "2", "--out", str(out))
     assert single.returncode == 0, single.stderr
-    from_ddp = load_file(str(latest_checkpoint(tmp_path / "ddp") / TRAINABLE_FILE))
-    from_one = load_file(str(latest_checkpoint(tmp_path / "single") / TRAINABLE_FILE))
-    assert from_ddp.keys() == from_one.keys()
-    moved = 0
-    for name in from_one:
-        torch.testing.assert_close(from_ddp[name], from_one[name], rtol=1e-4, atol=1e-6)
+    assert json.loads(single.stdout)["processes"] == 1
+    return out
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(launcher, workspace, one_process_run, tmp_path):
+    """torchrun --nproc_per_node 2 / accelerate launch --num_processes 2 (gloo, CPU), 1 sample per
+    process x 2 accumulated, against one process with 2 samples x 2 accumulated: the same 4 samples
+    per step, the same weights and optimiser state."""
+    ddp = subprocess.run([*LAUNCHERS[launcher], "-m", "fila_cli", "train", *ddp_options(workspace), "--batch-size", "1",
+                          "--out", str(tmp_path / "ddp")], capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    summaries = [json.loads(line) for line in ddp.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1  # one summary per run, from the first process
+    assert summaries[0]["processes"] == 2 and summaries[0]["parallelism"] == "MULTI_CPU"
+    for file in (TRAINABLE_FILE, "optimizer.safetensors"):
+        from_ddp = load_file(str(latest_checkpoint(tmp_path / "ddp") / file))
+        from_one = load_file(str(latest_checkpoint(one_process_run) / file))
+        assert from_ddp.keys() == from_one.keys()
+        for name in from_one:
+            torch.testing.assert_close(from_ddp[name], from_one[name], rtol=1e-4, atol=1e-6)
+    from_one = load_file(str(latest_checkpoint(one_process_run) / TRAINABLE_FILE))
     base, _ = build_model(config_for(workspace, tmp_path / "fresh"))
     moved = sum(not torch.equal(from_one[name], base.state_dict()[name]) for name in from_one if "projector" in name)
     assert moved > 0  # the comparison is between trained weights, not two copies of the start
+
+
+def test_an_fsdp_config_on_cpu_is_refused_not_run_unsharded(workspace, tmp_path):
+    """accelerate runs FSDP on GPUs only: on CPU the shipped FSDP config must fail loudly (one line,
+    exit 2), not fall back to plain data parallelism."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / "fsdp.yaml"),
+              "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", "0"]
+    result = subprocess.run([*launch, "-m", "fila_cli", "train", *ddp_options(workspace), "--batch-size", "1",
+                             "--out", str(tmp_path / "fsdp")], capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("fila: error:")]
+    assert errors and "FSDP" in errors[0] and "ddp.yaml" in errors[0]
+    assert "Traceback (most recent call last)" not in result.stderr.split("fila: error:")[0]
+    assert not (tmp_path / "fsdp" / "checkpoints").exists()
 
 
 def test_fila_train_export_redoes_the_export_from_a_checkpoint(stage1_run):

@@ -122,9 +122,12 @@ def train(
             return
         progress = _Progress()
         result = run(config, resume=resume, stop_after=stop_after, callbacks=progress)
+        if not result.is_main:
+            return  # one summary per run, from the first process
         summary = {"run_dir": str(result.run_dir), "steps": result.steps, "final_loss": result.final_loss,
                    "skipped": result.skipped, "seconds_per_step": result.seconds_per_step,
-                   "samples_per_second": result.samples_per_second}
+                   "samples_per_second": result.samples_per_second, "parallelism": result.parallelism,
+                   "processes": result.processes}
         _print(summary, json_output, [f"{k}: {v}" for k, v in summary.items()])
 
 

@@ -3,7 +3,10 @@
 ``RUN_DIR/checkpoints/step-NNNNNNN/``:
 - ``trainable.safetensors``: every trainable parameter, by its name in TrainModel;
 - ``optimizer.safetensors``: AdamW's per-parameter state (``{param name}::{key}``);
-- ``state.json``: the step, the optimiser's hyper-parameters per group, the run's counters.
+- ``state.json``: the step, the optimiser's hyper-parameters and parameter names per group, the run's counters.
+
+Parameters are named as in TrainModel, whatever wrapped it (DDP, FSDP): the loop gathers them with
+``torch.distributed.checkpoint.state_dict``, whose optimiser state dicts are keyed by those names.
 
 A checkpoint is written into a temporary folder and renamed into place, so a run killed while
 saving leaves the previous checkpoint intact.
@@ -37,21 +40,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(run_dir: Path, step: int, named_params: list[tuple[str, torch.nn.Parameter]],
-                    optimizer: torch.optim.Optimizer, extra: dict) -> Path:
+def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict, extra: dict) -> Path:
+    """Write ``weights`` and ``optimizer_state`` (a state dict keyed by parameter name, as
+    ``get_optimizer_state_dict`` returns it) as a checkpoint of ``step``."""
     final = checkpoint_dir(run_dir, step)
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    save_file({name: p.detach().contiguous().cpu() for name, p in named_params}, str(partial / TRAINABLE_FILE))
-    name_of = {id(p): name for name, p in named_params}
-    tensors: dict[str, torch.Tensor] = {}
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            tensors[f"{name_of[id(param)]}{_KEY_SEPARATOR}{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}, str(partial / TRAINABLE_FILE))
+    tensors = {f"{name}{_KEY_SEPARATOR}{key}": torch.as_tensor(value).detach().contiguous().cpu()
+               for name, state in optimizer_state["state"].items() for key, value in state.items()}
     save_file(tensors, str(partial / OPTIMIZER_FILE))
-    groups = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    (partial / STATE_FILE).write_text(json.dumps({"step": step, "param_groups": groups, **extra}, indent=2) + "\n")
+    (partial / STATE_FILE).write_text(json.dumps({"step": step, "param_groups": optimizer_state["param_groups"], **extra}, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     return final
@@ -79,17 +79,11 @@ def restore_trainable(directory: Path, named_params: list[tuple[str, torch.nn.Pa
             param.copy_(weights[name])
 
 
-def load_checkpoint(directory: Path, named_params: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer) -> dict:
-    """Restore parameters and optimiser state in place; returns state.json."""
+def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(trainable weights, the optimiser state dict keyed by parameter name, state.json)."""
     state = read_state(directory)
-    restore_trainable(directory, named_params, "was it written by a run with other settings?")
-    by_name = dict(named_params)
-    optimizer_tensors = load_file(str(directory / OPTIMIZER_FILE))
-    for key, value in optimizer_tensors.items():
+    optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(directory / OPTIMIZER_FILE)).items():
         name, field = key.split(_KEY_SEPARATOR)
-        param = by_name[name]
-        # AdamW keeps ``step`` as a float32 scalar on the CPU, the moments on the parameter's device.
-        optimizer.state[param][field] = value if field == "step" else value.to(param.device)
-    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
-        group.update(saved)
-    return state
+        optimizer_state.setdefault(name, {})[field] = value
+    return load_trainable(directory), {"state": optimizer_state, "param_groups": state["param_groups"]}, state

@@ -1,6 +1,11 @@
 """The training loop: AdamW over the stage's parameter groups, linear warm-up then cosine decay,
-gradient accumulation, data parallelism (``torchrun`` / ``accelerate launch``), checkpoints and
-exact resumption.
+gradient accumulation, data parallelism, checkpoints and exact resumption.
+
+Parallelism is accelerate's: an ``Accelerator`` reads what the launcher set up (``torchrun`` or
+``accelerate launch --config_file``: DDP, FSDP, the mixed precision) and wraps the model. The loop
+is the same in one process, under DDP and under FSDP; checkpoints gather the full trainable weights
+and optimiser state through ``torch.distributed.checkpoint.state_dict`` whatever the wrapping, so a
+run resumes under another launcher or number of processes.
 
 Determinism: the data order of epoch e is a permutation seeded by ``seed + e``, the torch RNG is
 reseeded from ``seed`` and the step before each step, and the learning rate is a function of the
@@ -21,13 +26,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from fila_cli.config import from_dict
 from fila_cli.errors import UsageError
 from fila_cli.train.build import build_model
 from fila_cli.train.chat import ChatRenderer
-from fila_cli.train.checkpoint import latest_checkpoint, load_checkpoint, restore_trainable, save_checkpoint
+from fila_cli.train.checkpoint import latest_checkpoint, read_checkpoint, restore_trainable, save_checkpoint
 from fila_cli.train.config import CONFIG_FILE, TrainConfig
 from fila_cli.train.export import export_run
 from fila_cli.train.model import LLM_GROUP, TrainModel
@@ -42,17 +47,6 @@ _OPTIMIZER_BYTES_PER_TRAINABLE = 3 * _BYTES_FP32
 
 
 @dataclass
-class Distributed:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-@dataclass
 class TrainResult:
     run_dir: Path
     steps: int
@@ -60,7 +54,10 @@ class TrainResult:
     skipped: int
     seconds_per_step: float | None
     samples_per_second: float | None
-    model: TrainModel | None = None  # the trained model, for callers that go on using it
+    model: TrainModel | None = None  # the trained model, for callers that go on using it (not under FSDP)
+    parallelism: str = "none"  # accelerate's distributed type: NO, MULTI_CPU, MULTI_GPU (DDP), FSDP
+    processes: int = 1
+    is_main: bool = True  # the first process: the one that reports
 
 
 class Callbacks:
@@ -73,33 +70,42 @@ class Callbacks:
     def finished(self) -> None: ...
 
 
-def setup_distributed(device_name: str) -> Distributed:
-    """torchrun and accelerate launch both set WORLD_SIZE/RANK/LOCAL_RANK; one process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}") if device_name == "cuda" else torch.device(device_name)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank=rank, world=world, device=device)
+def make_accelerator(device_name: str):
+    """The launcher's Accelerator: one process, or the DDP / FSDP / mixed precision that ``torchrun``
+    or ``accelerate launch --config_file`` set in the environment. ``device_name`` cpu (or auto
+    without a GPU) selects gloo; bf16 autocast is the default on GPUs that have it."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    cpu = device_name == "cpu" or (device_name == "auto" and not torch.cuda.is_available())
+    # The launcher's config chooses the precision when it names one; else bf16 where it is fast.
+    # CPU autocast is slow and lossy: fp32 there.
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    default = "bf16" if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(cpu=cpu, mixed_precision=None if launcher_precision else default)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise UsageError("DeepSpeed is not wired into fila train (its engine steps the optimiser itself and saves it as "
+                         "pickles); for a sharded run use FSDP: accelerate launch --config_file examples/accelerate/fsdp.yaml")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
+        # accelerate selects FSDP on accelerators only; training on unsharded would not be what was asked.
+        raise UsageError(f"the accelerate config asks for FSDP, which accelerate runs on GPUs only (here: "
+                         f"{accelerator.device.type}); use examples/accelerate/ddp.yaml, or run on GPUs")
+    return accelerator
 
 
-def autocast_context(device: torch.device):
-    """bf16 autocast where the GPU supports it; full fp32 elsewhere (CPU autocast is slow and lossy)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def shards_parameters(accelerator) -> bool:
+    """Under FSDP no process holds the whole model: exports rebuild it from the last checkpoint."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
-def frozen_llm_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
-    """The LLM's weights in bf16 on GPUs when they do not train (stage 1) or train through a LoRA
-    (whose own weights peft keeps in fp32): half the memory of a 7B model. fp32 otherwise."""
-    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if bf16 and not config.full_llm else torch.float32
+def frozen_llm_dtype(config: TrainConfig, accelerator) -> torch.dtype:
+    """The LLM's weights in bf16 under bf16 autocast when they do not train (stage 1) or train
+    through a LoRA (whose own weights peft keeps in fp32): half the memory of a 7B model. fp32
+    otherwise, and under FSDP, whose flat parameters need one dtype (its mixed precision casts)."""
+    bf16 = accelerator.mixed_precision == "bf16"
+    return torch.bfloat16 if bf16 and not config.full_llm and not shards_parameters(accelerator) else torch.float32
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -134,10 +140,6 @@ def make_optimizer(model: TrainModel, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
-def trainable_named(model: TrainModel) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
 def dry_run_report(model: TrainModel) -> dict:
     """Trainable parameters per group and a memory estimate (weights + gradients + AdamW moments;
     activations come on top and depend on the sequence length)."""
@@ -157,21 +159,20 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     """Run (or resume) training into ``config.out``; ``stop_after`` steps of the planned schedule
     then stop as if interrupted (a later ``resume`` goes on)."""
     run_dir = Path(config.out)
-    env = setup_distributed(config.device)
+    accelerator = make_accelerator(config.device)
     # Only the first process reports: one progress bar, one set of warnings.
-    callbacks = (callbacks or Callbacks()) if env.is_main else Callbacks()
+    callbacks = (callbacks or Callbacks()) if accelerator.is_main_process else Callbacks()
     if not resume and (run_dir / CONFIG_FILE).exists():
         raise UsageError(f"{run_dir} already holds a run; pass --resume to go on with it, or another --out")
-    if env.world > 1:
-        dist.barrier()  # every process has checked before the first one writes
+    accelerator.wait_for_everyone()  # every process has checked before the first one writes
     torch.manual_seed(config.seed)
-    model, tokenizer = build_model(config, llm_dtype=frozen_llm_dtype(config, env.device))
-    model.to(env.device)
+    model, tokenizer = build_model(config, llm_dtype=frozen_llm_dtype(config, accelerator))
+    model.to(accelerator.device)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     data = prepare_data(Path(config.data), Path(config.images), ChatRenderer(tokenizer), model.vision, config.max_length,
                         warn=callbacks.warn, on_progress=callbacks.preparing)
-    global_batch = config.batch_size * config.grad_accum * env.world
+    global_batch = config.batch_size * config.grad_accum * accelerator.num_processes
     steps_per_epoch = len(data.samples) // global_batch
     if steps_per_epoch == 0:
         raise UsageError(f"{config.data}: {len(data.samples)} usable samples ({data.n_skipped} skipped), fewer than one global batch of {global_batch}")
@@ -180,22 +181,20 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         total = min(total, config.max_steps)
     warmup = math.ceil(config.warmup_ratio * total)
 
-    optimizer = make_optimizer(model, config)
-    named = trainable_named(model)
+    # The optimiser is made on the plain model; prepare() wraps both (DDP, or FSDP's sharding).
+    engine, optimizer = accelerator.prepare(model, make_optimizer(model, config))
+    trainable = trainable_names(model)
     start = 0
-    if env.is_main:
+    if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume:
             save_config(config, run_dir)
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is not None:
-            start = load_checkpoint(checkpoint, named, optimizer)["step"]
-        if env.is_main:
+            start = restore_checkpoint(checkpoint, engine, optimizer, trainable)["step"]
+        if accelerator.is_main_process:
             truncate_metrics(run_dir, start)
-    engine = model
-    if env.world > 1:
-        engine = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
     callbacks.started(total, start)
     end = total if stop_after is None else min(total, start + stop_after)
@@ -205,7 +204,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         epoch, position = divmod(step, steps_per_epoch)
         order = epoch_order(len(data.samples), config.seed, epoch)
         batch = [data.samples[i] for i in order[position * global_batch : (position + 1) * global_batch]]
-        loss = run_step(engine, model, optimizer, batch, step, total, warmup, config, env)
+        loss = run_step(accelerator, engine, model, optimizer, batch, step, total, warmup, config)
         last_loss = loss
         elapsed = time.perf_counter() - step_started
         if step > start:  # the first step pays for warm-up; time the rest
@@ -216,46 +215,83 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
             "tokens_per_s": sum(s.length for s in batch) / elapsed, "samples_per_s": global_batch / elapsed,
             "step_s": elapsed, "skipped": data.n_skipped,
         }
-        if env.is_main and ((step + 1) % config.log_every == 0 or step + 1 == total):
+        if accelerator.is_main_process and ((step + 1) % config.log_every == 0 or step + 1 == total):
             append_metrics(run_dir, record)
         callbacks.step(record)
-        if env.is_main and ((step + 1) % config.save_every == 0 or step + 1 == end):
-            save_checkpoint(run_dir, step + 1, named, optimizer, {"skipped": dict(data.skipped), "total_steps": total})
-    if env.is_main and end == total:
-        export_run(run_dir, config, model.vision, model.llm)
-    if env.is_main:
+        if (step + 1) % config.save_every == 0 or step + 1 == end:
+            # Every process takes part in gathering (FSDP); the first one writes.
+            weights, optimizer_state = gather_checkpoint(engine, optimizer, trainable)
+            if accelerator.is_main_process:
+                save_checkpoint(run_dir, step + 1, weights, optimizer_state, {"skipped": dict(data.skipped), "total_steps": total})
+            accelerator.wait_for_everyone()
+    sharded = shards_parameters(accelerator)
+    if accelerator.is_main_process and end == total:
+        if sharded:  # no process holds the whole model: rebuild it from the final checkpoint
+            export_checkpoint(run_dir)
+        else:
+            export_run(run_dir, config, model.vision, model.llm)
+    if accelerator.is_main_process:
         plot_loss(run_dir)
     callbacks.finished()
-    if env.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     wall = time.perf_counter() - started_at if started_at else None
     return TrainResult(run_dir, end, last_loss, data.n_skipped,
                        wall / timed_steps if wall and timed_steps else None,
-                       timed_samples / wall if wall and timed_steps else None, model)
+                       timed_samples / wall if wall and timed_steps else None, None if sharded else model,
+                       parallelism=str(accelerator.distributed_type).split(".")[-1], processes=accelerator.num_processes,
+                       is_main=accelerator.is_main_process)
 
 
-def run_step(engine, model: TrainModel, optimizer, batch, step: int, total: int, warmup: int, config: TrainConfig, env: Distributed) -> float:
+def trainable_names(model: TrainModel) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+# Whole tensors (gathered from FSDP's shards), on the CPU of the first process only; frozen weights
+# are left out (they are the base's, and a 7B LLM would be gathered at every checkpoint).
+_FULL_ON_FIRST = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+
+
+def gather_checkpoint(engine, optimizer, trainable: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """(trainable weights by parameter name, the optimiser's state dict keyed by parameter name):
+    the same names in one process, under DDP and under FSDP. Collective: every process calls it."""
+    weights, optimizer_state = get_state_dict(engine, optimizer.optimizer, options=_FULL_ON_FIRST)
+    return {name: weights[name] for name in trainable if name in weights}, optimizer_state
+
+
+def restore_checkpoint(directory: Path, engine, optimizer, trainable: list[str]) -> dict:
+    """Load a checkpoint into the (wrapped) model and optimiser in place; returns its state.json."""
+    weights, optimizer_state, state = read_checkpoint(directory)
+    missing = [name for name in trainable if name not in weights]
+    if missing:
+        raise UsageError(f"{directory}: the checkpoint lacks {missing[0]}; was it written by a run with other settings?")
+    set_state_dict(engine, optimizer.optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    return state
+
+
+def run_step(accelerator, engine, model: TrainModel, optimizer, batch, step: int, total: int, warmup: int,
+             config: TrainConfig) -> float:
     """One optimiser step over the global ``batch``; returns its mean loss per label token."""
     torch.manual_seed(config.seed * _STEP_SEED_STRIDE + step)
+    world, rank = accelerator.num_processes, accelerator.process_index
     n_labels = sum(sample.tokens.n_label_tokens for sample in batch)
-    loss_sum = torch.zeros((), device=env.device)
+    loss_sum = torch.zeros((), device=accelerator.device)
     for micro in range(config.grad_accum):
-        first = (micro * env.world + env.rank) * config.batch_size
+        first = (micro * world + rank) * config.batch_size
         mine = batch[first : first + config.batch_size]
         images = [load_sample_image(sample, model.vision) for sample in mine]
         last = micro == config.grad_accum - 1
-        sync = contextlib.nullcontext() if last or env.world == 1 else engine.no_sync()
+        # Gradients are exchanged once per optimiser step, after the last micro-step.
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(engine)
         with sync:
-            with autocast_context(env.device):
+            with accelerator.autocast():
                 loss = engine(mine, images)
-            # DDP averages gradients over processes; scaling by world makes it the global sum.
-            (loss * env.world / n_labels).backward()
+            # DDP and FSDP average gradients over processes; scaling by world makes it the global sum.
+            accelerator.backward(loss * world / n_labels)
         loss_sum += loss.detach()
-    if env.world > 1:
-        dist.all_reduce(loss_sum)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+    accelerator.clip_grad_norm_(engine.parameters(), config.max_grad_norm)
     factor = lr_factor(step, total, warmup)
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * factor
@@ -274,7 +310,7 @@ def export_checkpoint(run_dir: Path, checkpoint: Path | None = None) -> list[Pat
     # checkpoint: build them from the run's seed exactly as train() did.
     torch.manual_seed(config.seed)
     model, _ = build_model(config)
-    restore_trainable(checkpoint, trainable_named(model), "it belongs to another run")
+    restore_trainable(checkpoint, [(name, p) for name, p in model.named_parameters() if p.requires_grad], "it belongs to another run")
     return export_run(run_dir, config, model.vision, model.llm)
 
 

@@ -60,6 +60,13 @@ class TrainModel(nn.Module):
         self.vision = vision
         self.llm = llm
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The LLM's decoder layer class(es): FSDP's transformer auto-wrap (accelerate's
+        TRANSFORMER_BASED_WRAP) makes each layer one shard unit when the config names none."""
+        llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return list(getattr(llm, "_no_split_modules", None) or [])
+
     def set_trainable(self, groups: set[str], lora: bool = False) -> None:
         """Freeze everything, then unfreeze the named groups (of the LLM only its LoRA when ``lora``)."""
         for name, param in self.named_parameters():
