@@ -40,6 +40,12 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _own_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor with its own storage: FSDP's gathered optimiser state can hand back views of
+    one buffer (exp_avg next to exp_avg_sq), which safetensors refuses to write."""
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
 def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer_state: dict, extra: dict) -> Path:
     """Write ``weights`` and ``optimizer_state`` (a state dict keyed by parameter name, as
     ``get_optimizer_state_dict`` returns it) as a checkpoint of ``step``."""
@@ -47,8 +53,8 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     partial = final.with_name(final.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    save_file({name: tensor.detach().contiguous().cpu() for name, tensor in weights.items()}, str(partial / TRAINABLE_FILE))
-    tensors = {f"{name}{_KEY_SEPARATOR}{key}": torch.as_tensor(value).detach().contiguous().cpu()
+    save_file({name: _own_copy(tensor) for name, tensor in weights.items()}, str(partial / TRAINABLE_FILE))
+    tensors = {f"{name}{_KEY_SEPARATOR}{key}": _own_copy(torch.as_tensor(value))
                for name, state in optimizer_state["state"].items() for key, value in state.items()}
     save_file(tensors, str(partial / OPTIMIZER_FILE))
     (partial / STATE_FILE).write_text(json.dumps({"step": step, "param_groups": optimizer_state["param_groups"], **extra}, indent=2) + "\n")

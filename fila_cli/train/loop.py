@@ -192,7 +192,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     if resume:
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is not None:
-            start = restore_checkpoint(checkpoint, engine, optimizer, trainable)["step"]
+            start = restore_checkpoint(checkpoint, engine, optimizer.optimizer, trainable)["step"]
         if accelerator.is_main_process:
             truncate_metrics(run_dir, start)
 
@@ -220,7 +220,8 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         callbacks.step(record)
         if (step + 1) % config.save_every == 0 or step + 1 == end:
             # Every process takes part in gathering (FSDP); the first one writes.
-            weights, optimizer_state = gather_checkpoint(engine, optimizer, trainable)
+            weights, optimizer_state = gather_checkpoint(engine, optimizer.optimizer, trainable, shards_parameters(accelerator),
+                                                          accelerator.device)
             if accelerator.is_main_process:
                 save_checkpoint(run_dir, step + 1, weights, optimizer_state, {"skipped": dict(data.skipped), "total_steps": total})
             accelerator.wait_for_everyone()
@@ -247,25 +248,30 @@ def trainable_names(model: TrainModel) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-# Whole tensors (gathered from FSDP's shards), on the CPU of the first process only; frozen weights
-# are left out (they are the base's, and a 7B LLM would be gathered at every checkpoint).
-_FULL_ON_FIRST = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-
-
-def gather_checkpoint(engine, optimizer, trainable: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
-    """(trainable weights by parameter name, the optimiser's state dict keyed by parameter name):
-    the same names in one process, under DDP and under FSDP. Collective: every process calls it."""
-    weights, optimizer_state = get_state_dict(engine, optimizer.optimizer, options=_FULL_ON_FIRST)
+def gather_checkpoint(engine, optimizer: torch.optim.Optimizer, trainable: list[str], sharded: bool,
+                      device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """(trainable weights by parameter name, the optimiser's state dict keyed by parameter name),
+    whole tensors on the CPU of the first process: the same names in one process, under DDP and
+    under FSDP. Collective: every process calls it."""
+    # On a GPU, only the first process receives the tensors, copied to its CPU. On a CPU that copy
+    # is no copy, and FSDP's optimiser-state gather, which then skips its own clone, hands back
+    # exp_avg and exp_avg_sq as views of one reused buffer: gather without offloading there.
+    offload = device.type != "cpu"
+    # Unsharded, frozen weights are left out before any copy (a 7B LLM at every checkpoint). FSDP
+    # gathers every unit whole anyway, and torch's filter fails on the processes that receive
+    # nothing, so there the names are filtered after.
+    options = StateDictOptions(full_state_dict=True, cpu_offload=offload, ignore_frozen_params=not (sharded and offload))
+    weights, optimizer_state = get_state_dict(engine, optimizer, options=options)
     return {name: weights[name] for name in trainable if name in weights}, optimizer_state
 
 
-def restore_checkpoint(directory: Path, engine, optimizer, trainable: list[str]) -> dict:
-    """Load a checkpoint into the (wrapped) model and optimiser in place; returns its state.json."""
+def restore_checkpoint(directory: Path, engine, optimizer: torch.optim.Optimizer, trainable: list[str]) -> dict:
+    """Load a checkpoint into the (wrapped: DDP, FSDP) model and its optimiser in place; returns its state.json."""
     weights, optimizer_state, state = read_checkpoint(directory)
     missing = [name for name in trainable if name not in weights]
     if missing:
         raise UsageError(f"{directory}: the checkpoint lacks {missing[0]}; was it written by a run with other settings?")
-    set_state_dict(engine, optimizer.optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,
+    set_state_dict(engine, optimizer, model_state_dict=weights, optim_state_dict=optimizer_state,
                    options=StateDictOptions(full_state_dict=True, strict=False))
     return state
 
