@@ -151,9 +151,19 @@ def _str(path: Path | None) -> str | None:
 
 def _dry_run_lines(report: dict) -> list[str]:
     lines = [f"trainable {group}: {count:,} parameters" for group, count in sorted(report["trainable_parameters"].items())]
+    parts = report["activation_parts_bytes"]
     lines += [f"trainable in all: {report['trainable_total']:,}; frozen: {report['frozen_total']:,}",
-              f"memory estimate (weights + gradients + AdamW moments, activations on top): {report['memory_estimate_bytes'] / 2**30:.2f} GiB"]
+              f"memory estimate per process: {_size(report['memory_estimate_bytes'])} = weights {_size(report['weights_bytes'])}"
+              f" + gradients and AdamW moments {_size(report['optimizer_bytes'])} + activations {_size(report['activation_bytes'])}",
+              f"activations: LLM {_size(parts['llm'])}, logits {_size(parts['logits'])}, ViT {_size(parts['vit'])} for "
+              f"{report['batch_size']} x {report['sequence_length']} tokens (the longest sample read), "
+              f"{report['vit_tokens_per_sample']} ViT tokens per image, {report['compute_dtype']}, "
+              f"gradient checkpointing {'on' if report['gradient_checkpointing'] else 'off'}"]
     return lines
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.1f} MiB"
 
 
 def _print(summary: dict, as_json: bool, lines: list[str]) -> None:

@@ -34,16 +34,17 @@ from fila_cli.train.build import build_model
 from fila_cli.train.chat import ChatRenderer
 from fila_cli.train.checkpoint import latest_checkpoint, read_checkpoint, restore_trainable, save_checkpoint
 from fila_cli.train.config import CONFIG_FILE, TrainConfig
+from fila_cli.train.data import BadSample, read_records
 from fila_cli.train.export import export_run
-from fila_cli.train.model import LLM_GROUP, TrainModel
-from fila_cli.train.prepare import PreparedData, load_sample_image, prepare_data
+from fila_cli.train.memory import OPTIMIZER_BYTES_PER_TRAINABLE, estimate_activations, llm_shape, vit_shape
+from fila_cli.train.model import LLM_GROUP, TrainModel, group_of
+from fila_cli.train.prepare import load_sample_image, prepare_data, prepare_sample
 from fila_cli.train.report import append_metrics, plot_loss, truncate_metrics
 
 # Mixes the step into the per-step seed (a large prime keeps (seed, step) pairs apart).
 _STEP_SEED_STRIDE = 1_000_003
-_BYTES_FP32 = 4
-# AdamW keeps two fp32 moments per trainable parameter, plus its fp32 gradient.
-_OPTIMIZER_BYTES_PER_TRAINABLE = 3 * _BYTES_FP32
+# Samples of --data a dry run reads to find the longest sequence.
+DRY_RUN_SAMPLES = 64
 
 
 @dataclass
@@ -140,18 +141,55 @@ def make_optimizer(model: TrainModel, config: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
 
-def dry_run_report(model: TrainModel) -> dict:
-    """Trainable parameters per group and a memory estimate (weights + gradients + AdamW moments;
-    activations come on top and depend on the sequence length)."""
+def dry_run_report(model: TrainModel, config: TrainConfig, sequence_length: int, run_dtype: torch.dtype) -> dict:
+    """Trainable parameters per group and the memory one process needs: weights (the frozen LLM at
+    ``run_dtype`` as a run keeps it), fp32 gradients and AdamW moments of the trainable ones, and
+    the activations of one micro-step of ``config.batch_size`` samples of ``sequence_length`` tokens."""
     groups = {name: sum(p.numel() for _, p in params) for name, params in model.trainable_by_group().items()}
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = sum(groups.values())
+    frozen_llm_bytes = torch.finfo(run_dtype).bits // 8 if not config.full_llm else None
+    weights = sum(p.numel() * (frozen_llm_bytes if frozen_llm_bytes and group_of(name) == LLM_GROUP and not p.requires_grad
+                               else p.element_size()) for name, p in model.named_parameters())
+    vision = model.vision
+    # The ViT's largest case: the base view and every crop of the largest anyres canvas.
+    crop = vision.anyres.crop_size
+    crops = 1 + max((h // crop) * (w // crop) for h, w in vision.anyres.image_grid_pinpoints)
+    vit_tokens = crops * (vision.vit.num_patches + 1)
+    # ViT layers past the first CVFM interaction are the ones with a trainable input.
+    vit_layers = len(vision.vit.encoder.layers) - min(vision.fusion_config.interaction_layers)
+    activations = estimate_activations(
+        llm_shape(model.llm.config), model.llm.config.vocab_size, vit_shape(vision.vit.config, vit_layers),
+        batch_size=config.batch_size, sequence_length=sequence_length, vit_tokens=vit_tokens,
+        checkpointing=config.gradient_checkpointing, dtype=run_dtype)
+    optimizer = trainable * OPTIMIZER_BYTES_PER_TRAINABLE
     return {
         "trainable_parameters": groups,
         "trainable_total": trainable,
         "frozen_total": sum(p.numel() for p in model.parameters()) - trainable,
-        "memory_estimate_bytes": weights + trainable * _OPTIMIZER_BYTES_PER_TRAINABLE,
+        "weights_bytes": weights,
+        "optimizer_bytes": optimizer,
+        "activation_bytes": activations.total,
+        "activation_parts_bytes": {"llm": activations.llm_bytes, "logits": activations.logits_bytes, "vit": activations.vit_bytes},
+        "sequence_length": sequence_length,
+        "vit_tokens_per_sample": vit_tokens,
+        "batch_size": config.batch_size,
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "compute_dtype": str(run_dtype).removeprefix("torch."),
+        "memory_estimate_bytes": weights + optimizer + activations.total,
     }
+
+
+def longest_sequence(config: TrainConfig, model: TrainModel, tokenizer) -> int:
+    """The longest sample (text + visual tokens) among the first DRY_RUN_SAMPLES of --data; a
+    dry run reads no more, to stay quick. --max-length when none of them is usable."""
+    renderer = ChatRenderer(tokenizer)
+    lengths = []
+    for index, record in enumerate(read_records(Path(config.data))[:DRY_RUN_SAMPLES]):
+        try:
+            lengths.append(prepare_sample(record, index, Path(config.images), renderer, model.vision, config.max_length).length)
+        except BadSample:
+            continue
+    return max(lengths, default=config.max_length)
 
 
 def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
@@ -321,5 +359,7 @@ def export_checkpoint(run_dir: Path, checkpoint: Path | None = None) -> list[Pat
 
 
 def dry_run(config: TrainConfig) -> dict:
-    model, _ = build_model(config)
-    return dry_run_report(model)
+    model, tokenizer = build_model(config)
+    gpu_bf16 = config.device != "cpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    run_dtype = torch.bfloat16 if gpu_bf16 else torch.float32  # what make_accelerator's default autocasts to
+    return dry_run_report(model, config, longest_sequence(config, model, tokenizer), run_dtype)
