@@ -19,6 +19,7 @@ Usage: python benchmarks/train.py [--size tiny|full] [--stage 1|2] [--steps N] [
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 import tempfile
 import time
@@ -35,7 +36,7 @@ from fila_cli.train.build import add_lora, trainable_groups  # noqa: E402
 from fila_cli.train.chat import IGNORE_INDEX, TokenizedConversation  # noqa: E402
 from fila_cli.train.config import TrainConfig  # noqa: E402
 from fila_cli.train.data import Conversation, ImageRef  # noqa: E402
-from fila_cli.train.loop import Distributed, make_optimizer, run_step  # noqa: E402
+from fila_cli.train.loop import make_accelerator, make_optimizer, run_step  # noqa: E402
 from fila_cli.train.model import PreparedSample, TrainModel  # noqa: E402
 from fila_cli.vision.anyres import preprocess  # noqa: E402
 from fila_cli.vision.model.encoder import HybridEncoder  # noqa: E402
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     torch.manual_seed(0)
     encoder, llm = (full_size if args.size == "full" else tiny_size)(args.stage, device)
     config = TrainConfig(stage=args.stage, data="-", images="-", base="-", out="-", batch_size=args.batch_size,
@@ -109,10 +111,10 @@ def main() -> None:
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     optimizer = make_optimizer(model, config)
-    env = Distributed(device=device)
+    accelerator = make_accelerator(args.device)
     with tempfile.TemporaryDirectory() as folder:
         batch = synthetic_batch(model.vision, args.batch_size, llm.config.vocab_size, Path(folder))
-        step = lambda i: run_step(model, model, optimizer, batch, i, args.steps + 2, 1, config, env)  # noqa: E731
+        step = lambda i: run_step(accelerator, model, model, optimizer, batch, i, args.steps + 2, 1, config)  # noqa: E731
         step(0)  # warm-up: kernels, allocator
         counter = FlopCounterMode(display=False)
         with counter:
@@ -130,6 +132,8 @@ def main() -> None:
     tokens = sum(s.length for s in batch)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    # Linux reports the peak resident set in KiB: the whole process (Python, torch, the data), not only tensors.
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     is_h100 = device.type == "cuda" and "H100" in torch.cuda.get_device_name(device)
     rows = [
         ("size / stage", f"{args.size} / {args.stage}{' (LoRA)' if args.stage == 2 else ''}"),
@@ -144,6 +148,7 @@ def main() -> None:
         ("achieved GFLOP/s", f"{flops / seconds / 1e9:.1f}"),
         ("MFU (bf16 dense peak)", f"{flops / seconds / H100_BF16_PEAK_FLOPS:.1%}" if is_h100 else "n/a (not an H100)"),
         ("peak GPU memory", f"{peak:.1f} GiB" if peak is not None else "n/a"),
+        ("peak RSS (process)", f"{peak_rss:.2f} GiB (before the model: {rss_start:.2f} GiB)"),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
