@@ -261,6 +261,15 @@ def test_an_fsdp_config_on_cpu_is_refused_not_run_unsharded(workspace, tmp_path)
     assert not (tmp_path / "fsdp" / "checkpoints").exists()
 
 
+def test_a_deepspeed_config_is_refused(workspace, tmp_path):
+    """What `accelerate launch` sets for a DeepSpeed config: fila train does not drive DeepSpeed and says so."""
+    result = subprocess.run([sys.executable, "-m", "fila_cli", "train", *ddp_options(workspace), "--out", str(tmp_path / "ds")],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "ACCELERATE_USE_DEEPSPEED": "true"})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("fila: error: the accelerate config asks for DeepSpeed")
+    assert not (tmp_path / "ds").exists()
+
+
 def test_fila_train_export_redoes_the_export_from_a_checkpoint(stage1_run):
     out, _, _ = stage1_run
     exported = load_file(str(out / "fusion.safetensors"))

@@ -88,6 +88,9 @@ def restore_trainable(directory: Path, named_params: list[tuple[str, torch.nn.Pa
 def read_checkpoint(directory: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(trainable weights, the optimiser state dict keyed by parameter name, state.json)."""
     state = read_state(directory)
+    if any("params" not in group for group in state.get("param_groups", [{}])):
+        raise UsageError(f"{directory}: written by an earlier fila train (its optimiser groups are not named); "
+                         "redo the run, or export it with fila train export")
     optimizer_state: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in load_file(str(directory / OPTIMIZER_FILE)).items():
         name, field = key.split(_KEY_SEPARATOR)

@@ -77,15 +77,15 @@ def make_accelerator(device_name: str):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise UsageError("the accelerate config asks for DeepSpeed, which fila train does not drive (its engine steps the "
+                         "optimiser itself and saves it as pickles); for a sharded run use examples/accelerate/fsdp.yaml")
     cpu = device_name == "cpu" or (device_name == "auto" and not torch.cuda.is_available())
     # The launcher's config chooses the precision when it names one; else bf16 where it is fast.
     # CPU autocast is slow and lossy: fp32 there.
     launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION")
     default = "bf16" if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     accelerator = Accelerator(cpu=cpu, mixed_precision=None if launcher_precision else default)
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        raise UsageError("DeepSpeed is not wired into fila train (its engine steps the optimiser itself and saves it as "
-                         "pickles); for a sharded run use FSDP: accelerate launch --config_file examples/accelerate/fsdp.yaml")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and accelerator.distributed_type != DistributedType.FSDP:
         # accelerate selects FSDP on accelerators only; training on unsharded would not be what was asked.
         raise UsageError(f"the accelerate config asks for FSDP, which accelerate runs on GPUs only (here: "
