@@ -247,6 +247,27 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(launcher
     assert moved > 0  # the comparison is between trained weights, not two copies of the start
 
 
+def test_resume_under_accelerate_launch_reproduces_the_uninterrupted_run(workspace, one_process_run, tmp_path):
+    """accelerate launch, 2 processes: 1 step of the 2-step schedule, stop, --resume under the same
+    launcher: the final weights and AdamW state are the uninterrupted one-process run's."""
+    out = tmp_path / "split"
+    first = subprocess.run([*LAUNCHERS["accelerate"], "-m", "fila_cli", "train", *ddp_options(workspace), "--batch-size", "1",
+                            "--save-every", "1", "--stop-after", "1", "--out", str(out)],
+                           capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert latest_checkpoint(out).name == "step-0000001"
+    second = subprocess.run([*LAUNCHERS["accelerate"], "-m", "fila_cli", "train", "--out", str(out), "--resume", "--json"],
+                            capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert latest_checkpoint(out).name == "step-0000002"
+    for file in (TRAINABLE_FILE, "optimizer.safetensors"):
+        resumed = load_file(str(latest_checkpoint(out) / file))
+        expected = load_file(str(latest_checkpoint(one_process_run) / file))
+        assert resumed.keys() == expected.keys()
+        for name in expected:
+            torch.testing.assert_close(resumed[name], expected[name], rtol=1e-4, atol=1e-6)
+
+
 def test_an_fsdp_config_on_cpu_is_refused_not_run_unsharded(workspace, tmp_path):
     """accelerate runs FSDP on GPUs only: on CPU the shipped FSDP config must fail loudly (one line,
     exit 2), not fall back to plain data parallelism."""

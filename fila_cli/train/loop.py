@@ -4,8 +4,8 @@ gradient accumulation, data parallelism, checkpoints and exact resumption.
 Parallelism is accelerate's: an ``Accelerator`` reads what the launcher set up (``torchrun`` or
 ``accelerate launch --config_file``: DDP, FSDP, the mixed precision) and wraps the model. The loop
 is the same in one process, under DDP and under FSDP; checkpoints gather the full trainable weights
-and optimiser state through ``torch.distributed.checkpoint.state_dict`` whatever the wrapping, so a
-run resumes under another launcher or number of processes.
+and optimiser state through ``torch.distributed.checkpoint.state_dict`` whatever the wrapping, so
+they read the same whichever wrapping wrote them.
 
 Determinism: the data order of epoch e is a permutation seeded by ``seed + e``, the torch RNG is
 reseeded from ``seed`` and the step before each step, and the learning rate is a function of the
