@@ -118,7 +118,7 @@ def test_a_second_process_loads_the_page_instead_of_prefilling(bundle, tmp_path)
     assert chat.returncode == 0, chat.stderr
     assert json.loads(chat.stdout) == {"embedding_rows": 0, "answer": first["answer"]}
     info = subprocess.run([sys.executable, "-m", "fila_cli", "cache", "info"], capture_output=True, text=True, timeout=120)
-    assert "1 LLM prefix states" in info.stdout, info.stdout
+    assert "1 LLM prefix states" in info.stdout and "against one cap for both" in info.stdout, info.stdout
 
 
 CHAT_ONCE = textwrap.dedent("""
