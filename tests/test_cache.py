@@ -103,7 +103,7 @@ def test_tokens_encoded_in_another_precision_are_not_served(bundle, counted, tmp
         sha256, image = document.content_hash(), render_for_canvas(document, 0, fp32.encoder.anyres)
     fresh = fp32.encoder.encode(image).tokens
     cached = {dtype: cache.get(token_cache_key(sha256, 0, fp32.encoder.anyres, DEFAULT_MAX_PIXELS, *fp32._weights_identity,
-                                               dtype=dtype, device="cpu")).tokens for dtype in ("float32", "bfloat16")}
+                                               dtype=dtype, device="cpu")).page.tokens for dtype in ("float32", "bfloat16")}
     assert torch.equal(cached["float32"], fresh)
     assert not torch.equal(cached["bfloat16"], fresh)
 

@@ -132,3 +132,36 @@ def test_a_full_context_drops_the_oldest_turns_never_the_page(bundle, report):
         rebuilt = ChatSession(fresh, document, AskOptions(sampling=SamplingParams(max_tokens=8)))
         rebuilt._restore(kept)
         assert rebuilt.context_used == session.context_used
+
+
+def test_text_layer_puts_the_page_text_where_ask_does_once(bundle, report):
+    """`fila chat --text-layer`: the first turn's prompt is `fila ask --text-layer`'s (same answer,
+    same confidence), the page's text is decoded once, not again with the follow-up."""
+    import subprocess
+
+    from fila_cli.llm import LlamaBackend
+
+    question, follow_up = "What is the total due?", "Who signed it?"
+    chat = subprocess.run([sys.executable, "-m", "fila_cli", "chat", report, "--model", bundle, "--pages", "2",
+                           "--text-layer", "--max-tokens", "6"], input=f"{question}\n{follow_up}\n",
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert chat.returncode == 0, chat.stderr
+    first, second = (json.loads(line) for line in chat.stdout.splitlines())
+    asked = subprocess.run([sys.executable, "-m", "fila_cli", "ask", report, question, "--model", bundle, "--pages", "2",
+                            "--text-layer", "--max-tokens", "6", "--json"], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert asked.returncode == 0, asked.stderr
+    answer = json.loads(asked.stdout)
+    assert first["answer"] == answer["answer"] and first["confidence"] == pytest.approx(answer["confidence"], abs=1e-5)
+    with open_document(report) as document:
+        page_text = " ".join(document.page_text(1).split())
+    assert "1,234.00 EUR" in page_text
+    template = FAMILIES["vicuna"]
+    with LlamaBackend(resolve_bundle(str(bundle)).llm, n_ctx=512) as backend:
+        with_text = template.render(f"Text of the page: {page_text}\n\n{question}")[1]
+        assert first["tokens"]["prompt"] == len(backend.tokenize(with_text)), "the first turn did not read the text layer"
+        assert second["tokens"]["prompt"] == len(backend.tokenize(template.render_follow_up(follow_up, "</s>"))), \
+            "the follow-up decoded the text layer again"
+    plain = subprocess.run([sys.executable, "-m", "fila_cli", "chat", report, "--model", bundle, "--pages", "2",
+                            "--max-tokens", "6"], input=f"{question}\n", capture_output=True, text=True, timeout=TIMEOUT_S)
+    with LlamaBackend(resolve_bundle(str(bundle)).llm, n_ctx=512) as backend:
+        assert json.loads(plain.stdout)["tokens"]["prompt"] == len(backend.tokenize(template.render(question)[1]))

@@ -118,7 +118,7 @@ def test_a_second_process_loads_the_page_instead_of_prefilling(bundle, tmp_path)
     assert chat.returncode == 0, chat.stderr
     assert json.loads(chat.stdout) == {"embedding_rows": 0, "answer": first["answer"]}
     info = subprocess.run([sys.executable, "-m", "fila_cli", "cache", "info"], capture_output=True, text=True, timeout=120)
-    assert "1 LLM prefix states" in info.stdout, info.stdout
+    assert "1 LLM prefix states" in info.stdout and "against one cap for both" in info.stdout, info.stdout
 
 
 CHAT_ONCE = textwrap.dedent("""
@@ -131,3 +131,50 @@ CHAT_ONCE = textwrap.dedent("""
         turn = session.ask("What is the total due?")
     print(json.dumps({"embedding_rows": asker.backend.stats.embedding_rows, "answer": turn.answer}))
 """)
+
+
+def test_one_cap_evicts_the_least_recently_used_entries_across_both_stores(bundle, prompt, tmp_path):
+    """Visual tokens and prefix states share fila's cache cap: a prefix state's write evicts an
+    older page of tokens, a page of tokens' write evicts an older prefix state, and a hit counts as a use."""
+    import torch
+
+    from fila_cli.config import AnyresConfig
+    from fila_cli.disk_cache import CacheBudget
+    from fila_cli.documents.canvas import plan_canvas
+    from fila_cli.documents.notices import ReadNotices
+    from fila_cli.llm.prefix_store import PREFIX_DIR_NAME
+    from fila_cli.vision.model.encoder import EncodedPage
+    from fila_cli.vision.token_cache import TokenCache
+
+    before, visual, _ = prompt
+    budget = CacheBudget(tmp_path / "cache", max_bytes=1 << 40)
+    tokens = TokenCache(budget.root, budget)
+    states = PrefixStore(budget.root / PREFIX_DIR_NAME, budget=budget)
+    page = EncodedPage(torch.randn(N_VISUAL, TINY_LLM_WIDTH), plan_canvas((1100, 850), AnyresConfig()))
+
+    def size(name: str) -> int:
+        return sum(entry.bytes for entry in budget.entries() if entry.path.name.startswith(name))
+
+    def present() -> set[str]:
+        return {entry.path.name.split(".")[0] for entry in budget.entries()}
+
+    with LlamaBackend(bundle / LLM_FILE, n_ctx=1024) as backend:
+        backend.prefill([before, visual])
+        state = backend.save_state()
+        states.put("p1", state)
+        tokens.put("t1", page, ReadNotices())
+        tokens.put("t2", page, ReadNotices())
+        assert states.get("p1", backend) is not None  # a hit: p1 is now newer than t1 and t2
+        assert present() == {"p1", "t1", "t2"}
+        # Room for t2 and two states: the least recently used entry, the page of tokens t1, goes.
+        budget.max_bytes = size("t2") + 2 * size("p1")
+        states.put("p2", state)
+        assert present() == {"p1", "p2", "t2"}, "a prefix state's write did not evict the oldest page of tokens"
+        assert tokens.get("t2") is not None  # t2 is now the newest; p1 the oldest
+        budget.max_bytes = size("t2") + size("p2") + size("t2")
+        tokens.put("t3", page, ReadNotices())
+        assert present() == {"p2", "t2", "t3"}, "a page of tokens' write did not evict the oldest prefix state"
+        assert budget.used_bytes() <= budget.max_bytes
+        # Both stores still answer for what they kept, and only for that.
+        assert tokens.get("t1") is None and tokens.get("t3") is not None and states.get("p1", backend) is None
+        assert states.get("p2", backend) is not None

@@ -164,6 +164,36 @@ def test_kill_9_on_the_driver_then_resume(bundle, cluster, folder, tmp_path):
     assert sum(r["error"] is not None for r in records) == 3 * 2
 
 
+
+def warning_lines(stderr: str) -> list[str]:
+    return sorted(line for line in stderr.splitlines() if line.startswith("fila: warning: "))
+
+
+def test_damaged_documents_are_warned_about_on_stderr_as_a_local_batch_does(bundle, cluster, tmp_path):
+    from bad_documents import write_corpus
+
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus)
+    (tmp_path / "docs").mkdir()
+    for name in ("truncated_tail.pdf", "bit_flipped.pdf"):
+        shutil.copy(corpus / name, tmp_path / "docs" / name)
+    make_good_pdf(tmp_path / "docs" / "good.pdf", ["The total due is 42 EUR. Signed Ada."])
+    # Paths as a user types them, relative: the warnings name them so, on every node.
+    names = ["docs/truncated_tail.pdf", "docs/bit_flipped.pdf", "docs/good.pdf"]
+    arguments = [*names, "-q", QUESTIONS[0], "-q", QUESTIONS[1], "--pages", "1"]
+    local = subprocess.run(batch_command(bundle, *arguments, "-o", "local.jsonl"), cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+    remote = subprocess.run(ray_command(bundle, cluster, *arguments, "-o", "ray.jsonl"), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert local.returncode == remote.returncode == ExitCode.OK, remote.stderr
+    said = warning_lines(remote.stderr)
+    assert said == warning_lines(local.stderr) and len(said) == 2, remote.stderr  # once per damaged document
+    assert ("fila: warning: docs/truncated_tail.pdf was damaged and repaired; some content may be missing" in said
+            and any(line.startswith("fila: warning: docs/bit_flipped.pdf could not be read entirely") for line in said))
+    expected, got = by_unit(read_records(tmp_path / "local.jsonl")), by_unit(read_records(tmp_path / "ray.jsonl"))
+    assert {unit: r["warnings"] for unit, r in got.items()} == {unit: r["warnings"] for unit, r in expected.items()}
+
+
 BLOCK_RAY = """
 import sys
 sys.modules["ray"] = None  # as if the extra were not installed

@@ -178,3 +178,60 @@ def test_fila_sample_writes_a_three_page_invoice_with_a_scanned_page(tmp_path):
     assert again.returncode == ExitCode.USAGE and "--force" in again.stderr
     forced = subprocess.run(command + ["--force"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert forced.returncode == 0 and (tmp_path / "invoice.pdf").read_bytes() == first, "the sample is deterministic"
+
+
+@pytest.mark.parametrize("name, says", [("truncated_tail.pdf", "was damaged and repaired"),
+                                        ("bit_flipped.pdf", "could not be read entirely (MuPDF: ")])
+def test_a_second_ask_answered_from_the_cache_warns_as_the_first(bundle, corpus, name, says):
+    """MuPDF complains about a broken stream only when it renders the page: the page's notices are
+    cached with its tokens, so the second ask (no render) warns exactly as the first."""
+    path = corpus / name
+    runs = [ask_json(bundle, path, "--pages", "1") for _ in range(2)]
+    first, second = (json.loads(run.stdout) for run in runs)
+    assert all(run.returncode == 0 for run in runs), runs[-1].stderr
+    assert second["timings"]["render_s"] == 0 and second["timings"]["encode_s"] == 0, "the second ask rendered the page"
+    assert first["warnings"] == second["warnings"] and len(first["warnings"]) == 1
+    assert first["warnings"][0].startswith(f"{path} {says}")
+    for run in runs:
+        assert [line for line in run.stderr.splitlines() if line.startswith("fila: warning: ")] == \
+               [f"fila: warning: {first['warnings'][0]}"]
+    # fila batch (pages rendered in its worker process) reads the same cached notices.
+    batch = subprocess.run([sys.executable, "-m", "fila_cli", "batch", path, "-q", "What is the total due?", "--pages", "1",
+                            "--model", bundle, "--max-tokens", "3"], capture_output=True, text=True, timeout=300)
+    record = json.loads(batch.stdout)
+    assert batch.returncode == 0 and record["warnings"] == first["warnings"] and record["timings"]["render_s"] == 0
+    assert f"fila: warning: {first['warnings'][0]}" in batch.stderr.splitlines()
+
+
+def small_pages_pdf(path, texts):
+    """Pages of 400 x 200 points (a 672x336 canvas: 1,752 tiny visual tokens): two fit the bundle's context."""
+    document = pymupdf.open()
+    for text in texts:
+        document.new_page(width=400, height=200).insert_text((20, 100), text, fontsize=14)
+    document.save(path)
+    return path
+
+
+def test_batch_together_one_record_per_document_and_a_refusal_is_a_failed_record(bundle, report, tmp_path):
+    small = small_pages_pdf(tmp_path / "small.pdf", ["Prices in 2023: 10 EUR", "Prices in 2024: 12 EUR"])
+    out = tmp_path / "out.jsonl"
+    completed = subprocess.run([sys.executable, "-m", "fila_cli", "batch", small, report, "-q", QUESTION, "-q", "Why?",
+                                "--pages", "1,2", "--together", "--model", bundle, "--max-tokens", "3", "-o", out],
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == ExitCode.FAILURE, completed.stderr  # some records failed; the batch went on
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["file"].rsplit("/", 1)[-1], r["question"]) for r in records] == \
+           [("small.pdf", QUESTION), ("small.pdf", "Why?"), ("report.pdf", QUESTION), ("report.pdf", "Why?")]
+    for record in records[:2]:
+        assert record["error"] is None and record["pages"] == [1, 2]
+        assert "pages 1, 2 read together in one prompt" in record["page_choice"]["detail"]
+        assert f"({record['tokens']['visual']} visual tokens)" in record["page_choice"]["detail"]
+    # Alone, each small page makes half the visual tokens the two make together.
+    alone = subprocess.run([sys.executable, "-m", "fila_cli", "ask", small, QUESTION, "--pages", "1", "--model", bundle,
+                            "--max-tokens", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert records[0]["tokens"]["visual"] == 2 * json.loads(alone.stdout)["tokens"]["visual"]
+    for record in records[2:]:  # two Letter pages: 4,896 visual tokens in a context of 4,096
+        assert record["answer"] is None and record["error"]["kind"] == "model"
+        assert "2 pages together need" in record["error"]["message"] and "(4896 visual + " in record["error"]["message"]
+        assert "context holds 4096" in record["error"]["message"]
+    assert "2 answered; 2 failed; failures: model 2" in completed.stderr

@@ -19,6 +19,8 @@ Public API (others use it in end-to-end tests; keep it stable):
     build_tiny_llm(path, *, n_embd=64, n_layer=2, n_head=4, n_ff=128, vocab=None,
                    chat_template=None, seed=0, n_ctx_train=4096, dtype="f32",
                    name="tiny-llama", always_eos=False) -> Path
+    build_large_llm(path, *, n_embd, n_layer, n_head, n_ff, n_ctx_train=4096, seed=0) -> Path
+                                                  # any size (7B-shaped), f16, one tensor in memory
     tiny_llm_tokens(vocab=None) -> list[str]     # the token list, index = token id
     BOS_ID, EOS_ID, UNK_ID                        # special token ids
 """
@@ -162,6 +164,24 @@ def build_tiny_llm(
     if always_eos:
         _force_eos(tensors)
 
+    writer = _writer_with_metadata(path, tokens=tokens, types=types, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                                   n_ff=n_ff, chat_template=chat_template, n_ctx_train=n_ctx_train, dtype=dtype,
+                                   name=name)
+    for tensor_name, array in tensors.items():
+        if dtype == "f16" and array.ndim == 2:
+            array = array.astype(np.float16)
+        writer.add_tensor(tensor_name, array)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _writer_with_metadata(path: Path, *, tokens: list[str], types: list[int], n_embd: int, n_layer: int, n_head: int,
+                          n_ff: int, chat_template: str | None, n_ctx_train: int, dtype: str, name: str) -> GGUFWriter:
+    """A GGUF writer holding the model's key-values (architecture, tokenizer), no tensors yet."""
     writer = GGUFWriter(str(path), ARCH)
     writer.add_name(name)
     writer.add_context_length(n_ctx_train)
@@ -186,14 +206,48 @@ def build_tiny_llm(
     writer.add_add_eos_token(False)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
+    return writer
 
-    for tensor_name, array in tensors.items():
-        if dtype == "f16" and array.ndim == 2:
-            array = array.astype(np.float16)
-        writer.add_tensor(tensor_name, array)
 
+def build_large_llm(path: str | os.PathLike, *, n_embd: int, n_layer: int, n_head: int, n_ff: int,
+                    n_ctx_train: int = 4096, seed: int = 0, name: str = "large-random-llama") -> Path:
+    """The same llama layout as :func:`build_tiny_llm` at any size (e.g. 7B-shaped), in f16, written
+    tensor by tensor: memory holds one tensor, not the model (a 7B's f32 weights would need 26 GB).
+
+    The values differ from ``build_tiny_llm``'s for the same seed (drawn in f32, one tensor at a
+    time); only the shapes and the cost of running the model matter to its users (benchmarks).
+    """
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    tokens = tiny_llm_tokens(None)
+    types = _token_types(tokens)
+    scale = 1.0 / np.sqrt(n_embd)
+    # name -> (numpy shape (out, in), std; None: a norm's ones), in the order build_tiny_llm writes them
+    layout: dict[str, tuple[tuple[int, ...], float | None]] = {"token_embd.weight": ((len(tokens), n_embd), 1.0)}
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        layout[p + "attn_norm.weight"] = ((n_embd,), None)
+        for proj in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            layout[p + proj + ".weight"] = ((n_embd, n_embd), scale)
+        layout[p + "ffn_norm.weight"] = ((n_embd,), None)
+        layout[p + "ffn_gate.weight"] = ((n_ff, n_embd), scale)
+        layout[p + "ffn_up.weight"] = ((n_ff, n_embd), scale)
+        layout[p + "ffn_down.weight"] = ((n_embd, n_ff), 1.0 / np.sqrt(n_ff))
+    layout["output_norm.weight"] = ((n_embd,), None)
+    layout["output.weight"] = ((len(tokens), n_embd), scale * 4)
+
+    writer = _writer_with_metadata(path, tokens=tokens, types=types, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                                   n_ff=n_ff, chat_template=None, n_ctx_train=n_ctx_train, dtype="f16", name=name)
+    for tensor_name, (shape, std) in layout.items():
+        dtype = np.dtype(np.float32 if std is None else np.float16)
+        writer.add_tensor_info(tensor_name, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for shape, std in layout.values():
+        if std is None:
+            writer.write_tensor_data(np.ones(shape, np.float32))
+        else:
+            writer.write_tensor_data((rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float16))
     writer.close()
     return path

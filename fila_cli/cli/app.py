@@ -250,6 +250,7 @@ def chat(
     mmproj: MmprojOption = None,
     fusion: FusionOption = None,
     password: PasswordOption = None,
+    text_layer: TextLayerOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Read one question a line from stdin and print one JSON line per answer (the default when stdin is not a terminal).")] = False,
     temperature: TemperatureOption = SamplingParams.temperature,
     top_p: TopPOption = SamplingParams.top_p,
@@ -276,7 +277,7 @@ def chat(
             file,
             model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
                           gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
-            ask_options(pages=pages, password=password, text_layer=False, temperature=temperature, top_p=top_p,
+            ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature, top_p=top_p,
                         seed=seed, max_tokens=max_tokens, together=True),
             as_json=as_json))
 
@@ -290,6 +291,7 @@ def batch(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write JSON lines to this file (default: stdout).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue OUTPUT: skip the (document, question, model) records it already holds.")] = False,
     pages: Annotated[Optional[str], typer.Option("--pages", help="Pages to read in every document, 1-based (default: fila chooses).")] = None,
+    together: Annotated[bool, typer.Option("--together", help="Read each document's --pages in one prompt, each introduced by its page number (one record per document and question, listing every page); a document whose pages the context cannot hold is a failed record (kind model), with the numbers.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds the document worker may spend on one document (opening, choosing pages, rendering, text extraction; the model's time between pages does not count) before it is recorded as a timeout.")] = 120.0,
     ray: Annotated[Optional[str], typer.Option("--ray", help="Run across a Ray cluster: 'auto' joins the running one (or starts a local one), 'local' starts a private one on this machine, or give its address (ray://host:10001, host:6379). Needs `pip install \"fila-cli[ray]\"`; the documents' paths must be visible on every node.", show_default=False)] = None,
     ray_cpus: Annotated[float, typer.Option("--ray-cpus", help="With --ray on CPU-only nodes: CPUs per worker (one model each). On GPU nodes each worker takes one GPU.")] = 2.0,
@@ -326,7 +328,7 @@ def batch(
             model=model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
                                 gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
             ask=ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature,
-                            top_p=top_p, seed=seed, max_tokens=max_tokens)))
+                            top_p=top_p, seed=seed, max_tokens=max_tokens, together=together)))
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -353,16 +355,19 @@ app.add_typer(cache_app, name="cache")
 
 @cache_app.command("info")
 def cache_info() -> None:
-    """Where the caches are, how many entries they hold and their size ($FILA_CACHE_DIR overrides the place)."""
+    """Where the caches are, how many entries they hold, their size and the cap they share ($FILA_CACHE_DIR overrides the place)."""
     with handle_errors():
+        from fila_cli.disk_cache import BYTES_PER_GB, DEFAULT_CACHE_MAX_GB
         from fila_cli.llm.prefix_store import PREFIX_DIR_NAME, PrefixStore
         from fila_cli.vision.token_cache import TokenCache, default_cache_dir
 
         info = TokenCache().info()
         print(f"{info.path}: {info.entries} pages of visual tokens, {info.bytes / 1e6:.1f} MB")
         prefix = PrefixStore(default_cache_dir() / PREFIX_DIR_NAME).info()
-        print(f"{prefix.path}: {prefix.entries} LLM prefix states, {prefix.bytes / 1e6:.1f} MB "
-              f"(capped by --cache-max-gb when written)")
+        print(f"{prefix.path}: {prefix.entries} LLM prefix states, {prefix.bytes / 1e6:.1f} MB")
+        total = info.bytes + prefix.bytes
+        print(f"total {total / 1e6:.1f} MB ({total / BYTES_PER_GB:.2f} GB) against one cap for both, "
+              f"--cache-max-gb (default {DEFAULT_CACHE_MAX_GB:g} GB): applied at each write, least recently used first")
 
 
 @cache_app.command("clear")

@@ -86,7 +86,8 @@ def _run_on_ray(documents: list[Path], questions: list[str], output: Path | None
 
             summary = run_batch_on_ray(items, model, ask, sink, address=address, model_name=model_name,
                                        timeout_s=timeout, actors=None, cpus_per_actor=cpus_per_actor,
-                                       on_record=on_record, on_message=lambda m: progress.console.print(m, highlight=False, markup=False))
+                                       on_record=on_record, on_message=lambda m: progress.console.print(m, highlight=False, markup=False),
+                                       on_warning=warning_line)
     finally:
         sink.close()
     summary.skipped = skipped

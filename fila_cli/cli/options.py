@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from fila_cli.cli.support import stderr
-from fila_cli.llm.prefix_store import DEFAULT_CACHE_MAX_GB
+from fila_cli.disk_cache import DEFAULT_CACHE_MAX_GB
 from fila_cli.llm.sampling import SamplingParams
 from fila_cli.qa.options import AskOptions, ModelOptions
 
@@ -33,7 +33,7 @@ TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling thr
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed for sampling.")]
 MaxTokensOption = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate per answer.")]
 NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the caches: visual tokens and LLM prefix states (see `fila cache`).")]
-CacheMaxGbOption = Annotated[float, typer.Option("--cache-max-gb", help="Size cap of the LLM prefix states on disk, in GB; the least recently used go first.")]
+CacheMaxGbOption = Annotated[float, typer.Option("--cache-max-gb", help="Size cap of fila's cache on disk, in GB: visual tokens and LLM prefix states together; the least recently used entries go first.")]
 GpuLayersOption = Annotated[Optional[int], typer.Option("--gpu-layers", help="LLM layers on the GPU (default: all when llama.cpp was built with CUDA or Metal, else 0).")]
 
 

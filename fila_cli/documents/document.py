@@ -172,6 +172,8 @@ class Document:
         self._image_pages = image_pages or []
         # MuPDF's warnings (e.g. a repaired cross-reference table), in order, without repeats.
         self.warnings: list[str] = list(warnings or [])
+        # The same, per page: what it said while loading, rendering or reading each page (0-based).
+        self._page_warnings: dict[int, list[str]] = {}
         self._closed = False
 
     # -- facts -------------------------------------------------------------------------------
@@ -207,8 +209,13 @@ class Document:
         except (RuntimeError, ValueError) as error:
             raise DocumentError(f"{self.path}: cannot read the text of page {i + 1} ({error}); the file may be damaged") from error
         finally:
-            self._collect_warnings()
+            self._collect_warnings(i)
         return text
+
+    def page_warnings(self, i: int) -> list[str]:
+        """MuPDF's warnings while loading, rendering or reading page ``i`` (0-based) so far, in order,
+        without repeats (a complaint heard on an earlier page too is listed again here)."""
+        return list(self._page_warnings.get(i, []))
 
     def content_hash(self) -> str:
         """Hex sha256 of the file's bytes (a cache key that survives renames)."""
@@ -241,7 +248,7 @@ class Document:
         except (RuntimeError, ValueError, MemoryError) as error:
             raise DocumentError(f"{self.path}: cannot render page {i + 1} ({error}); the file may be damaged") from error
         finally:
-            self._collect_warnings()
+            self._collect_warnings(i)
         return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
 
     def _render_image_page(self, i: int, scale: float, max_pixels: int) -> Image.Image:
@@ -306,12 +313,17 @@ class Document:
         except (RuntimeError, ValueError, IndexError) as error:
             raise DocumentError(f"{self.path}: cannot load page {i + 1} ({error}); the file is damaged") from error
         finally:
-            self._collect_warnings()
+            self._collect_warnings(i)
 
-    def _collect_warnings(self) -> None:
+    def _collect_warnings(self, page: int | None = None) -> None:
+        """Take MuPDF's pending warnings into ``warnings`` (and page ``page``'s, when one was being read)."""
         for line in pymupdf.TOOLS.mupdf_warnings(reset=True).splitlines():
-            if line and line not in self.warnings:
+            if not line:
+                continue
+            if line not in self.warnings:
                 self.warnings.append(line)
+            if page is not None and line not in self._page_warnings.setdefault(page, []):
+                self._page_warnings[page].append(line)
 
 
 # -- opening -----------------------------------------------------------------------------------

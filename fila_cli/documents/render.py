@@ -12,7 +12,7 @@ resized down from it by anyres (as HF would resize any large image).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 from PIL import Image
@@ -20,6 +20,7 @@ from PIL import Image
 from fila_cli.documents.canvas import select_best_resolution
 from fila_cli.config import AnyresConfig
 from fila_cli.documents.document import DEFAULT_MAX_PIXELS, Document
+from fila_cli.documents.notices import ReadNotices
 
 POINTS_PER_INCH = 72.0
 # Resolution at which the canvas is planned; any page this large picks its canvas by shape alone.
@@ -56,3 +57,4 @@ class RenderedPage:
     image: Image.Image
     text: str  # the text layer, when --text-layer asked for it
     render_s: float
+    notices: ReadNotices = field(default_factory=ReadNotices)  # what MuPDF said about the page (cached with its tokens)

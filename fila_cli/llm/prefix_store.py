@@ -11,8 +11,9 @@ or ``fila chat`` about the same page restores it in about the time it takes to r
 - Entries are safetensors files (the state bytes, the prompt's token ids) with a CRC-32 of the
   state in their metadata: a damaged or truncated entry is deleted and recomputed, never loaded.
 - Writes go to a temporary file renamed into place: a kill leaves the old entry or the new one.
-- LRU by size: a hit refreshes the entry's modification time; after each write the least recently
-  used entries are removed until the store fits ``max_bytes``.
+- LRU by size, one cap for all of fila's cache (``disk_cache.CacheBudget``): a hit refreshes the
+  entry's modification time; after each write the least recently used entries, prefix states or
+  visual tokens, are removed until the cache folder fits ``--cache-max-gb``.
 """
 
 from __future__ import annotations
@@ -20,13 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from fila_cli.disk_cache import CacheBudget, touch
 
 if TYPE_CHECKING:  # llama.cpp loads only when a state is restored
     from fila_cli.llm.backend import LlamaBackend, PrefixState
@@ -36,10 +38,6 @@ PREFIX_FORMAT_VERSION = 1
 STATE_SUFFIX = ".llstate"
 # The store lives beside the visual tokens, in this sub-folder of the token cache.
 PREFIX_DIR_NAME = "llm-prefix"
-# A 7B model's state after one A4 page (~2,400 positions) is ~0.3-1.2 GB depending on its KV heads:
-# 4 GB keeps a handful of pages without crowding a laptop's disk.
-DEFAULT_CACHE_MAX_GB = 4.0
-BYTES_PER_GB = 1024**3
 _STATE = "llama_state"
 _INPUT_IDS = "input_ids"
 
@@ -51,13 +49,6 @@ def prefix_cache_key(llm_identity: str, n_ctx: int, visual_keys: list[str], prom
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def _touch(path: Path) -> None:
-    """Mark ``path`` most recently used. An explicit fine-grained clock: a file system's own
-    timestamps may tick only every few milliseconds, too coarse to order quick successive uses."""
-    now = time.time_ns()
-    os.utime(path, ns=(now, now))
-
-
 @dataclass
 class StoreInfo:
     path: Path
@@ -66,11 +57,21 @@ class StoreInfo:
 
 
 class PrefixStore:
-    """A directory of prefix states, capped at ``max_bytes`` (least recently used go first)."""
+    """A directory of prefix states under a size cap (least recently used go first).
 
-    def __init__(self, directory: Path, max_bytes: int = int(DEFAULT_CACHE_MAX_GB * BYTES_PER_GB)):
+    ``budget``: the cap shared with the visual tokens (``Asker.from_options`` passes fila's one
+    budget); without it, a cap of ``max_bytes`` on this directory alone.
+    """
+
+    def __init__(self, directory: Path, max_bytes: int | None = None, *, budget: CacheBudget | None = None):
         self.directory = Path(directory)
-        self.max_bytes = max_bytes
+        if budget is None:
+            budget = CacheBudget(self.directory) if max_bytes is None else CacheBudget(self.directory, max_bytes)
+        self.budget = budget
+
+    @property
+    def max_bytes(self) -> int:
+        return self.budget.max_bytes
 
     def _path(self, key: str) -> Path:
         return self.directory / f"{key}{STATE_SUFFIX}"
@@ -97,7 +98,7 @@ class PrefixStore:
         except (SafetensorError, OSError, KeyError, TypeError, ValueError):
             path.unlink(missing_ok=True)  # damaged: recomputed by the caller
             return None
-        _touch(path)
+        touch(path)
         return prefix
 
     def put(self, key: str, state: PrefixState) -> None:
@@ -108,39 +109,22 @@ class PrefixStore:
         arrays = {_STATE: data, _INPUT_IDS: np.ascontiguousarray(state.input_ids, dtype=np.int32)}
         meta = {"version": str(PREFIX_FORMAT_VERSION), "crc32": str(zlib.crc32(data)),
                 "n_prompt_tokens": str(state.n_prompt_tokens), "n_visual_tokens": str(state.n_visual_tokens)}
-        if data.nbytes > self.max_bytes:
-            return  # larger than the whole store: keeping it would evict everything else for nothing
+        if not self.budget.fits(data.nbytes):
+            return  # larger than the whole cache: keeping it would evict everything else for nothing
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self._path(key)
         partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         save_file(arrays, str(partial), metadata=meta)
         os.replace(partial, path)
-        _touch(path)
+        touch(path)
         self.evict(keep=path)
 
     def _entries(self) -> list[Path]:
         return list(self.directory.glob(f"*{STATE_SUFFIX}")) if self.directory.exists() else []
 
     def evict(self, keep: Path | None = None) -> int:
-        """Remove least recently used entries until the store fits its cap; the number removed."""
-        entries = []
-        for path in self._entries():
-            try:
-                stat = path.stat()
-            except FileNotFoundError:  # removed by another process meanwhile
-                continue
-            entries.append((stat.st_mtime_ns, stat.st_size, path))
-        total = sum(size for _, size, _ in entries)
-        removed = 0
-        for _, size, path in sorted(entries, key=lambda e: e[0]):
-            if total <= self.max_bytes:
-                break
-            if path == keep:
-                continue
-            path.unlink(missing_ok=True)
-            total -= size
-            removed += 1
-        return removed
+        """Remove least recently used entries (of the whole budget) until it fits its cap; the number removed."""
+        return len(self.budget.evict(keep=keep))
 
     def info(self) -> StoreInfo:
         entries = self._entries()

@@ -23,10 +23,11 @@ from PIL import Image
 from fila_cli.bundles.bundle import Bundle
 from fila_cli.vision.token_cache import TokenCache, default_cache_dir, token_cache_key
 from fila_cli.documents.document import DEFAULT_MAX_PIXELS, Document, open_document, parse_page_spec
-from fila_cli.documents.notices import document_warnings
+from fila_cli.disk_cache import BYTES_PER_GB, CacheBudget
+from fila_cli.documents.notices import ReadNotices, document_warnings, page_notices
 from fila_cli.errors import ModelError
 from fila_cli.llm import ContextOverflowError, LlamaBackend, PrefixState, SamplingParams
-from fila_cli.llm.prefix_store import BYTES_PER_GB, PREFIX_DIR_NAME, PrefixStore, prefix_cache_key
+from fila_cli.llm.prefix_store import PREFIX_DIR_NAME, PrefixStore, prefix_cache_key
 from fila_cli.vision.loaders.identity import file_identity
 from fila_cli.llm.templates import PromptTemplate, select_template
 from fila_cli.vision.model.encoder import EncodedPage, HybridEncoder
@@ -61,6 +62,9 @@ class Answer:
     page_reason: str = ""  # why these pages were read, in words
     page_method: str = METHOD_ALL  # how: page_select.METHOD_* ("--pages", "text-layer BM25", ...)
     warnings: list[str] = field(default_factory=list)  # the document was damaged, partly unreadable...
+    # What MuPDF said about the pages read (rendered now, or cached with their tokens): the caller
+    # turns it into ``warnings`` with what it said opening the document.
+    notices: ReadNotices = field(default_factory=ReadNotices, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """The documented JSON schema of ``fila ask --json`` (README: Output)."""
@@ -95,7 +99,7 @@ class _PageAnswer:
     visual_tokens: int
     prompt_tokens: int
     generated_tokens: int
-
+    notices: ReadNotices
 
 
 @dataclass
@@ -106,6 +110,7 @@ class PreparedPage:
     visual: np.ndarray  # [n_tokens, llm width] float32
     visual_key: str | None  # the token cache's key (None without a document hash)
     text: str | None  # the rendered text layer, when --text-layer rendered it
+    notices: ReadNotices = field(default_factory=ReadNotices)  # what MuPDF said rendering it (now or when cached)
 
 
 class Asker:
@@ -163,10 +168,12 @@ class Asker:
     @classmethod
     def from_options(cls, options: ModelOptions, bundle: Bundle | None = None, *, reuse_prefix: bool = False) -> "Asker":
         """Load the model ``options`` name (or ``bundle``, when already resolved) as they say."""
-        token_cache = TokenCache() if options.use_cache else None
-        prefix_store = None
+        token_cache, prefix_store = None, None
         if options.use_cache:
-            prefix_store = PrefixStore(default_cache_dir() / PREFIX_DIR_NAME, int(options.cache_max_gb * BYTES_PER_GB))
+            # One cap over both stores: the least recently used entry goes first, whichever store holds it.
+            budget = CacheBudget(default_cache_dir(), int(options.cache_max_gb * BYTES_PER_GB))
+            token_cache = TokenCache(budget.root, budget)
+            prefix_store = PrefixStore(budget.root / PREFIX_DIR_NAME, budget=budget)
         return cls.load(bundle or options.bundle(), device=options.device, dtype=options.dtype,
                         n_gpu_layers=options.gpu_layers, verbose=options.verbose,
                         token_cache=token_cache, reuse_prefix=reuse_prefix, prefix_store=prefix_store)
@@ -191,7 +198,8 @@ class Asker:
             sha256 = document.content_hash() if self.caches_on else None
             answer = self.answer_pages(str(path), question, sources, plan.detail, options, sha256, on_text, on_page,
                                        method=plan.method)
-            answer.warnings = document_warnings(document)  # after rendering: MuPDF reports broken streams then
+            # After rendering (MuPDF reports broken streams then), with what the cached pages' renders said.
+            answer.warnings = document_warnings(document, answer.notices)
             return answer
 
     @property
@@ -204,7 +212,7 @@ class Asker:
             started = time.perf_counter()
             image = render_for_canvas(document, index, self.encoder.anyres, self.encoder.highres_scale)
             text = document.page_text(index) if options.text_layer else ""
-            return RenderedPage(index, image, text, time.perf_counter() - started)
+            return RenderedPage(index, image, text, time.perf_counter() - started, page_notices(document, index))
 
         return PageSource(index, render, lambda: document.page_text(index))
 
@@ -228,6 +236,7 @@ class Asker:
                                          method)
         timings = {"render_s": 0.0, "encode_s": 0.0, "prefill_s": 0.0, "generate_s": 0.0}
         answers = []
+        notices = ReadNotices()
         for done, page in enumerate(pages):
             if on_page is not None:
                 on_page(done, len(pages))
@@ -235,6 +244,7 @@ class Asker:
             stream = on_text if len(pages) == 1 else None
             answers.append(self._answer_page(file, page, question, options, timings, document_sha256, stream,
                                              persist=len(pages) == 1))
+            notices = notices.merged(answers[-1].notices)
         if on_page is not None:
             on_page(len(pages), len(pages))
         best = max(answers, key=lambda a: a.mean_logprob)
@@ -251,6 +261,7 @@ class Asker:
             tokens={"visual": best.visual_tokens, "prompt": best.prompt_tokens, "generated": best.generated_tokens},
             page_reason=reason,
             page_method=method,
+            notices=notices,
         )
 
     # -- pages to visual tokens --
@@ -263,30 +274,33 @@ class Asker:
             key = token_cache_key(document_sha256, page.index, self.encoder.anyres, DEFAULT_MAX_PIXELS, *self._weights_identity,
                                   dtype=str(self.encoder.dtype).removeprefix("torch."), device=self.encoder.device.type,
                                   highres_scale=self.encoder.highres_scale)
-        encoded, text = self._encoded_page(page, key, timings)
+        encoded, text, notices = self._encoded_page(page, key, timings)
         if encoded.n_tokens > self.bundle.max_visual_tokens:
             raise ModelError(
                 f"{file}: page {page.index + 1} makes {encoded.n_tokens} visual tokens, over the model's limit of "
                 f"{self.bundle.max_visual_tokens}; raise max_visual_tokens in the bundle"
             )
-        return PreparedPage(page.index, encoded.tokens.numpy().astype(np.float32, copy=False), key, text)
+        return PreparedPage(page.index, encoded.tokens.numpy().astype(np.float32, copy=False), key, text, notices)
 
-    def _encoded_page(self, page: PageSource, key: str | None, timings: dict[str, float]) -> tuple[EncodedPage, str | None]:
-        """Visual tokens of the page, from the cache or rendered and encoded; plus the rendered text layer."""
+    def _encoded_page(self, page: PageSource, key: str | None,
+                      timings: dict[str, float]) -> tuple[EncodedPage, str | None, ReadNotices]:
+        """Visual tokens of the page, from the cache or rendered and encoded; plus the rendered text
+        layer and what MuPDF said rendering the page (now, or when its tokens were cached)."""
         if self.token_cache is not None and key is not None:
             cached = self.token_cache.get(key)
             if cached is not None:
-                return cached, None
+                return cached.page, None, cached.notices
         rendered = page.render()
         timings["render_s"] += rendered.render_s
         started = time.perf_counter()
         encoded = self.encoder.encode(rendered.image)
         timings["encode_s"] += time.perf_counter() - started
         if self.token_cache is not None and key is not None:
-            self.token_cache.put(key, encoded)
-        return encoded, rendered.text
+            self.token_cache.put(key, encoded, rendered.notices)
+        return encoded, rendered.text, rendered.notices
 
-    def _with_text_layer(self, question: str, pages: Sequence[tuple[PageSource, PreparedPage]]) -> str:
+    def with_text_layer(self, question: str, pages: Sequence[tuple[PageSource, PreparedPage]]) -> str:
+        """``question`` after the pages' text layers (--text-layer), each cut to MAX_TEXT_LAYER_CHARS."""
         texts = []
         for source, prepared in pages:
             text = source.text() if prepared.text is None else prepared.text
@@ -301,13 +315,13 @@ class Asker:
                      document_sha256: str | None, on_text: TextCallback | None, *, persist: bool = True) -> _PageAnswer:
         prepared = self.prepare_page(file, page, document_sha256, timings)
         if options.text_layer:
-            question = self._with_text_layer(question, [(page, prepared)])
+            question = self.with_text_layer(question, [(page, prepared)])
         before, after = self.template.render(question)
         generation = self._generate([before, prepared.visual], after, options, [prepared], on_text, persist=persist)
         timings["prefill_s"] += generation.prefill_s
         timings["generate_s"] += generation.generate_s
         return _PageAnswer(page.index, generation.text, generation.mean_logprob, len(prepared.visual),
-                           generation.n_prompt_tokens, generation.n_generated)
+                           generation.n_prompt_tokens, generation.n_generated, prepared.notices)
 
     def together_segments(self, before: str, prepared: Sequence[PreparedPage]) -> list:
         """[before, label, page, label, page, ...]: each page introduced by its number."""
@@ -343,7 +357,7 @@ class Asker:
         if on_page is not None:
             on_page(len(pages), len(pages))
         if options.text_layer:
-            question_text = self._with_text_layer(question, list(zip(pages, prepared)))
+            question_text = self.with_text_layer(question, list(zip(pages, prepared)))
         else:
             question_text = question
         before, after = self.template.render(question_text)
@@ -364,6 +378,7 @@ class Asker:
             tokens={"visual": n_visual, "prompt": generation.n_prompt_tokens, "generated": generation.n_generated},
             page_reason=f"{reason}; pages {numbers} read together in one prompt ({n_visual} visual tokens)",
             page_method=method,
+            notices=ReadNotices().merged(*(p.notices for p in prepared)),
         )
 
     # -- the LLM, with the prefix [prompt start, pages] reused when it can be --

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from fila_cli.qa.ask import Asker, AskOptions, PageSource
 from fila_cli.documents.document import file_sha256
+from fila_cli.documents.notices import warning_lines
 from fila_cli.errors import FilaError, UsageError
 from fila_cli.qa.isolation import DocumentWorker, WorkerFailure
 
@@ -154,6 +155,21 @@ class BatchSummary:
         return ("interrupted: " if self.interrupted else "") + "; ".join(parts)
 
 
+class WarningReporter:
+    """Says each document's warnings once (every record of the document carries them), on the
+    first of its records that has any: the local batch and ``--ray`` print the same lines."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say
+        self._warned: set[str] = set()
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if record.get("warnings") and record["file"] not in self._warned:
+            self._warned.add(record["file"])
+            for warning in record["warnings"]:
+                self.say(warning)
+
+
 class StopFlag:
     """Ctrl-C sets it; the batch stops after the record in flight."""
 
@@ -178,6 +194,7 @@ def run_batch(asker: Asker, documents: list[Path], questions: list[str], options
     previous_handler = signal.signal(signal.SIGINT, stop)
     worker = DocumentWorker(timeout_s)
     done = done or set()
+    report_warnings = WarningReporter(on_warning or (lambda warning: None))
     try:
         for file in documents:
             sha256 = sha256_or_none(file)
@@ -190,9 +207,7 @@ def run_batch(asker: Asker, documents: list[Path], questions: list[str], options
                 else:
                     record = _answer_one(asker, worker, file, sha256, question, options)
                     sink.write(record)
-                    if on_warning is not None and question == questions[0]:  # once per document
-                        for warning in record.get("warnings") or []:
-                            on_warning(warning)
+                    report_warnings(record)
                     if record["error"] is None:
                         summary.answered += 1
                     else:
@@ -216,13 +231,14 @@ def sha256_or_none(file: Path) -> str | None:
 
 
 def answer_document(asker: Asker, worker: DocumentWorker, file: Path, sha256: str | None, questions: list[str],
-                    options: AskOptions) -> list[dict[str, Any]]:
-    """Every question about one document, one record each (a Ray worker's unit of work)."""
-    return [_answer_one(asker, worker, file, sha256, question, options) for question in questions]
+                    options: AskOptions, *, name: str | None = None) -> list[dict[str, Any]]:
+    """Every question about one document, one record each (a Ray worker's unit of work). ``name``:
+    the path as the user gave it, which the warnings name (``file`` is the one to open)."""
+    return [_answer_one(asker, worker, file, sha256, question, options, name=name) for question in questions]
 
 
 def _answer_one(asker: Asker, worker: DocumentWorker, file: Path, sha256: str | None, question: str,
-                options: AskOptions) -> dict[str, Any]:
+                options: AskOptions, *, name: str | None = None) -> dict[str, Any]:
     model = asker.model_name
     if sha256 is None:
         return failed_record(file, question, model, None, "document", f"{file}: no such file or not readable; check the path")
@@ -232,7 +248,8 @@ def _answer_one(asker: Asker, worker: DocumentWorker, file: Path, sha256: str | 
         sources = [PageSource(index, render=partial(worker.render, file, index, anyres, options.text_layer, highres_scale),
                               text=partial(worker.text, file, index)) for index in plan.page_indices]
         answer = asker.answer_pages(str(file), question, sources, plan.reason, options, sha256, method=plan.method)
-        answer.warnings = worker.warnings(file)
+        # What the worker heard opening and rendering, and what the cached pages' renders heard.
+        answer.warnings = warning_lines(name or file, worker.notices(file).merged(answer.notices))
     except WorkerFailure as error:
         return failed_record(file, question, model, sha256, error.kind, str(error))
     except FilaError as error:

@@ -15,6 +15,9 @@ The LLM's context is laid out as::
   dropped; a question that cannot fit even alone is refused.
 - Several pages (``--pages 2,9`` or ``add_page``) share the context, each introduced by its page
   number, as ``fila ask --together``.
+- With ``text_layer`` the pages' text goes before the first question kept in the context, exactly
+  where ``fila ask --text-layer`` puts it: the first turn's prompt is ``fila ask``'s, and the text
+  stays in the context as long as the page does (dropping old turns moves it to the first kept one).
 
     session = ChatSession(asker, open_document("report.pdf"), AskOptions(pages="2"))
     print(session.ask("What is the total?").answer)
@@ -23,6 +26,7 @@ The LLM's context is laid out as::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fila_cli.documents.document import Document, page_index_from_user, parse_page_spec
-from fila_cli.documents.notices import document_warnings
+from fila_cli.documents.notices import ReadNotices, document_warnings
 from fila_cli.documents.page_select import METHOD_GIVEN
 from fila_cli.errors import UsageError
 from fila_cli.llm import ContextOverflowError, PrefixState
@@ -91,6 +95,8 @@ class ChatSession:
         self.page_method = METHOD_DEFAULT
         self.page_detail = ""
         self._page_state: PrefixState | None = None
+        # What MuPDF said about every page read in this session (rendered now or cached with its tokens).
+        self._notices = ReadNotices()
         self._sha256 = document.content_hash() if asker.caches_on else None
         self._before = asker.template.render("")[0]  # the prompt's start does not depend on the question
         self._eos_text = asker.backend.token_text(asker.backend.eos)
@@ -122,7 +128,7 @@ class ChatSession:
 
     @property
     def warnings(self) -> list[str]:
-        return document_warnings(self.document)
+        return document_warnings(self.document, self._notices)
 
     @property
     def turns_in_context(self) -> int:
@@ -135,11 +141,15 @@ class ChatSession:
         far is kept (its oldest turns dropped if it no longer fits)."""
         timings = {"render_s": 0.0, "encode_s": 0.0, "prefill_s": 0.0, "generate_s": 0.0}
         prepared = [self.asker.prepare_page(self.file, self._source(i), self._sha256, timings) for i in indices]
+        if self.options.text_layer:  # read once here, not at every turn that counts its length
+            prepared = [p if p.text is not None else dataclasses.replace(p, text=self._source(p.index).text())
+                        for p in prepared]
+        self._notices = self._notices.merged(*(p.notices for p in prepared))
         if len(prepared) == 1:
             segments = [self._before, prepared[0].visual]
         else:
             segments = self.asker.together_segments(self._before, prepared)
-        self.asker.check_together_fits(self.file, segments, self._turn_text("?", first=True))
+        self.asker.check_together_fits(self.file, segments, self._turn_text("?", first=True, pages=prepared))
         state, prefill_s = self.asker.prefix_state(segments, prepared)
         for key in self._load_timings:
             self._load_timings[key] += prefill_s if key == "prefill_s" else timings[key]
@@ -171,8 +181,13 @@ class ChatSession:
 
     # -- turns --
 
-    def _turn_text(self, question: str, *, first: bool) -> str:
+    def _turn_text(self, question: str, *, first: bool, pages: list[PreparedPage] | None = None) -> str:
+        """A turn's text after the pages (first: with their text layer, under --text-layer) or after
+        the previous answer. ``pages``: those about to be loaded (default: those in the context)."""
         if first:
+            if self.options.text_layer:
+                pages = self.pages if pages is None else pages
+                question = self.asker.with_text_layer(question, [(self._source(p.index), p) for p in pages])
             return self.asker.template.render(question)[1]
         return self.asker.template.render_follow_up(question, self._eos_text)
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from fila_cli.documents.notices import ReadNotices
 from fila_cli.documents.page_select import METHOD_ALL, plan_pages
 from fila_cli.documents.render import RenderedPage
 from fila_cli.config import AnyresConfig
@@ -93,7 +94,7 @@ def limit_memory(budget_bytes: int | None) -> None:
 def _serve(connection: Connection, memory_budget_bytes: int | None = DEFAULT_MEMORY_BUDGET_BYTES) -> None:
     """Child: answer requests until told to stop. Runs only what touches the untrusted file."""
     from fila_cli.documents.document import open_document
-    from fila_cli.documents.notices import document_warnings
+    from fila_cli.documents.notices import document_notices, page_notices
     from fila_cli.documents.render import render_for_canvas
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
@@ -117,11 +118,12 @@ def _serve(connection: Connection, memory_budget_bytes: int | None = DEFAULT_MEM
                 started = time.perf_counter()
                 image = render_for_canvas(document, index, anyres, highres_scale)
                 text = document.page_text(index) if text_layer else ""
-                connection.send(("ok", index, image.size, image.tobytes(), text, time.perf_counter() - started))
+                notices = page_notices(document, index).to_json()
+                connection.send(("ok", index, image.size, image.tobytes(), text, time.perf_counter() - started, notices))
             elif request[0] == "text":
                 connection.send(("ok", document.page_text(request[1])))
-            elif request[0] == "warnings":
-                connection.send(("ok", document_warnings(document)))
+            elif request[0] == "notices":
+                connection.send(("ok", document_notices(document).to_json()))
             elif request[0] == "modules":
                 connection.send(("ok", sorted(sys.modules)))
             else:  # "stop"
@@ -219,8 +221,8 @@ class DocumentWorker:
         """Render one planned page (memory: one page), from the document's time budget; with
         ``highres_scale`` (fusion on) at the ConvNeXt's high-resolution zoom."""
         request = ("render", index, anyres, highres_scale, text_layer)
-        _, index, size, pixels, text, render_s = self._call(file, request)
-        return RenderedPage(index, Image.frombytes("RGB", size, pixels), text, render_s)
+        _, index, size, pixels, text, render_s, notices = self._call(file, request)
+        return RenderedPage(index, Image.frombytes("RGB", size, pixels), text, render_s, ReadNotices.from_json(notices))
 
     def text(self, file: Path, index: int) -> str:
         return self._call(file, ("text", index))[1]
@@ -229,9 +231,9 @@ class DocumentWorker:
         """The worker's ``sys.modules`` (what a respawn pays to import), starting it if needed."""
         return self._call(Path("<worker>"), ("modules",))[1]
 
-    def warnings(self, file: Path) -> list[str]:
-        """What the user should hear about how the open document was read (after its pages were rendered)."""
-        return self._call(file, ("warnings",))[1]
+    def notices(self, file: Path) -> ReadNotices:
+        """What MuPDF said about the open document in this worker (ask after its pages were rendered)."""
+        return ReadNotices.from_json(self._call(file, ("notices",))[1])
 
     def close(self) -> None:
         if self._process is not None and self._process.is_alive() and self._connection is not None:

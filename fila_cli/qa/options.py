@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fila_cli.bundles.bundle import Bundle, resolve_bundle
-from fila_cli.llm.prefix_store import DEFAULT_CACHE_MAX_GB
+from fila_cli.disk_cache import DEFAULT_CACHE_MAX_GB
 from fila_cli.llm.sampling import SamplingParams
 
 
@@ -42,7 +42,7 @@ class ModelOptions:
     dtype: str = "auto"  # the vision encoder's: auto, float32, bfloat16, float16
     gpu_layers: int | None = None  # LLM layers on the GPU; None: all when llama.cpp can offload
     use_cache: bool = True  # the visual-token cache and the LLM prefix states on disk
-    cache_max_gb: float = DEFAULT_CACHE_MAX_GB  # the prefix states' size cap (least recently used go first)
+    cache_max_gb: float = DEFAULT_CACHE_MAX_GB  # one size cap over both caches (least recently used go first)
     verbose: bool = False  # llama.cpp's own log
 
     def bundle(self) -> Bundle:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fila_cli.errors import FilaError, ModelError, UsageError
-from fila_cli.qa.batch import BatchSummary, RecordSink, StopFlag, answer_document, failed_record
+from fila_cli.qa.batch import BatchSummary, RecordSink, StopFlag, WarningReporter, answer_document, failed_record
 from fila_cli.qa.options import AskOptions, ModelOptions
 
 RAY_EXTRA_INSTALL = 'pip install "fila-cli[ray]"'
@@ -105,17 +105,21 @@ class DocumentAnswerer:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         records, where, restarted = [], [], []
-        for file, sha256, questions in zip(batch["file"], batch["sha256"], batch["questions"]):
-            for record in self._answer(str(file), None if sha256 == "" else str(sha256), [str(q) for q in questions]):
+        for file, name, sha256, questions in zip(batch["file"], batch["name"], batch["sha256"], batch["questions"]):
+            for record in self._answer(str(file), str(name), None if sha256 == "" else str(sha256),
+                                       [str(q) for q in questions]):
                 records.append(record)
                 where.append(self.where)
                 restarted.append(self.restarted)
-        return {"record": records, "worker": where, "restarted": restarted}
+        # load_failed: the driver reports a model that cannot load once, apart from the model-kind
+        # records of a loaded model (pages that overflow its context, with --together).
+        return {"record": records, "worker": where, "restarted": restarted,
+                "load_failed": [self.asker is None] * len(records)}
 
-    def _answer(self, file: str, sha256: str | None, questions: list[str]):
+    def _answer(self, file: str, name: str, sha256: str | None, questions: list[str]):
         if self.asker is None:
             return [failed_record(Path(file), q, "", sha256, "model", self.model_error or "no model") for q in questions]
-        return answer_document(self.asker, self.worker, Path(file), sha256, questions, self.options)
+        return answer_document(self.asker, self.worker, Path(file), sha256, questions, self.options, name=name or None)
 
 
 @dataclass
@@ -141,8 +145,10 @@ class ClusterProgress:
 def run_batch_on_ray(items: list[WorkItem], model: ModelOptions, options: AskOptions, sink: RecordSink, *,
                      address: str, model_name: str, timeout_s: float, actors: int | None, cpus_per_actor: float,
                      on_record: Callable[[ClusterProgress], None] | None = None,
-                     on_message: Callable[[str], None] = lambda message: None) -> BatchSummary:
-    """Answer ``items`` on the cluster at ``address``; write each record to ``sink`` as it arrives."""
+                     on_message: Callable[[str], None] = lambda message: None,
+                     on_warning: Callable[[str], None] = lambda warning: None) -> BatchSummary:
+    """Answer ``items`` on the cluster at ``address``; write each record to ``sink`` as it arrives.
+    ``on_warning``: each damaged document's warnings, once, as a local batch says them."""
     ray = import_ray()
     on_message(f"ray: {connect(ray, address)}")
     summary = BatchSummary()
@@ -150,6 +156,7 @@ def run_batch_on_ray(items: list[WorkItem], model: ModelOptions, options: AskOpt
     previous_handler = signal.signal(signal.SIGINT, stop)
     progress = ClusterProgress(started=time.monotonic())
     model_errors_reported: set[str] = set()
+    report_warnings = WarningReporter(on_warning)
     try:
         dataset = _dataset(ray, items)
         with warnings.catch_warnings():
@@ -172,10 +179,11 @@ def run_batch_on_ray(items: list[WorkItem], model: ModelOptions, options: AskOpt
             record = row["record"]
             pending.discard((record["file"], record["question"]))
             record["file"] = names.get(record["file"], record["file"])
-            if record["error"] is not None and record["error"]["kind"] == "model":
+            if row["load_failed"]:
                 _report_model_error_once(record["error"]["message"], model_errors_reported, on_message)
             record = {**record, "model": record["model"] or model_name}
             sink.write(record)
+            report_warnings(record)
             _count(summary, record)
             progress.add(record, row["worker"], row["restarted"])
             if on_record is not None:
@@ -203,7 +211,8 @@ def _dataset(ray, items: list[WorkItem]):
     context = DataContext.get_current()
     context.max_errored_blocks = -1  # a document that fails twice is recorded as crash; the rest go on
     context.enable_progress_bars = False  # the driver draws one bar for the cluster
-    rows = [{"file": item.file, "sha256": item.sha256 or "", "questions": item.questions} for item in items]
+    rows = [{"file": item.file, "name": item.name, "sha256": item.sha256 or "", "questions": item.questions}
+            for item in items]
     return ray.data.from_items(rows, override_num_blocks=len(rows))  # one document a block: retried alone
 
 
