@@ -36,7 +36,7 @@ from fila_cli.documents.notices import document_warnings
 from fila_cli.documents.page_select import METHOD_GIVEN
 from fila_cli.errors import UsageError
 from fila_cli.llm import ContextOverflowError, PrefixState
-from fila_cli.qa.ask import Asker, AskOptions, PageSource, PreparedPage
+from fila_cli.qa.ask import Asker, AskOptions, PageSource, PreparedPage, new_timings
 
 TextCallback = Callable[[str], None]
 StopCheck = Callable[[], bool]
@@ -133,7 +133,7 @@ class ChatSession:
     def load_pages(self, indices: list[int], method: str, detail: str) -> None:
         """Make ``indices`` (0-based) the pages in the context, decoded once; the conversation so
         far is kept (its oldest turns dropped if it no longer fits)."""
-        timings = {"render_s": 0.0, "encode_s": 0.0, "prefill_s": 0.0, "generate_s": 0.0}
+        timings = new_timings()
         prepared = [self.asker.prepare_page(self.file, self._source(i), self._sha256, timings) for i in indices]
         if len(prepared) == 1:
             segments = [self._before, prepared[0].visual]
