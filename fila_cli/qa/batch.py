@@ -7,6 +7,10 @@
 - Documents are opened and rendered in an isolated worker (``isolation.py``): a crash or hang is
   that document's error record, and the batch goes on.
 - Ctrl-C stops after the record in flight.
+- Stages overlap: ``prepare_units`` (open and render in the worker, encode here) runs in a thread
+  (``pipeline.RunAhead``), ``--pipeline-depth`` pages ahead of ``answer_units`` (the LLM). Both sides
+  walk the units in the same order and every unit ends in exactly one record, so the output is the
+  one-stage-at-a-time batch's, record for record.
 """
 
 from __future__ import annotations
