@@ -116,8 +116,10 @@ def main() -> None:
         for round_ in range(args.rounds):  # interleaved, so that the machine's load drifts over all alike
             for config in configs:
                 _, depth, threads = config
-                results[config].append(run(asker, documents, options, depth, threads,
-                                           scratch / f"out-{depth}-{threads}-{round_}.jsonl"))
+                result = run(asker, documents, options, depth, threads, scratch / f"out-{depth}-{threads}-{round_}.jsonl")
+                results[config].append(result)
+                print(f"round {round_ + 1}, overlap {config[0]}, {threads} encoder threads: "
+                      f"{result['pages_per_min']:.2f} pages/min (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
         torch.set_num_threads(default_threads)
 
     reference = results[configs[0]]
