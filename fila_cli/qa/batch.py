@@ -296,7 +296,7 @@ class _UnitPages:
         try:
             for _ in self:
                 pass
-        except Exception:  # noqa: BLE001  the unit's record already says what went wrong first
+        except Exception:  # the unit's record already says what went wrong first
             pass
 
 
@@ -338,9 +338,11 @@ def run_batch(asker: Asker, documents: list[Path], questions: list[str], options
     worker = DocumentWorker(timeout_s)
     hashed = ((file, sha256_or_none(file)) for file in documents)
     items: Iterator[PreparedItem] = prepare_units(asker, worker, hashed, questions, options, done)
-    ahead = RunAhead(items, pipeline_depth, name="fila-batch-prepare") if pipeline_depth > 0 else None
-    records = answer_units(asker, ahead if ahead is not None else items, options)
+    ahead: RunAhead | None = None
     try:
+        if pipeline_depth > 0:
+            items = ahead = RunAhead(items, pipeline_depth, name="fila-batch-prepare")
+        records = answer_units(asker, items, options)
         while not stop.requested:
             outcome = next(records, None)
             if outcome is None:
