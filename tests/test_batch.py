@@ -195,7 +195,8 @@ def test_usage_errors(bundle, folder, tmp_path):
                  [folder, "-q", "q", "--resume"],  # --resume without --output
                  [empty, "-q", "q"],  # a folder without documents
                  [f"{folder}/*.nothing", "-q", "q"],  # a glob that matches nothing
-                 [folder, "-q", "q", "--timeout", "0"]):
+                 [folder, "-q", "q", "--timeout", "0"],
+                 [folder, "-q", "q", "--pipeline-depth", "-1"]):
         result = runner.invoke(app, batch_command(bundle, *args)[3:])
         assert result.exit_code == ExitCode.USAGE, (args, result.output)
     assert out.read_text() == '{"x": 1}\n'

@@ -13,12 +13,13 @@ from fila_cli.qa.ray_batch import import_ray
 from fila_cli.qa.batch import (
     BatchSummary, RecordSink, collect_documents, load_done, read_questions, run_batch, sha256_or_none,
 )
-from fila_cli.qa.options import AskOptions, ModelOptions
+from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, AskOptions, ModelOptions
 
 
 def run_batch_command(paths: list[str], *, questions: list[str], questions_file: Path | None, recursive: bool,
                       output: Path | None, resume: bool, timeout: float, model: ModelOptions, ask: AskOptions,
-                      ray_address: str | None = None, ray_cpus: float = 2.0) -> int:
+                      ray_address: str | None = None, ray_cpus: float = 2.0,
+                      pipeline_depth: int = DEFAULT_PIPELINE_DEPTH) -> int:
     all_questions = read_questions(questions, questions_file)
     documents = collect_documents(paths, recursive)
     if not documents:
@@ -29,6 +30,8 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
         raise UsageError("--resume needs --output FILE: the records to continue")
     if output is not None and not resume and output.exists() and output.stat().st_size > 0:
         raise UsageError(f"{output} already holds records: pass --resume to continue it, or choose another file")
+    if pipeline_depth < 0:
+        raise UsageError(f"--pipeline-depth must be 0 (no overlap) or more (got {pipeline_depth})")
     if ray_address is not None and ray_cpus <= 0:
         raise UsageError(f"--ray-cpus must be positive (got {ray_cpus:g})")
     if ray_address is not None:
@@ -45,7 +48,8 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
         with progress:
             task = progress.add_task("batch", total=len(documents) * len(all_questions))
             summary = run_batch(asker, documents, all_questions, ask, sink, timeout_s=timeout, done=done,
-                                on_record=lambda: progress.advance(task), on_warning=warning_line)
+                                on_record=lambda: progress.advance(task), on_warning=warning_line,
+                                pipeline_depth=pipeline_depth)
     finally:
         sink.close()
     return _finish(summary)

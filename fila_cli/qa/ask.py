@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -109,8 +109,13 @@ class PreparedPage:
     index: int  # 0-based
     visual: np.ndarray  # [n_tokens, llm width] float32
     visual_key: str | None  # the token cache's key (None without a document hash)
-    text: str | None  # the rendered text layer, when --text-layer rendered it
+    text: str | None  # the text layer: rendered with the page, or read by prepare_pages with --text-layer
     notices: ReadNotices = field(default_factory=ReadNotices)  # what MuPDF said rendering it (now or when cached)
+
+
+def new_timings() -> dict[str, float]:
+    """Seconds per stage of one answer, as the record's "timings" holds them."""
+    return {"render_s": 0.0, "encode_s": 0.0, "prefill_s": 0.0, "generate_s": 0.0}
 
 
 class Asker:
@@ -231,24 +236,49 @@ class Asker:
     ) -> Answer:
         """Answer from the given pages: each alone, keeping the most confident answer, or all of
         them in one prompt with ``options.together``."""
-        if options.together and len(pages) > 1:
-            return self._answer_together(file, question, pages, reason, options, document_sha256, on_text, on_page,
+        timings = new_timings()
+        prepared = self.prepare_pages(file, pages, document_sha256, timings, options.text_layer)
+        return self.answer_prepared(file, question, prepared, len(pages), reason, options, timings, on_text, on_page,
+                                    method=method)
+
+    def answer_prepared(
+        self,
+        file: str,
+        question: str,
+        pages: Iterable[PreparedPage],
+        n_pages: int,
+        reason: str,
+        options: AskOptions,
+        timings: dict[str, float],
+        on_text: TextCallback | None = None,
+        on_page: PageProgress | None = None,
+        *,
+        method: str = METHOD_ALL,
+    ) -> Answer:
+        """``answer_pages`` from ``n_pages`` pages made ready by ``prepare_pages``: the LLM's half.
+
+        ``pages`` is drawn one page at a time, as the LLM gets to it: it may be a generator that
+        renders and encodes on demand, or pages another thread prepared ahead (``fila batch``).
+        ``timings`` is where the pages' render and encode times were added; the LLM's are added too.
+        """
+        if options.together and n_pages > 1:
+            return self._answer_together(file, question, pages, n_pages, reason, options, timings, on_text, on_page,
                                          method)
-        timings = {"render_s": 0.0, "encode_s": 0.0, "prefill_s": 0.0, "generate_s": 0.0}
         answers = []
         notices = ReadNotices()
-        for done, page in enumerate(pages):
+        upcoming = iter(pages)
+        for done in range(n_pages):
             if on_page is not None:
-                on_page(done, len(pages))
+                on_page(done, n_pages)
             # Stream only when one page is read: with several, the best answer is known at the end.
-            stream = on_text if len(pages) == 1 else None
-            answers.append(self._answer_page(file, page, question, options, timings, document_sha256, stream,
-                                             persist=len(pages) == 1))
+            stream = on_text if n_pages == 1 else None
+            answers.append(self._answer_page(next(upcoming), question, options, timings, stream,
+                                             persist=n_pages == 1))
             notices = notices.merged(answers[-1].notices)
         if on_page is not None:
-            on_page(len(pages), len(pages))
+            on_page(n_pages, n_pages)
         best = max(answers, key=lambda a: a.mean_logprob)
-        if len(pages) > 1:
+        if n_pages > 1:
             reason += f"; page {best.page + 1} gave the most confident answer"
         return Answer(
             file=file,
@@ -282,6 +312,17 @@ class Asker:
             )
         return PreparedPage(page.index, encoded.tokens.numpy().astype(np.float32, copy=False), key, text, notices)
 
+    def prepare_pages(self, file: str, pages: Sequence[PageSource], document_sha256: str | None,
+                      timings: dict[str, float], text_layer: bool) -> Iterator[PreparedPage]:
+        """The pages' visual tokens, one page at a time, rendered and encoded as each is drawn (the
+        vision half of ``answer_pages``). With ``text_layer`` each page's text layer comes along,
+        read here even for a cached page, so the LLM's half never goes back to the document."""
+        for page in pages:
+            prepared = self.prepare_page(file, page, document_sha256, timings)
+            if text_layer and prepared.text is None:
+                prepared.text = page.text()
+            yield prepared
+
     def _encoded_page(self, page: PageSource, key: str | None,
                       timings: dict[str, float]) -> tuple[EncodedPage, str | None, ReadNotices]:
         """Visual tokens of the page, from the cache or rendered and encoded; plus the rendered text
@@ -299,28 +340,26 @@ class Asker:
             self.token_cache.put(key, encoded, rendered.notices)
         return encoded, rendered.text, rendered.notices
 
-    def with_text_layer(self, question: str, pages: Sequence[tuple[PageSource, PreparedPage]]) -> str:
+    def with_text_layer(self, question: str, pages: Sequence[PreparedPage]) -> str:
         """``question`` after the pages' text layers (--text-layer), each cut to MAX_TEXT_LAYER_CHARS."""
         texts = []
-        for source, prepared in pages:
-            text = source.text() if prepared.text is None else prepared.text
-            text = " ".join(text.split())[:MAX_TEXT_LAYER_CHARS]
+        for page in pages:
+            text = " ".join((page.text or "").split())[:MAX_TEXT_LAYER_CHARS]
             if text:
-                texts.append(text if len(pages) == 1 else f"(page {source.index + 1}) {text}")
+                texts.append(text if len(pages) == 1 else f"(page {page.index + 1}) {text}")
         return f"Text of the page: {' '.join(texts)}\n\n{question}" if texts else question
 
     # -- one page, or several together --
 
-    def _answer_page(self, file: str, page: PageSource, question: str, options: AskOptions, timings: dict[str, float],
-                     document_sha256: str | None, on_text: TextCallback | None, *, persist: bool = True) -> _PageAnswer:
-        prepared = self.prepare_page(file, page, document_sha256, timings)
+    def _answer_page(self, prepared: PreparedPage, question: str, options: AskOptions, timings: dict[str, float],
+                     on_text: TextCallback | None, *, persist: bool = True) -> _PageAnswer:
         if options.text_layer:
-            question = self.with_text_layer(question, [(page, prepared)])
+            question = self.with_text_layer(question, [prepared])
         before, after = self.template.render(question)
         generation = self._generate([before, prepared.visual], after, options, [prepared], on_text, persist=persist)
         timings["prefill_s"] += generation.prefill_s
         timings["generate_s"] += generation.generate_s
-        return _PageAnswer(page.index, generation.text, generation.mean_logprob, len(prepared.visual),
+        return _PageAnswer(prepared.index, generation.text, generation.mean_logprob, len(prepared.visual),
                            generation.n_prompt_tokens, generation.n_generated, prepared.notices)
 
     def together_segments(self, before: str, prepared: Sequence[PreparedPage]) -> list:
@@ -345,21 +384,18 @@ class Asker:
                 n_needed=n_visual + n_text + 1, n_ctx=self.backend.n_ctx)
         return n_visual, n_text
 
-    def _answer_together(self, file: str, question: str, pages: Sequence[PageSource], reason: str, options: AskOptions,
-                         document_sha256: str | None, on_text: TextCallback | None, on_page: PageProgress | None,
-                         method: str) -> Answer:
-        timings = {"render_s": 0.0, "encode_s": 0.0, "prefill_s": 0.0, "generate_s": 0.0}
+    def _answer_together(self, file: str, question: str, pages: Iterable[PreparedPage], n_pages: int, reason: str,
+                         options: AskOptions, timings: dict[str, float], on_text: TextCallback | None,
+                         on_page: PageProgress | None, method: str) -> Answer:
         prepared = []
-        for done, page in enumerate(pages):
+        upcoming = iter(pages)
+        for done in range(n_pages):
             if on_page is not None:
-                on_page(done, len(pages))
-            prepared.append(self.prepare_page(file, page, document_sha256, timings))
+                on_page(done, n_pages)
+            prepared.append(next(upcoming))
         if on_page is not None:
-            on_page(len(pages), len(pages))
-        if options.text_layer:
-            question_text = self.with_text_layer(question, list(zip(pages, prepared)))
-        else:
-            question_text = question
+            on_page(n_pages, n_pages)
+        question_text = self.with_text_layer(question, prepared) if options.text_layer else question
         before, after = self.template.render(question_text)
         segments = self.together_segments(before, prepared)
         n_visual, _ = self.check_together_fits(file, segments, after)

@@ -7,6 +7,10 @@
 - Documents are opened and rendered in an isolated worker (``isolation.py``): a crash or hang is
   that document's error record, and the batch goes on.
 - Ctrl-C stops after the record in flight.
+- Stages overlap: ``prepare_units`` (open and render in the worker, encode here) runs in a thread
+  (``pipeline.RunAhead``), ``--pipeline-depth`` pages ahead of ``answer_units`` (the LLM). Both sides
+  walk the units in the same order and every unit ends in exactly one record, so the output is the
+  one-stage-at-a-time batch's, record for record.
 """
 
 from __future__ import annotations
@@ -19,13 +23,15 @@ import sys
 from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator, Union
 
-from fila_cli.qa.ask import Asker, AskOptions, PageSource
+from fila_cli.qa.ask import Asker, AskOptions, PageSource, PreparedPage, new_timings
 from fila_cli.documents.document import file_sha256
-from fila_cli.documents.notices import warning_lines
-from fila_cli.errors import FilaError, UsageError
-from fila_cli.qa.isolation import DocumentWorker, WorkerFailure
+from fila_cli.documents.notices import ReadNotices, warning_lines
+from fila_cli.errors import DocumentError, FilaError, UsageError
+from fila_cli.qa.isolation import DocumentPlan, DocumentWorker, WorkerFailure
+from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH
+from fila_cli.qa.pipeline import RunAhead
 
 DOCUMENT_SUFFIXES = {".pdf", ".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff"}
 _GLOB_CHARACTERS = set("*?[")
@@ -186,41 +192,206 @@ def failed_record(file: Path, question: str, model: str, sha256: str | None, kin
             "error": {"kind": kind, "message": message}}
 
 
+# -- the units of work, prepared (stages A and B) then answered (stage C) --
+
+
+@dataclass
+class Unit:
+    """One record's work: a question about a document, with its page plan once the worker made it."""
+
+    file: Path
+    sha256: str | None
+    question: str
+    name: str | None = None  # the path as the user gave it, which warnings name (default: ``file``)
+    plan: DocumentPlan | None = None
+    timings: dict[str, float] = field(default_factory=new_timings)  # render and encode times land here first
+
+
+@dataclass
+class Skipped:
+    """A unit ``--resume`` found done."""
+
+    unit: Unit
+
+
+@dataclass
+class PageReady:
+    """One planned page of ``unit``, rendered and encoded; the last one carries what the worker
+    heard opening and rendering the document."""
+
+    unit: Unit
+    page: PreparedPage
+    last: bool
+    notices: ReadNotices = field(default_factory=ReadNotices)
+
+
+@dataclass
+class UnitFailed:
+    """Preparing ``unit`` failed (before its first page or between two): its record is this error."""
+
+    unit: Unit
+    error: Exception
+
+
+PreparedItem = Union[Skipped, PageReady, UnitFailed]
+
+
+def prepare_units(asker: Asker, worker: DocumentWorker, documents: Iterable[tuple[Path, str | None, str | None]],
+                  questions: list[str], options: AskOptions, done: set | None = None) -> Iterator[PreparedItem]:
+    """Stages A and B, one item per page: each (document, question) not in ``done`` opened and
+    planned in the worker, its pages rendered there and encoded here, in the batch's order.
+
+    A unit yields its pages (the last one marked), or ``UnitFailed`` in place of the rest once
+    something fails; a unit ``done`` holds yields ``Skipped``. Every unit yields something, so
+    ``answer_units`` writes exactly one record for each unit it is handed.
+    """
+    done = done or set()
+    for file, sha256, name in documents:  # name: the path as the user gave it (None: ``file``)
+        for question in questions:
+            unit = Unit(file, sha256, question, name)
+            if (sha256, question, asker.model_name) in done:
+                yield Skipped(unit)
+            else:
+                yield from _prepare_unit(asker, worker, unit, options)
+
+
+def _prepare_unit(asker: Asker, worker: DocumentWorker, unit: Unit, options: AskOptions) -> Iterator[PreparedItem]:
+    file = unit.file
+    try:
+        if unit.sha256 is None:
+            raise DocumentError(f"{file}: no such file or not readable; check the path")
+        unit.plan = worker.open(file, unit.question, options.pages, options.password)
+        if not unit.plan.page_indices:
+            raise DocumentError(f"{file}: no page to read; check --pages")
+        anyres, highres_scale = asker.encoder.anyres, asker.encoder.highres_scale
+        sources = [PageSource(index, render=partial(worker.render, file, index, anyres, options.text_layer, highres_scale),
+                              text=partial(worker.text, file, index)) for index in unit.plan.page_indices]
+        pages = asker.prepare_pages(str(file), sources, unit.sha256, unit.timings, options.text_layer)
+        for position, page in enumerate(pages):
+            last = position == len(sources) - 1
+            # After the last render: MuPDF reports broken streams while rendering.
+            yield PageReady(unit, page, last, worker.notices(file) if last else ReadNotices())
+    except Exception as error:  # the record says what happened; one bad document never ends the batch
+        yield UnitFailed(unit, error)
+
+
+def answer_units(asker: Asker, items: Iterator[PreparedItem], options: AskOptions) -> Iterator[tuple[Unit, dict[str, Any] | None]]:
+    """Stage C: each unit's record (None for a skipped one), answered by the LLM from its prepared
+    pages as ``items`` delivers them. Nothing runs until the next record is asked for."""
+    for item in items:
+        if isinstance(item, Skipped):
+            yield item.unit, None
+        elif isinstance(item, UnitFailed):  # before its first page
+            yield item.unit, _failure_record(asker, item.unit, item.error)
+        else:
+            yield item.unit, _answer_unit(asker, item, items, options)
+
+
+class _UnitPages:
+    """The pages of the unit ``first`` starts, drawn from ``items`` until its last one (or its failure)."""
+
+    def __init__(self, first: PageReady, items: Iterator[PreparedItem]):
+        self._next: PreparedItem | None = first
+        self._items = items
+        self.ended = False
+        self.notices = ReadNotices()  # what the worker heard, on the unit's last page
+
+    def __iter__(self) -> Iterator[PreparedPage]:
+        while not self.ended:
+            item = self._next if self._next is not None else next(self._items, None)
+            self._next = None
+            if item is None:
+                raise RuntimeError("the prepared pages ended in the middle of a document")
+            self.ended = not isinstance(item, PageReady) or item.last
+            if isinstance(item, UnitFailed):
+                raise item.error
+            assert isinstance(item, PageReady)
+            self.notices = item.notices
+            yield item.page
+
+    def skip_rest(self) -> None:
+        """Draw the unit's pages that are left (after a failure): the next unit starts after them."""
+        try:
+            for _ in self:
+                pass
+        except Exception:  # the unit's record already says what went wrong first
+            pass
+
+
+def _answer_unit(asker: Asker, first: PageReady, items: Iterator[PreparedItem], options: AskOptions) -> dict[str, Any]:
+    unit, pages = first.unit, _UnitPages(first, items)
+    assert unit.plan is not None  # a unit's pages come after its plan
+    try:
+        answer = asker.answer_prepared(str(unit.file), unit.question, pages, len(unit.plan.page_indices),
+                                       unit.plan.reason, options, unit.timings, method=unit.plan.method)
+    except Exception as error:  # one bad document must never end the batch
+        pages.skip_rest()
+        return _failure_record(asker, unit, error)
+    # What the worker heard opening and rendering (with the last page), and what the cached pages' renders heard.
+    answer.warnings = warning_lines(unit.name or unit.file, pages.notices.merged(answer.notices))
+    return {**answer.to_json(), "sha256": unit.sha256, "error": None}
+
+
+def _failure_record(asker: Asker, unit: Unit, error: Exception) -> dict[str, Any]:
+    if isinstance(error, (WorkerFailure, FilaError)):
+        kind, message = error.kind, str(error)
+    else:
+        kind, message = "error", f"{unit.file}: unexpected {type(error).__name__}: {error}"
+    return failed_record(unit.file, unit.question, asker.model_name, unit.sha256, kind, message)
+
+
+# -- the batch --
+
+
 def run_batch(asker: Asker, documents: list[Path], questions: list[str], options: AskOptions, sink: RecordSink, *,
               timeout_s: float, done: set | None = None, on_record: Callable[[], None] | None = None,
-              on_warning: Callable[[str], None] | None = None) -> BatchSummary:
+              on_warning: Callable[[str], None] | None = None, pipeline_depth: int = DEFAULT_PIPELINE_DEPTH) -> BatchSummary:
+    """Answer every (document, question) not in ``done``, one record each to ``sink``, in order.
+
+    ``pipeline_depth`` > 0: pages are rendered and encoded in a thread, up to that many ahead of
+    the LLM (``pipeline.RunAhead``); 0: each page is rendered, encoded and answered in turn.
+    """
     summary = BatchSummary()
     stop = StopFlag()
     previous_handler = signal.signal(signal.SIGINT, stop)
     worker = DocumentWorker(timeout_s)
-    done = done or set()
     report_warnings = WarningReporter(on_warning or (lambda warning: None))
+    hashed = ((file, sha256_or_none(file), None) for file in documents)
+    items: Iterator[PreparedItem] = prepare_units(asker, worker, hashed, questions, options, done)
+    ahead: RunAhead | None = None
     try:
-        for file in documents:
-            sha256 = sha256_or_none(file)
-            for question in questions:
-                if stop.requested:
-                    summary.interrupted = True
-                    return summary
-                if (sha256, question, asker.model_name) in done:
-                    summary.skipped += 1
-                else:
-                    record = _answer_one(asker, worker, file, sha256, question, options)
-                    sink.write(record)
-                    report_warnings(record)
-                    if record["error"] is None:
-                        summary.answered += 1
-                    else:
-                        summary.failed += 1
-                        kind = record["error"]["kind"]
-                        summary.failures[kind] = summary.failures.get(kind, 0) + 1
-                if on_record is not None:
-                    on_record()
+        if pipeline_depth > 0:
+            items = ahead = RunAhead(items, pipeline_depth, name="fila-batch-prepare")
+        records = answer_units(asker, items, options)
+        while not stop.requested:
+            outcome = next(records, None)
+            if outcome is None:
+                break
+            unit, record = outcome
+            if record is None:
+                summary.skipped += 1
+            else:
+                sink.write(record)
+                _count(summary, record)
+                report_warnings(record)
+            if on_record is not None:
+                on_record()
         summary.interrupted = stop.requested
         return summary
     finally:
+        if ahead is not None:
+            ahead.close()  # before the worker closes: the producer may be rendering in it
         worker.close()
         signal.signal(signal.SIGINT, previous_handler)
+
+
+def _count(summary: BatchSummary, record: dict[str, Any]) -> None:
+    if record["error"] is None:
+        summary.answered += 1
+    else:
+        summary.failed += 1
+        kind = record["error"]["kind"]
+        summary.failures[kind] = summary.failures.get(kind, 0) + 1
 
 
 def sha256_or_none(file: Path) -> str | None:
@@ -234,26 +405,5 @@ def answer_document(asker: Asker, worker: DocumentWorker, file: Path, sha256: st
                     options: AskOptions, *, name: str | None = None) -> list[dict[str, Any]]:
     """Every question about one document, one record each (a Ray worker's unit of work). ``name``:
     the path as the user gave it, which the warnings name (``file`` is the one to open)."""
-    return [_answer_one(asker, worker, file, sha256, question, options, name=name) for question in questions]
-
-
-def _answer_one(asker: Asker, worker: DocumentWorker, file: Path, sha256: str | None, question: str,
-                options: AskOptions, *, name: str | None = None) -> dict[str, Any]:
-    model = asker.model_name
-    if sha256 is None:
-        return failed_record(file, question, model, None, "document", f"{file}: no such file or not readable; check the path")
-    try:
-        plan = worker.open(file, question, options.pages, options.password)
-        anyres, highres_scale = asker.encoder.anyres, asker.encoder.highres_scale
-        sources = [PageSource(index, render=partial(worker.render, file, index, anyres, options.text_layer, highres_scale),
-                              text=partial(worker.text, file, index)) for index in plan.page_indices]
-        answer = asker.answer_pages(str(file), question, sources, plan.reason, options, sha256, method=plan.method)
-        # What the worker heard opening and rendering, and what the cached pages' renders heard.
-        answer.warnings = warning_lines(name or file, worker.notices(file).merged(answer.notices))
-    except WorkerFailure as error:
-        return failed_record(file, question, model, sha256, error.kind, str(error))
-    except FilaError as error:
-        return failed_record(file, question, model, sha256, error.kind, str(error))
-    except Exception as error:  # one bad document must never end the batch
-        return failed_record(file, question, model, sha256, "error", f"{file}: unexpected {type(error).__name__}: {error}")
-    return {**answer.to_json(), "sha256": sha256, "error": None}
+    items = prepare_units(asker, worker, [(file, sha256, name)], questions, options)
+    return [record for _, record in answer_units(asker, items, options)]

@@ -40,7 +40,7 @@ from fila_cli.documents.notices import ReadNotices, document_warnings
 from fila_cli.documents.page_select import METHOD_GIVEN
 from fila_cli.errors import UsageError
 from fila_cli.llm import ContextOverflowError, PrefixState
-from fila_cli.qa.ask import Asker, AskOptions, PageSource, PreparedPage
+from fila_cli.qa.ask import Asker, AskOptions, PageSource, PreparedPage, new_timings
 
 TextCallback = Callable[[str], None]
 StopCheck = Callable[[], bool]
@@ -139,7 +139,7 @@ class ChatSession:
     def load_pages(self, indices: list[int], method: str, detail: str) -> None:
         """Make ``indices`` (0-based) the pages in the context, decoded once; the conversation so
         far is kept (its oldest turns dropped if it no longer fits)."""
-        timings = {"render_s": 0.0, "encode_s": 0.0, "prefill_s": 0.0, "generate_s": 0.0}
+        timings = new_timings()
         prepared = [self.asker.prepare_page(self.file, self._source(i), self._sha256, timings) for i in indices]
         if self.options.text_layer:  # read once here, not at every turn that counts its length
             prepared = [p if p.text is not None else dataclasses.replace(p, text=self._source(p.index).text())
@@ -187,7 +187,7 @@ class ChatSession:
         if first:
             if self.options.text_layer:
                 pages = self.pages if pages is None else pages
-                question = self.asker.with_text_layer(question, [(self._source(p.index), p) for p in pages])
+                question = self.asker.with_text_layer(question, pages)
             return self.asker.template.render(question)[1]
         return self.asker.template.render_follow_up(question, self._eos_text)
 

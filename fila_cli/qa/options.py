@@ -13,6 +13,10 @@ from fila_cli.bundles.bundle import Bundle, resolve_bundle
 from fila_cli.disk_cache import DEFAULT_CACHE_MAX_GB
 from fila_cli.llm.sampling import SamplingParams
 
+# ``fila batch --pipeline-depth``: pages rendered and encoded ahead while the LLM answers. One keeps
+# the encoder busy meanwhile and costs one page's visual tokens of memory; 0 runs a stage at a time.
+DEFAULT_PIPELINE_DEPTH = 1
+
 
 @dataclass
 class AskOptions:

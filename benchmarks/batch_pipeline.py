@@ -1,0 +1,148 @@
+"""`fila batch` pages/min with its stages overlapped and one at a time, side by side in one run.
+
+Builds, with random weights: the full-size vision side (ViT-L/14-336 mmproj, f16, as
+benchmarks/caches.py writes it) and a llama-architecture GGUF LLM of --llm-width and --llm-layers,
+sized so that encoding a page and the LLM's prefill take comparable times. Then runs
+``run_batch`` (what `fila batch --no-cache` runs, model loaded once) over --pages one-page scanned
+PDFs (no text layer: every page is rendered, encoded and answered), in --rounds rounds of:
+
+- overlap off: ``--pipeline-depth 0``, each page rendered, encoded, answered in turn;
+- overlap on: ``--pipeline-depth 1``, the next page rendered and encoded while the LLM answers,
+  once for each encoder thread count of --encoder-threads (torch's intra-op threads; llama.cpp
+  keeps its own defaults: half the cores for generation, all of them for prefill).
+
+It prints per-stage seconds per page (render in the document worker, encode, LLM = prefill +
+generate, from the records' timings), the wall-clock pages/min (steady state: from the first record
+to the last, so the model's load and the pipeline's fill are left out), and that rate against the
+two bounds from the stage times measured with overlap off: 1 / (sum of the stages), what one stage
+at a time can reach, and 1 / (slowest stage), what perfect overlap could reach.
+
+On a CPU the encoder and the LLM share the cores: overlap there gains what one stage leaves idle
+(the render is single-threaded in another process, llama.cpp generates on half the cores, Python
+and preprocessing between matmuls). State the machine's load (`uptime`) with any figure.
+
+Usage: python benchmarks/batch_pipeline.py [--pages 8] [--rounds 2] [--llm-width 2048] [--llm-layers 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from bad_documents import make_good_pdf  # noqa: E402  (test-time builders, reused)
+from caches import write_full_size_mmproj  # noqa: E402
+from fila_cli.bundles.bundle import resolve_bundle  # noqa: E402
+from fila_cli.llm import SamplingParams  # noqa: E402
+from fila_cli.qa.ask import Asker, AskOptions  # noqa: E402
+from fila_cli.qa.batch import RecordSink, run_batch  # noqa: E402
+from tiny_llm import build_tiny_llm  # noqa: E402
+
+QUESTION = "What is the total due?"
+SECONDS_PER_MINUTE = 60.0
+
+
+class TimedSink(RecordSink):
+    """Records to a file, with the moment each was written."""
+
+    def __init__(self, out: Path):
+        super().__init__(out)
+        self.records: list[dict] = []
+        self.written_at: list[float] = []
+
+    def write(self, record: dict) -> None:
+        super().write(record)
+        self.records.append(record)
+        self.written_at.append(time.perf_counter())
+
+
+def run(asker: Asker, documents: list[Path], options: AskOptions, depth: int, threads: int, out: Path) -> dict:
+    torch.set_num_threads(threads)
+    sink = TimedSink(out)
+    try:
+        run_batch(asker, documents, [QUESTION], options, sink, timeout_s=600, pipeline_depth=depth)
+    finally:
+        sink.close()
+    failed = [r["error"] for r in sink.records if r["error"] is not None]
+    if failed or len(sink.records) != len(documents):
+        raise SystemExit(f"{len(failed)} of {len(sink.records)} records failed: {failed[:1]}")
+    timings = [r["timings"] for r in sink.records]
+    steady_s = sink.written_at[-1] - sink.written_at[0]
+    return {
+        "render": statistics.mean(t["render_s"] for t in timings),
+        "encode": statistics.mean(t["encode_s"] for t in timings),
+        "llm": statistics.mean(t["prefill_s"] + t["generate_s"] for t in timings),
+        "pages_per_min": SECONDS_PER_MINUTE * (len(documents) - 1) / steady_s,
+        "answers": [r["answer"] for r in sink.records],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pages", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--llm-width", type=int, default=2048)
+    parser.add_argument("--llm-layers", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--encoder-threads", type=int, nargs="+", default=[torch.get_num_threads()])
+    args = parser.parse_args()
+    default_threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        bundle_dir = scratch / "bundle"
+        bundle_dir.mkdir()
+        build_tiny_llm(bundle_dir / "llm.gguf", n_embd=args.llm_width, n_layer=args.llm_layers, n_head=16,
+                       n_ff=args.llm_width * 2, n_ctx_train=8192)
+        write_full_size_mmproj(bundle_dir / "mmproj.gguf", args.llm_width)
+        docs = scratch / "docs"
+        docs.mkdir()
+        documents = [make_good_pdf(docs / f"scan{i:03d}.pdf", [f"Invoice {i}. Total due: {i * 17},00 EUR."],
+                                   scanned_page=0) for i in range(args.pages)]
+        asker = Asker.load(resolve_bundle(str(bundle_dir)), device="cpu", dtype="auto")
+        options = AskOptions(sampling=SamplingParams(max_tokens=args.max_tokens))
+        run(asker, documents[:2], options, 0, default_threads, scratch / "warm-up.jsonl")  # one-off JIT and page-ins
+
+        configs = [("off", 0, default_threads)] + [("on", 1, threads) for threads in args.encoder_threads]
+        results: dict[tuple, list[dict]] = {config: [] for config in configs}
+        for round_ in range(args.rounds):  # interleaved, so that the machine's load drifts over all alike
+            for config in configs:
+                _, depth, threads = config
+                result = run(asker, documents, options, depth, threads, scratch / f"out-{depth}-{threads}-{round_}.jsonl")
+                results[config].append(result)
+                print(f"round {round_ + 1}, overlap {config[0]}, {threads} encoder threads: "
+                      f"{result['pages_per_min']:.2f} pages/min (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+        torch.set_num_threads(default_threads)
+
+    reference = results[configs[0]]
+    stages = {stage: statistics.median(r[stage] for r in reference) for stage in ("render", "encode", "llm")}
+    sum_bound = SECONDS_PER_MINUTE / sum(stages.values())
+    slowest_bound = SECONDS_PER_MINUTE / max(stages.values())
+    print(f"{args.pages} one-page scans, full-size encoder ({asker.encoder.dtype}), LLM {args.llm_width} wide x "
+          f"{args.llm_layers} layers, {args.max_tokens} answer tokens; {os.cpu_count()} CPUs, load "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; medians of {args.rounds} rounds")
+    print(f"bounds from the stages with overlap off: 1/(sum) = {sum_bound:.2f} pages/min, "
+          f"1/(slowest stage) = {slowest_bound:.2f} pages/min")
+    print("| overlap | encoder threads | render s | encode s | LLM s | pages/min | × 1/(sum) | of 1/(slowest) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for config in configs:
+        name, _, threads = config
+        median = {key: statistics.median(r[key] for r in results[config])
+                  for key in ("render", "encode", "llm", "pages_per_min")}
+        rate = median["pages_per_min"]
+        print(f"| {name} | {threads} | {median['render']:.2f} | {median['encode']:.2f} | {median['llm']:.2f} | "
+              f"{rate:.2f} | {rate / sum_bound:.2f} | {rate / slowest_bound:.0%} |")
+    same = all(r["answers"] == reference[0]["answers"] for runs in results.values() for r in runs)
+    print(f"answers identical in every run: {same}")
+
+
+if __name__ == "__main__":
+    main()
