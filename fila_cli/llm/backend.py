@@ -23,7 +23,7 @@ import sys
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Union
 
@@ -49,6 +49,29 @@ TOKEN_PIECE_BUFFER = 64  # bytes; llama_token_to_piece asks for more when a piec
 NOT_LLM_ARCHITECTURES = {CLIP_ARCHITECTURE: "a vision projector (mmproj)"}
 # Sampling knobs of llama-cpp-python that fila leaves neutral (only temperature/top_p are exposed).
 NEUTRAL_SAMPLER = dict(top_k=0, min_p=0.0, typical_p=1.0, repeat_penalty=1.0)
+
+
+@dataclass(frozen=True)
+class LlamaSettings:
+    """How llama.cpp runs the model: batch sizes, attention kernel, threads.
+
+    The defaults are what prefilled a page's ~2,500 visual tokens fastest on a 7B-shaped model
+    (``benchmarks/llm_prefill.py``; README "LLM speed" has the table and why)."""
+
+    # Rows fila hands llama_decode at once (the logical batch) and rows per compute graph (the
+    # physical batch). Bigger graphs read each weight once for more rows.
+    n_batch: int = 512
+    n_ubatch: int = 512
+    # llama.cpp's fused attention (FLASH_ATTN_TYPE_ENABLED); off: separate KQ, softmax, KQV ops.
+    flash_attn: bool = False
+    # Threads for generation (one token a step) and for prompt batches; None: every core.
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+
+
+def _all_cores() -> int:
+    # The cores this process may run on (a container or taskset may allow fewer than the machine has).
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 class ContextOverflowError(ModelError):
@@ -176,15 +199,23 @@ class LlamaBackend:
         model_path: str | os.PathLike,
         *,
         n_ctx: int = 4096,
-        n_batch: int = 512,
+        n_batch: int | None = None,
         n_gpu_layers: int | None = None,
         seed: int = 0,
         n_threads: int | None = None,
         verbose: bool = False,
         lora_path: str | os.PathLike | None = None,
+        settings: LlamaSettings | None = None,
     ):
         """lora_path: a GGUF LoRA adapter (as ``fila train`` stage 2 writes), applied through
-        llama.cpp's adapter API on top of the model."""
+        llama.cpp's adapter API on top of the model. settings: batch sizes, flash attention and
+        threads (default ``LlamaSettings()``); ``n_batch`` / ``n_threads`` override its fields."""
+        settings = settings or LlamaSettings()
+        if n_batch is not None:
+            settings = replace(settings, n_batch=n_batch, n_ubatch=min(settings.n_ubatch, n_batch))
+        if n_threads is not None:
+            settings = replace(settings, n_threads=n_threads, n_threads_batch=n_threads)
+        self.settings = settings
         self.path = Path(model_path)
         _check_gguf(self.path)
         header = _read_header(self.path)
@@ -201,10 +232,14 @@ class LlamaBackend:
             self._llm = llama_cpp.Llama(
                 str(self.path),
                 n_ctx=n_ctx,
-                n_batch=n_batch,
+                n_batch=settings.n_batch,
+                n_ubatch=settings.n_ubatch,
+                flash_attn=settings.flash_attn,
                 n_gpu_layers=_default_gpu_layers() if n_gpu_layers is None else n_gpu_layers,
                 seed=seed,
-                n_threads=n_threads,
+                # llama-cpp-python's own default is half the cores for generation: all of them here.
+                n_threads=settings.n_threads or _all_cores(),
+                n_threads_batch=settings.n_threads_batch or _all_cores(),
                 embedding=False,
                 logits_all=False,
                 verbose=verbose,
@@ -555,6 +590,7 @@ __all__ = [
     "DecodeStats",
     "Generation",
     "LlamaBackend",
+    "LlamaSettings",
     "PrefixState",
     "Segment",
 ]
