@@ -1,0 +1,73 @@
+"""`fila ask` with a tiny model: the wall time of the whole command, which is nearly all start-up.
+
+Issue 13's goal: <= 2.5 s on the 2-core CPU. The tiny bundle (tests/tiny_bundle.py) makes the
+model's own work negligible, so the time is Python, imports, model files and the CLI. Rows, run
+interleaved ``--repeats`` times (median kept), side by side in one run:
+
+- ``python -c pass`` and ``python -c "import torch"``: the floor every fila command pays;
+- ``fila ask`` (fusion off, caches off, 4-token answer) from this checkout, and from each
+  ``--compare`` checkout (e.g. the main branch's worktree), so before/after is one ratio.
+
+Usage: python benchmarks/startup.py [--repeats 5] [--compare /path/to/other/checkout ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+QUESTION = "What is the total due?"
+
+
+def wall(command: list[str], pythonpath: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    started = time.perf_counter()
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    elapsed = time.perf_counter() - started
+    if completed.returncode != 0:
+        sys.exit(f"{' '.join(command)} failed ({pythonpath}):\n{completed.stderr[-2000:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compare", type=Path, nargs="*", default=[], help="other checkouts of fila to time beside this one")
+    args = parser.parse_args()
+    from bad_documents import make_good_pdf
+    from tiny_bundle import build_tiny_bundle
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        bundle = build_tiny_bundle(scratch / "bundle")
+        pdf = make_good_pdf(scratch / "page.pdf", ["Invoice 2291. Total due: 1,234.00 EUR."])
+        ask = [sys.executable, "-m", "fila_cli", "ask", str(pdf), QUESTION, "--model", str(bundle), "--json",
+               "--no-cache", "--max-tokens", "4"]
+        rows = {"python -c pass": ([sys.executable, "-c", "pass"], ROOT),
+                "python -c 'import torch'": ([sys.executable, "-c", "import torch"], ROOT),
+                f"fila ask ({ROOT.name})": (ask, ROOT)}
+        rows.update({f"fila ask ({other.name})": (ask, other.resolve()) for other in args.compare})
+        times: dict[str, list[float]] = {name: [] for name in rows}
+        for _ in range(args.repeats):
+            for name, (command, pythonpath) in rows.items():  # interleaved: load drifts hit every row alike
+                times[name].append(wall(command, pythonpath))
+    this = statistics.median(times[f"fila ask ({ROOT.name})"])
+    print(f"wall time, median of {args.repeats} (interleaved); {os.cpu_count()} CPU cores, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'command':<40} {'median s':>9} {'min s':>7} {'/ this fila ask':>16}")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"{name:<40} {median:9.2f} {min(values):7.2f} {median / this:16.2f}")
+
+
+if __name__ == "__main__":
+    main()
