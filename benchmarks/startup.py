@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,14 +29,21 @@ sys.path.insert(0, str(ROOT / "tests"))
 QUESTION = "What is the total due?"
 
 
-def wall(command: list[str], pythonpath: Path) -> float:
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str], pythonpath: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + system, every thread) of one run of ``command``."""
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    cpu_before = _children_cpu_s()
     started = time.perf_counter()
     completed = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     elapsed = time.perf_counter() - started
     if completed.returncode != 0:
         sys.exit(f"{' '.join(command)} failed ({pythonpath}):\n{completed.stderr[-2000:]}")
-    return elapsed
+    return elapsed, _children_cpu_s() - cpu_before
 
 
 def main() -> None:
@@ -56,17 +64,18 @@ def main() -> None:
                 "python -c 'import torch'": ([sys.executable, "-c", "import torch"], ROOT),
                 f"fila ask ({ROOT.name})": (ask, ROOT)}
         rows.update({f"fila ask ({other.name})": (ask, other.resolve()) for other in args.compare})
-        times: dict[str, list[float]] = {name: [] for name in rows}
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
         for _ in range(args.repeats):
             for name, (command, pythonpath) in rows.items():  # interleaved: load drifts hit every row alike
-                times[name].append(wall(command, pythonpath))
-    this = statistics.median(times[f"fila ask ({ROOT.name})"])
-    print(f"wall time, median of {args.repeats} (interleaved); {os.cpu_count()} CPU cores, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'command':<40} {'median s':>9} {'min s':>7} {'/ this fila ask':>16}")
+                times[name].append(timed(command, pythonpath))
+    this = statistics.median(wall for wall, _ in times[f"fila ask ({ROOT.name})"])
+    print(f"median of {args.repeats} runs (interleaved); CPU s = user + system time of the process; "
+          f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'command':<40} {'wall s':>7} {'min wall s':>10} {'CPU s':>6} {'wall / this fila ask':>21}")
     for name, values in times.items():
-        median = statistics.median(values)
-        print(f"{name:<40} {median:9.2f} {min(values):7.2f} {median / this:16.2f}")
+        wall = statistics.median(w for w, _ in values)
+        print(f"{name:<40} {wall:7.2f} {min(w for w, _ in values):10.2f} {statistics.median(c for _, c in values):6.2f} "
+              f"{wall / this:21.2f}")
 
 
 if __name__ == "__main__":
