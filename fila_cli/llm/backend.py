@@ -64,14 +64,24 @@ class LlamaSettings:
     n_ubatch: int = 512
     # llama.cpp's fused attention (FLASH_ATTN_TYPE_ENABLED); off: separate KQ, softmax, KQV ops.
     flash_attn: bool = False
-    # Threads for generation (one token a step) and for prompt batches; None: every core.
+    # Threads for generation (one token a step) and for prompt batches; None: every physical core.
     n_threads: int | None = None
     n_threads_batch: int | None = None
 
 
-def _all_cores() -> int:
-    # The cores this process may run on (a container or taskset may allow fewer than the machine has).
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def physical_cores() -> int:
+    """Cores this process may run on, hyper-threads of one core counted once (as llama.cpp's own
+    tools count them: a second hyper-thread only slows its matrix products). Linux reads the CPU
+    topology; elsewhere every logical CPU counts."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    siblings = set()
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            siblings.add(topology.read_text().strip())
+        except OSError:
+            return len(allowed)
+    return max(len(siblings), 1)
 
 
 class ContextOverflowError(ModelError):
@@ -237,9 +247,10 @@ class LlamaBackend:
                 flash_attn=settings.flash_attn,
                 n_gpu_layers=_default_gpu_layers() if n_gpu_layers is None else n_gpu_layers,
                 seed=seed,
-                # llama-cpp-python's own default is half the cores for generation: all of them here.
-                n_threads=settings.n_threads or _all_cores(),
-                n_threads_batch=settings.n_threads_batch or _all_cores(),
+                # llama-cpp-python's defaults: half the logical CPUs for generation, all of them for
+                # prompts; on a 2-core machine without hyper-threads that left one core idle.
+                n_threads=settings.n_threads or physical_cores(),
+                n_threads_batch=settings.n_threads_batch or physical_cores(),
                 embedding=False,
                 logits_all=False,
                 verbose=verbose,
