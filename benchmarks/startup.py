@@ -5,8 +5,9 @@ model's own work negligible, so the time is Python, imports, model files and the
 interleaved ``--repeats`` times (median kept), side by side in one run:
 
 - ``python -c pass`` and ``python -c "import torch"``: the floor every fila command pays;
-- ``fila ask`` (fusion off, caches off, 4-token answer) from this checkout, and from each
-  ``--compare`` checkout (e.g. the main branch's worktree), so before/after is one ratio.
+- the modules ``fila ask`` imports before it opens a model, then the whole ``fila ask`` (fusion
+  off, caches off, 4-token answer), from this checkout and from each ``--compare`` checkout (e.g.
+  the main branch's worktree), so before/after is one ratio.
 
 Usage: python benchmarks/startup.py [--repeats 5] [--compare /path/to/other/checkout ...]
 """
@@ -27,6 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 QUESTION = "What is the total due?"
+# What `fila ask` imports before it opens a model (the command's own hook first, where it has one).
+ASK_IMPORTS = ("import fila_cli.cli.app as app; getattr(app, '_skip_pymupdf_addons', lambda: None)(); "
+               "import fila_cli.cli.ask_output, fila_cli.qa.ask, fila_cli.vision.load, fila_cli.llm.backend")
 
 
 def _children_cpu_s() -> float:
@@ -61,9 +65,10 @@ def main() -> None:
         ask = [sys.executable, "-m", "fila_cli", "ask", str(pdf), QUESTION, "--model", str(bundle), "--json",
                "--no-cache", "--max-tokens", "4"]
         rows = {"python -c pass": ([sys.executable, "-c", "pass"], ROOT),
-                "python -c 'import torch'": ([sys.executable, "-c", "import torch"], ROOT),
-                f"fila ask ({ROOT.name})": (ask, ROOT)}
-        rows.update({f"fila ask ({other.name})": (ask, other.resolve()) for other in args.compare})
+                "python -c 'import torch'": ([sys.executable, "-c", "import torch"], ROOT)}
+        for checkout in (ROOT, *(other.resolve() for other in args.compare)):
+            rows[f"fila ask's imports ({checkout.name})"] = ([sys.executable, "-c", ASK_IMPORTS], checkout)
+            rows[f"fila ask ({checkout.name})"] = (ask, checkout)
         times: dict[str, list[tuple[float, float]]] = {name: [] for name in rows}
         for _ in range(args.repeats):
             for name, (command, pythonpath) in rows.items():  # interleaved: load drifts hit every row alike
