@@ -131,12 +131,9 @@ def ask_child(spawned_at: float, bundle: str, pdf: str, device: str, max_tokens:
         _sync(device)
         timings["encode"] = time.perf_counter() - started
     before, after = asker.template.render(QUESTION)
-    first: list[float] = []
-    started = time.perf_counter()
-    generation = asker.backend.generate([before, visual, after], SamplingParams(max_tokens=max_tokens),
-                                        on_text=lambda _: first.append(time.perf_counter()) if not first else None)
+    generation = asker.backend.generate([before, visual, after], SamplingParams(max_tokens=max_tokens))
     timings["LLM prefill"] = generation.prefill_s
-    timings["first token"] = (first[0] if first else time.perf_counter()) - started
+    timings["first token"] = generation.prefill_s + generation.first_token_s  # from the start of the prefill
     timings["whole answer"] = time.perf_counter() - answer_started
     return {"timings": timings, "visual_tokens": len(visual), "generated": generation.n_generated}
 

@@ -110,6 +110,9 @@ class Generation:
     generate_s: float
     token_ids: list[int]
     stop_reason: StopReason
+    # Seconds from the end of the prefill to the first sampled token (its text may be streamed
+    # later: a piece of a UTF-8 character waits for the rest); nan when nothing was sampled.
+    first_token_s: float = float("nan")
 
 
 @dataclass
@@ -552,8 +555,11 @@ class LlamaBackend:
         sampler = self._llm.generate(
             [], reset=False, temp=params.temperature, top_p=params.top_p, **NEUTRAL_SAMPLER
         )
+        first_token_s = float("nan")
         try:
             for token in sampler:
+                if not logprobs:
+                    first_token_s = time.perf_counter() - started
                 # The logits the sampler just used: the last decode's, as nothing ran since.
                 logprobs.append(log_softmax_at(self.last_logits(), token))
                 if llama_cpp.llama_vocab_is_eog(self._vocab, token):
@@ -581,6 +587,7 @@ class LlamaBackend:
             generate_s=time.perf_counter() - started,
             token_ids=tokens,
             stop_reason=stop,
+            first_token_s=first_token_s,
         )
 
     # -- lifetime --
