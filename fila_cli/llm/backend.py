@@ -55,15 +55,18 @@ NEUTRAL_SAMPLER = dict(top_k=0, min_p=0.0, typical_p=1.0, repeat_penalty=1.0)
 class LlamaSettings:
     """How llama.cpp runs the model: batch sizes, attention kernel, threads.
 
-    The defaults are what prefilled a page's ~2,500 visual tokens fastest on a 7B-shaped model
-    (``benchmarks/llm_prefill.py``; README "LLM speed" has the table and why)."""
+    The defaults are for a page's ~2,300 visual tokens on a 7B model (README "Speed";
+    ``benchmarks/llm_prefill.py`` measures them): llama.cpp's own defaults for the batch sizes (fila
+    used to pass 512 for both), and its fused attention, which llama.cpp enables by default but
+    llama-cpp-python switches off unless asked."""
 
-    # Rows fila hands llama_decode at once (the logical batch) and rows per compute graph (the
-    # physical batch). Bigger graphs read each weight once for more rows.
-    n_batch: int = 512
+    # Rows fila hands llama_decode at once (the logical batch: a whole page in one call) and rows
+    # per compute graph (the physical batch).
+    n_batch: int = 2048
     n_ubatch: int = 512
-    # llama.cpp's fused attention (FLASH_ATTN_TYPE_ENABLED); off: separate KQ, softmax, KQV ops.
-    flash_attn: bool = False
+    # llama.cpp's fused attention kernel (FLASH_ATTN_TYPE_ENABLED): softmax(QK^T)V without the
+    # [tokens x context] score matrix per head, which a 2,300-token page makes large.
+    flash_attn: bool = True
     # Threads for generation (one token a step) and for prompt batches; None: every physical core.
     n_threads: int | None = None
     n_threads_batch: int | None = None
