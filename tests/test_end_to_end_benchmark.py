@@ -16,8 +16,8 @@ NUMBER = r"\d+\.\d+"
 
 def test_the_small_end_to_end_benchmark_prints_its_whole_table(tmp_path):
     env = {**os.environ, "FILA_BENCH_CACHE": str(tmp_path / "bench"), "FILA_CACHE_DIR": str(tmp_path / "cache")}
-    completed = subprocess.run([sys.executable, str(SCRIPT), "--small", "--batch-pages", "2", "--max-tokens", "2"],
-                               capture_output=True, text=True, env=env, timeout=300)
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--small", "--batch-pages", "1", "--max-tokens", "2"],
+                               capture_output=True, text=True, env=env, timeout=900)  # seconds on an idle CPU; minutes on a shared one
     assert completed.returncode == 0, completed.stderr[-3000:]
     table = completed.stdout
     assert "2256 visual tokens" in table  # an A4 page on LLaVA-1.6's canvases
@@ -25,7 +25,7 @@ def test_the_small_end_to_end_benchmark_prints_its_whole_table(tmp_path):
                   "whole answer"):
         assert re.search(rf"^fila: {stage} +{NUMBER} ", table, re.MULTILINE), (stage, table)
     assert re.search(rf"^fila ask: process wall time +{NUMBER} ", table, re.MULTILINE), table
-    assert re.search(rf"^fila batch: pages/min \(2 pages\) +{NUMBER} ", table, re.MULTILINE), table
+    assert re.search(rf"^fila batch: pages/min \(1 pages\) +{NUMBER} ", table, re.MULTILINE), table
     # llama.cpp's pipeline runs the tests' mmproj; if a future llama.cpp refuses it, the row says why.
     assert re.search(rf"^mtmd: encode \+ prefill +({NUMBER}|n/a: \S.*) ", table, re.MULTILINE), table
     import torch

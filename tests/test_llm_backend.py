@@ -347,11 +347,12 @@ def test_the_settings_reach_llama_cpp_and_keep_the_answer(model_path, backend, t
     image = token_embeddings[[5, 9, 13, 40, 41, 42, 43, 44, 45, 46]]
     params = SamplingParams(max_tokens=6)
     expected = backend.generate([BEFORE, image, AFTER], params).token_ids
-    settings = LlamaSettings(n_batch=4, n_ubatch=2, flash_attn=True, n_threads=1, n_threads_batch=1)
+    assert backend.llama.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED  # the default
+    settings = LlamaSettings(n_batch=4, n_ubatch=2, flash_attn=False, n_threads=1, n_threads_batch=1)
     with LlamaBackend(model_path, n_ctx=N_CTX, settings=settings) as other:
         context = other.llama.context_params
         assert (other.llama.n_batch, llama_cpp.llama_n_ubatch(other.llama.ctx)) == (4, 2)
-        assert context.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        assert context.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         assert (context.n_threads, context.n_threads_batch) == (1, 1)
         assert other.generate([BEFORE, image, AFTER], params).token_ids == expected
     assert backend.llama.context_params.n_threads == physical_cores() >= 1
