@@ -73,9 +73,9 @@ class LlamaSettings:
 
 
 def physical_cores() -> int:
-    """Cores this process may run on, hyper-threads of one core counted once (as llama.cpp's own
-    tools count them: a second hyper-thread only slows its matrix products). Linux reads the CPU
-    topology; elsewhere every logical CPU counts."""
+    """Cores this process may run on, the hyper-threads of one core counted once, as llama.cpp's
+    own tools count them for their default thread count. Linux reads the CPU topology; elsewhere
+    every logical CPU counts."""
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
     siblings = set()
     for cpu in allowed:

@@ -78,7 +78,8 @@ def resize_uint8(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     batch = pixels.reshape(1, channels, height, width)
     if batch.is_contiguous(memory_format=torch.channels_last) and pixels.numel() != batch.stride(0):
         # An HWC array seen as CHW: restride the fake batch dimension so that interpolate keeps
-        # channels-last (torchvision's workaround for pytorch#68430; the uint8 kernel differs by layout).
+        # channels-last: torchvision's workaround for pytorch#68430, kept so the kernel sees the
+        # layout it sees under torchvision.
         batch = batch.as_strided(batch.shape, (pixels.numel(), *batch.stride()[1:]))
     if pixels.device.type == "cpu":
         # torch's CPU kernel takes uint8 directly (and rounds inside).
