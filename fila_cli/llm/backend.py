@@ -391,6 +391,9 @@ class LlamaBackend:
                 self._decode_tokens(piece.tolist())
                 self._counts.n_prompt_tokens += len(piece)
                 self.stats.text_tokens += len(piece)
+        # llama_decode returns with its last batch possibly still computing (the sampler's logits
+        # read waits for it): wait here, so that prefill_s is the prefill's whole cost.
+        llama_cpp.llama_synchronize(self._llm.ctx)
 
     def decode_token_ids(self, tokens: Sequence[int]) -> None:
         """Decode known token ids at ``n_past`` (e.g. an answer's last token, which sampling leaves
