@@ -27,6 +27,24 @@ T = TypeVar("T")
 
 
 @dataclass
+class ClipVisionConfig:
+    """A CLIP ViT's hyper-parameters: the fields (and defaults) of transformers' ``CLIPVisionConfig``
+    that the vision tower reads, so a config.json's ``vision_config`` loads as it does in HF. Ours,
+    not HF's class, because importing transformers' CLIP costs `fila ask` seconds of start-up."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512
+
+
+@dataclass
 class AnyresConfig:
     """LLaVA-NeXT dynamic cropping ("anyres")."""
 

@@ -337,3 +337,22 @@ def test_bos_is_added_once(backend):
     assert ids[0] == BOS_ID and ids[1] != BOS_ID
     assert backend.tokenize("<s>hello", at_start=True) == ids  # the template's own BOS is kept, not doubled
     assert BOS_ID not in backend.tokenize("hello")  # BOS only at the very start
+
+
+def test_the_settings_reach_llama_cpp_and_keep_the_answer(model_path, backend, token_embeddings):
+    # Batch sizes, flash attention and threads change how llama.cpp computes, not what: the image
+    # prefilled through embeddings gives the same greedy answer under every setting.
+    from fila_cli.llm.backend import LlamaSettings, physical_cores
+
+    image = token_embeddings[[5, 9, 13, 40, 41, 42, 43, 44, 45, 46]]
+    params = SamplingParams(max_tokens=6)
+    expected = backend.generate([BEFORE, image, AFTER], params).token_ids
+    assert backend.llama.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED  # the default
+    settings = LlamaSettings(n_batch=4, n_ubatch=2, flash_attn=False, n_threads=1, n_threads_batch=1)
+    with LlamaBackend(model_path, n_ctx=N_CTX, settings=settings) as other:
+        context = other.llama.context_params
+        assert (other.llama.n_batch, llama_cpp.llama_n_ubatch(other.llama.ctx)) == (4, 2)
+        assert context.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        assert (context.n_threads, context.n_threads_batch) == (1, 1)
+        assert other.generate([BEFORE, image, AFTER], params).token_ids == expected
+    assert backend.llama.context_params.n_threads == physical_cores() >= 1

@@ -7,7 +7,7 @@ written with ``tests/mmproj_writer.py`` (the converter's code path) and read bac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -195,7 +195,8 @@ def test_loaded_tower_reproduces_the_original_hidden_states(tmp_path, tiny, dtyp
     path = _write(tmp_path / "mmproj.gguf", tiny, dtype=dtype)
     weights = load_mmproj_gguf(path)
 
-    loaded = CLIPVisionModel(weights.clip_config).eval()
+    # fila's ClipVisionConfig holds HF's field names: HF's own model is built from it.
+    loaded = CLIPVisionModel(CLIPVisionConfig(**asdict(weights.clip_config))).eval()
     result = loaded.load_state_dict(weights.clip_state, strict=False)
     assert result.unexpected_keys == []
     assert sorted(result.missing_keys) == ["post_layernorm.bias", "post_layernorm.weight"]

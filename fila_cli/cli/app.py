@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -384,7 +385,23 @@ def cache_clear() -> None:
         print(f"{store.directory}: removed {store.clear()} prefix states")
 
 
+# PyMuPDF's optional add-ons, imported by ``import pymupdf`` when installed (PyMuPDF 2 installs
+# both): the layout analyser loads an ONNX model at import, pymupdf4llm imports onnxruntime and
+# its OCR helpers. ~0.7 s of every command's start-up, for ``Page.get_layout`` and
+# ``pymupdf.to_markdown``, which fila never calls.
+PYMUPDF_ADDONS_FILA_NEVER_USES = ("pymupdf.layout", "pymupdf4llm")
+
+
+def _skip_pymupdf_addons() -> None:
+    """A ``None`` in sys.modules makes an import fail, which PyMuPDF takes as "not installed".
+    Only the ``fila`` command does this: a program importing fila_cli keeps the add-ons."""
+    if "pymupdf" not in sys.modules:
+        for name in PYMUPDF_ADDONS_FILA_NEVER_USES:
+            sys.modules.setdefault(name, None)
+
+
 def main() -> None:
+    _skip_pymupdf_addons()
     app()
 
 

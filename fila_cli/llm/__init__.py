@@ -17,6 +17,7 @@ _EXPORTS = {
     "ContextOverflowError": "backend",
     "Generation": "backend",
     "LlamaBackend": "backend",
+    "LlamaSettings": "backend",
     "PrefixState": "backend",
     "PrefixStore": "prefix_store",
     "prefix_cache_key": "prefix_store",

@@ -23,7 +23,7 @@ import sys
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Union
 
@@ -49,6 +49,42 @@ TOKEN_PIECE_BUFFER = 64  # bytes; llama_token_to_piece asks for more when a piec
 NOT_LLM_ARCHITECTURES = {CLIP_ARCHITECTURE: "a vision projector (mmproj)"}
 # Sampling knobs of llama-cpp-python that fila leaves neutral (only temperature/top_p are exposed).
 NEUTRAL_SAMPLER = dict(top_k=0, min_p=0.0, typical_p=1.0, repeat_penalty=1.0)
+
+
+@dataclass(frozen=True)
+class LlamaSettings:
+    """How llama.cpp runs the model: batch sizes, attention kernel, threads.
+
+    The defaults are for a page's ~2,300 visual tokens on a 7B model (README "Speed";
+    ``benchmarks/llm_prefill.py`` measures them): llama.cpp's own defaults for the batch sizes (fila
+    used to pass 512 for both), and its fused attention, which llama.cpp enables by default but
+    llama-cpp-python switches off unless asked."""
+
+    # Rows fila hands llama_decode at once (the logical batch: a whole page in one call) and rows
+    # per compute graph (the physical batch).
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    # llama.cpp's fused attention kernel (FLASH_ATTN_TYPE_ENABLED): softmax(QK^T)V without the
+    # [tokens x context] score matrix per head, which a 2,300-token page makes large.
+    flash_attn: bool = True
+    # Threads for generation (one token a step) and for prompt batches; None: every physical core.
+    n_threads: int | None = None
+    n_threads_batch: int | None = None
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, the hyper-threads of one core counted once, as llama.cpp's
+    own tools count them for their default thread count. Linux reads the CPU topology; elsewhere
+    every logical CPU counts."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    siblings = set()
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
+        try:
+            siblings.add(topology.read_text().strip())
+        except OSError:
+            return len(allowed)
+    return max(len(siblings), 1)
 
 
 class ContextOverflowError(ModelError):
@@ -77,6 +113,9 @@ class Generation:
     generate_s: float
     token_ids: list[int]
     stop_reason: StopReason
+    # Seconds from the end of the prefill to the first sampled token (its text may be streamed
+    # later: a piece of a UTF-8 character waits for the rest); nan when nothing was sampled.
+    first_token_s: float = float("nan")
 
 
 @dataclass
@@ -176,15 +215,23 @@ class LlamaBackend:
         model_path: str | os.PathLike,
         *,
         n_ctx: int = 4096,
-        n_batch: int = 512,
+        n_batch: int | None = None,
         n_gpu_layers: int | None = None,
         seed: int = 0,
         n_threads: int | None = None,
         verbose: bool = False,
         lora_path: str | os.PathLike | None = None,
+        settings: LlamaSettings | None = None,
     ):
         """lora_path: a GGUF LoRA adapter (as ``fila train`` stage 2 writes), applied through
-        llama.cpp's adapter API on top of the model."""
+        llama.cpp's adapter API on top of the model. settings: batch sizes, flash attention and
+        threads (default ``LlamaSettings()``); ``n_batch`` / ``n_threads`` override its fields."""
+        settings = settings or LlamaSettings()
+        if n_batch is not None:
+            settings = replace(settings, n_batch=n_batch, n_ubatch=min(settings.n_ubatch, n_batch))
+        if n_threads is not None:
+            settings = replace(settings, n_threads=n_threads, n_threads_batch=n_threads)
+        self.settings = settings
         self.path = Path(model_path)
         _check_gguf(self.path)
         header = _read_header(self.path)
@@ -201,10 +248,15 @@ class LlamaBackend:
             self._llm = llama_cpp.Llama(
                 str(self.path),
                 n_ctx=n_ctx,
-                n_batch=n_batch,
+                n_batch=settings.n_batch,
+                n_ubatch=settings.n_ubatch,
+                flash_attn=settings.flash_attn,
                 n_gpu_layers=_default_gpu_layers() if n_gpu_layers is None else n_gpu_layers,
                 seed=seed,
-                n_threads=n_threads,
+                # llama-cpp-python's defaults: half the logical CPUs for generation, all of them for
+                # prompts; on a 2-core machine without hyper-threads that left one core idle.
+                n_threads=settings.n_threads or physical_cores(),
+                n_threads_batch=settings.n_threads_batch or physical_cores(),
                 embedding=False,
                 logits_all=False,
                 verbose=verbose,
@@ -339,6 +391,9 @@ class LlamaBackend:
                 self._decode_tokens(piece.tolist())
                 self._counts.n_prompt_tokens += len(piece)
                 self.stats.text_tokens += len(piece)
+        # llama_decode returns with its last batch possibly still computing (the sampler's logits
+        # read waits for it): wait here, so that prefill_s is the prefill's whole cost.
+        llama_cpp.llama_synchronize(self._llm.ctx)
 
     def decode_token_ids(self, tokens: Sequence[int]) -> None:
         """Decode known token ids at ``n_past`` (e.g. an answer's last token, which sampling leaves
@@ -506,8 +561,11 @@ class LlamaBackend:
         sampler = self._llm.generate(
             [], reset=False, temp=params.temperature, top_p=params.top_p, **NEUTRAL_SAMPLER
         )
+        first_token_s = float("nan")
         try:
             for token in sampler:
+                if not logprobs:
+                    first_token_s = time.perf_counter() - started
                 # The logits the sampler just used: the last decode's, as nothing ran since.
                 logprobs.append(log_softmax_at(self.last_logits(), token))
                 if llama_cpp.llama_vocab_is_eog(self._vocab, token):
@@ -535,6 +593,7 @@ class LlamaBackend:
             generate_s=time.perf_counter() - started,
             token_ids=tokens,
             stop_reason=stop,
+            first_token_s=first_token_s,
         )
 
     # -- lifetime --
@@ -555,6 +614,7 @@ __all__ = [
     "DecodeStats",
     "Generation",
     "LlamaBackend",
+    "LlamaSettings",
     "PrefixState",
     "Segment",
 ]

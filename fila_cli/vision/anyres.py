@@ -4,7 +4,9 @@ A page is resized (keeping its aspect ratio) into the best of a few canvases, pa
 centred, and cut into crop_size x crop_size crops in row-major order; a global view is the whole
 page squashed to one crop. Pixel values match HF transformers' ``LlavaNextImageProcessor``
 (torchvision backend): the same bicubic, antialiased resize of uint8 pixels, zero padding, then
-normalisation.
+normalisation. The three steps are torchvision's own kernels' torch calls, written out here
+(``resize_uint8``): importing torchvision costs a second of start-up (its package imports its
+models, ops and torch._dynamo), and ``tests/test_anyres.py`` holds the pixels equal to HF's.
 
 With fusion on, the same original pixels are also resized into the ConvNeXt's high-resolution
 canvas (the ViT canvas x 32/14, geometry from ``scale_geometry``) with the same resize: never an
@@ -18,14 +20,14 @@ from fractions import Fraction
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms.v2 import functional as tvF
 
 from fila_cli.config import AnyresConfig
 # The canvas arithmetic lives with the documents (rendering needs it without torch); re-exported here.
 from fila_cli.documents.canvas import CanvasGeometry, plan_canvas, resized_size_on_canvas, scale_geometry, select_best_resolution
 
-_RESAMPLE = tvF.InterpolationMode.BICUBIC
+_RESAMPLE = "bicubic"
 _RESCALE_FACTOR = 1.0 / 255.0  # uint8 -> [0, 1]
 
 
@@ -63,17 +65,39 @@ def _normalize(pixels: torch.Tensor, config: AnyresConfig) -> torch.Tensor:
     # torchvision backend computes them, so the pixel values are bit-identical.
     mean = torch.tensor(config.image_mean) * (1.0 / _RESCALE_FACTOR)
     std = torch.tensor(config.image_std) * (1.0 / _RESCALE_FACTOR)
-    return tvF.normalize(pixels.to(torch.float32), mean.tolist(), std.tolist())
+    # [3] -> [3, 1, 1]; subtract then divide, as torchvision's normalize does.
+    return pixels.to(torch.float32).sub(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+
+
+def resize_uint8(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [3, h, w]: antialiased bicubic, exactly as torchvision's
+    ``resize(..., BICUBIC, antialias=True)`` computes it (its ``resize_image``, v0.19-0.29)."""
+    if tuple(size) == tuple(pixels.shape[-2:]):
+        return pixels
+    channels, height, width = pixels.shape
+    batch = pixels.reshape(1, channels, height, width)
+    if batch.is_contiguous(memory_format=torch.channels_last) and pixels.numel() != batch.stride(0):
+        # An HWC array seen as CHW: restride the fake batch dimension so that interpolate keeps
+        # channels-last: torchvision's workaround for pytorch#68430, kept so the kernel sees the
+        # layout it sees under torchvision.
+        batch = batch.as_strided(batch.shape, (pixels.numel(), *batch.stride()[1:]))
+    if pixels.device.type == "cpu":
+        # torch's CPU kernel takes uint8 directly (and rounds inside).
+        return F.interpolate(batch, size=list(size), mode=_RESAMPLE, align_corners=False, antialias=True)[0]
+    resized = F.interpolate(batch.to(torch.float32), size=list(size), mode=_RESAMPLE, align_corners=False,
+                            antialias=True)
+    return resized.clamp_(0, 255).round_().to(torch.uint8)[0]
 
 
 def _resize_and_pad(pixels: torch.Tensor, geometry: CanvasGeometry, config: AnyresConfig) -> torch.Tensor:
     """uint8 [3, H, W] original -> normalised [3, canvas_h, canvas_w]: resized into the geometry's
     image box with HF's antialiased bicubic, zero-padded around it."""
-    resized = tvF.resize(pixels, list(geometry.resized_size), interpolation=_RESAMPLE, antialias=True)
+    resized = resize_uint8(pixels, geometry.resized_size)
     canvas_h, canvas_w = geometry.canvas_size
     pad_bottom = canvas_h - geometry.resized_size[0] - geometry.pad_top
     pad_right = canvas_w - geometry.resized_size[1] - geometry.pad_left
-    padded = tvF.pad(resized, [geometry.pad_left, geometry.pad_top, pad_right, pad_bottom])
+    # F.pad takes (left, right, top, bottom) for the last two dimensions.
+    padded = F.pad(resized, (geometry.pad_left, pad_right, geometry.pad_top, pad_bottom), value=0.0)
     return _normalize(padded, config)
 
 
@@ -94,7 +118,7 @@ def preprocess(image: Image.Image, config: AnyresConfig | None = None, highres_s
     rows, cols = geometry.grid
     # [3, rows*s, cols*s] -> [rows*cols, 3, s, s], row-major.
     crops = canvas.reshape(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)
-    global_view = _normalize(tvF.resize(pixels, [s, s], interpolation=_RESAMPLE, antialias=True), config)
+    global_view = _normalize(resize_uint8(pixels, (s, s)), config)
     views = torch.cat([global_view[None], crops], dim=0)
     highres = None
     if highres_scale is not None:

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from transformers import CLIPVisionConfig
 
-from fila_cli.config import DEFAULT_GRID_PINPOINTS
+from fila_cli.config import DEFAULT_GRID_PINPOINTS, ClipVisionConfig, from_dict
 from fila_cli.errors import ModelError
 from fila_cli.vision.loaders.identity import file_identity
 from fila_cli.vision.loaders.vision_weights import VisionWeights
@@ -68,7 +67,7 @@ def load_hf_vision(path: str | Path) -> VisionWeights:
     config = _read_config(path)
     vision_config_dict = config.get("vision_config", config)
     try:
-        clip_config = CLIPVisionConfig(**{k: v for k, v in vision_config_dict.items() if k not in ("model_type", "architectures")})
+        clip_config = from_dict(ClipVisionConfig, vision_config_dict)
     except (TypeError, ValueError) as error:
         raise ModelError(f"{path}: config.json does not describe a CLIP vision tower ({error})") from None
 

@@ -39,9 +39,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
-from transformers import CLIPVisionConfig
 
-from fila_cli.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from fila_cli.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipVisionConfig
 from fila_cli.errors import ModelError
 from fila_cli.gguf_files import CLIP_ARCHITECTURE, KEY_ARCHITECTURE, open_gguf
 from fila_cli.vision.loaders.identity import file_identity
@@ -165,7 +164,7 @@ def load_mmproj_gguf(path: str | os.PathLike[str]) -> VisionWeights:
             image_newline = value
     assert image_newline is not None  # _hf_names guarantees it
 
-    clip_config = CLIPVisionConfig(
+    clip_config = ClipVisionConfig(
         hidden_size=hparams.hidden_size,
         intermediate_size=hparams.intermediate_size,
         num_hidden_layers=num_blocks,

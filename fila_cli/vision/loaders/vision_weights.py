@@ -9,15 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers import CLIPVisionConfig
 
-from fila_cli.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from fila_cli.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ClipVisionConfig
 
 
 @dataclass
 class VisionWeights:
     # Config of the CLIP vision tower (hidden_size, num_hidden_layers, image_size, patch_size, ...).
-    clip_config: CLIPVisionConfig
+    clip_config: ClipVisionConfig
     # Keys as in transformers' ``CLIPVisionModel`` checkpoints, with or without the leading
     # ``vision_model.`` (the model code strips it), e.g. ``embeddings.patch_embedding.weight``,
     # ``encoder.layers.0.mlp.fc1.weight``, ``pre_layrnorm.weight``. Missing trailing layers (mmproj files

@@ -1,4 +1,4 @@
-"""The ViT branch: transformers' CLIP vision layers, run one layer at a time.
+"""The ViT branch: CLIP vision layers (``clip_layers``: transformers' own, op for op), run one layer at a time.
 
 LLaVA reads the hidden state after layer ``feature_layer`` (23 of 24 for LLaVA-1.6); running the
 layers ourselves lets CVFM act between them and lets us stop at the feature layer instead of
@@ -7,14 +7,13 @@ computing layers nobody reads.
 
 from __future__ import annotations
 
-import inspect
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers import CLIPVisionConfig
-from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionEmbeddings
+from fila_cli.config import ClipVisionConfig
+from fila_cli.vision.model.clip_layers import CLIPEncoderLayer, CLIPVisionEmbeddings
 
 # Called after each layer with (1-based layer number, hidden [n_views, 1 + n_patches, width]).
 LayerHook = Callable[[int, torch.Tensor], torch.Tensor]
@@ -33,18 +32,15 @@ def strip_checkpoint_prefix(key: str) -> str:
 class CLIPTower(nn.Module):
     """Embeddings, pre-layernorm and the first ``num_layers`` encoder layers of a CLIP ViT."""
 
-    def __init__(self, config: CLIPVisionConfig, num_layers: int):
+    def __init__(self, config: ClipVisionConfig, num_layers: int):
         super().__init__()
         if num_layers > config.num_hidden_layers:
             raise ValueError(f"feature layer {num_layers} is past the tower's {config.num_hidden_layers} layers")
-        # Attention through torch's scaled_dot_product_attention.
-        config._attn_implementation = "sdpa"
         self.config = config
         self.embeddings = CLIPVisionEmbeddings(config)
         self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = nn.Module()
         self.encoder.layers = nn.ModuleList(CLIPEncoderLayer(config) for _ in range(num_layers))
-        self._layer_kwargs = _layer_call_kwargs()
         # Training: recompute each layer's activations in the backward pass instead of storing them.
         self.gradient_checkpointing = False
 
@@ -57,11 +53,9 @@ class CLIPTower(nn.Module):
         hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
         for number, layer in enumerate(self.encoder.layers, start=1):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                hidden = checkpoint(layer, hidden, use_reentrant=False, **self._layer_kwargs)
+                hidden = checkpoint(layer, hidden, use_reentrant=False)
             else:
-                hidden = layer(hidden, **self._layer_kwargs)
-            if isinstance(hidden, tuple):  # transformers < 5 returns (hidden,)
-                hidden = hidden[0]
+                hidden = layer(hidden)
             if hook is not None:
                 hidden = hook(number, hidden)
         return hidden
@@ -79,12 +73,3 @@ class CLIPTower(nn.Module):
                 raise ValueError(f"tensor {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
         self.load_state_dict(wanted, strict=True)
 
-
-def _layer_call_kwargs() -> dict[str, object]:
-    # transformers 4.x layers take (hidden, attention_mask, causal_attention_mask); 5.x takes
-    # (hidden, attention_mask, **kwargs). No masks in a ViT either way.
-    params = inspect.signature(CLIPEncoderLayer.forward).parameters
-    kwargs: dict[str, object] = {"attention_mask": None}
-    if "causal_attention_mask" in params:
-        kwargs["causal_attention_mask"] = None
-    return kwargs

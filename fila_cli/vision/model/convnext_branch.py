@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-import timm
 import torch
 from torch import nn
 
@@ -21,6 +20,10 @@ class ConvNeXtBranch(nn.Module):
     def __init__(self, config: ConvNeXtConfig):
         super().__init__()
         self.config = config
+        # Imported here, not at the top: fusion off never builds the branch, and importing timm
+        # costs start-up time (0.1-0.5 s) that `fila ask` without fusion need not pay.
+        import timm
+
         # No classifier head: only the stage outputs are used.
         self.model = timm.create_model(config.arch, pretrained=False, num_classes=0, **config.timm_kwargs())
         self.model.prune_intermediate_layers(indices=len(config.dims), prune_head=True, prune_norm=True)

@@ -17,11 +17,10 @@ from fractions import Fraction
 import torch
 from PIL import Image
 from torch import nn
-from transformers import CLIPVisionConfig
 
 from fila_cli.documents.canvas import CanvasGeometry
 from fila_cli.vision.anyres import AnyresImage, preprocess
-from fila_cli.config import AnyresConfig, FusionConfig
+from fila_cli.config import AnyresConfig, ClipVisionConfig, FusionConfig
 from fila_cli.vision.model.alignment import align_stage
 from fila_cli.vision.model.clip_tower import CLIPTower
 from fila_cli.vision.model.convnext_branch import ConvNeXtBranch
@@ -52,7 +51,7 @@ def feature_layer_number(vision_feature_layer: int, num_layers: int) -> int:
 class HybridEncoder(nn.Module):
     def __init__(
         self,
-        clip_config: CLIPVisionConfig,
+        clip_config: ClipVisionConfig,
         feature_layer: int,
         llm_width: int,
         anyres: AnyresConfig | None = None,
