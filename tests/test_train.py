@@ -256,3 +256,36 @@ def test_a_pdf_page_is_read_as_inference_renders_it(workspace, tmp_path):
     with torch.no_grad():
         embeddings, labels = model.sequence(only, image)
     assert embeddings.shape[0] == only.length == labels.shape[0]
+
+
+@pytest.mark.parametrize("fusion", [False, True], ids=["anyres-only", "hybrid"])
+def test_from_scratch_options_train_the_vit_and_the_anyres_only_baseline(workspace, tmp_path, fusion):
+    """train_vit, fusion=False, export=False (benchmarks/fragmentation.py): the ViT trains with the
+    rest, an anyres-only run has no ConvNeXt or CVFM at all, and no bundle is written."""
+    out = tmp_path / "run"
+    config = config_for(workspace, out, stage=2, fusion=fusion, fusion_config=str(workspace["fusion"]) if fusion else None,
+                        train_vit=True, train_convnext=fusion, full_llm=True, export=False, lr=1e-3, max_steps=2, grad_accum=1)
+    torch.manual_seed(config.seed)
+    fresh, _ = build_model(config)
+    before = {name: _digest(tensor) for name, tensor in fresh.state_dict().items()}
+    result = train(config)
+    assert (result.model.vision.convnext is None) is (not fusion) and (result.model.vision.cvfm is None) is (not fusion)
+    after = {name: _digest(tensor) for name, tensor in result.model.state_dict().items()}
+    assert after.keys() == before.keys()
+    changed = {group_of(name) for name in before if after[name] != before[name]}
+    assert changed == ({"vit", "projector", "llm", "cvfm", "convnext"} if fusion else {"vit", "projector", "llm"})
+    assert latest_checkpoint(out) is not None
+    assert not (out / "bundle.json").exists() and not (out / "fusion.safetensors").exists()
+    # Such a run cannot become a bundle later either: one line, the usage exit code.
+    exported = fila("train", "export", str(out))
+    assert exported.returncode == 2 and "export=False" in exported.stderr and "Traceback" not in exported.stderr
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(train_vit=True), "train_vit needs export=False"),
+    (dict(fusion=False, fusion_config=None), "fusion=False needs export=False"),
+    (dict(fusion=False, export=False), "takes no fusion config"),
+])
+def test_from_scratch_options_that_cannot_work_are_refused(workspace, tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        config_for(workspace, tmp_path / "run", **settings)

@@ -221,7 +221,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         callbacks.step(record)
         if env.is_main and ((step + 1) % config.save_every == 0 or step + 1 == end):
             save_checkpoint(run_dir, step + 1, named, optimizer, {"skipped": dict(data.skipped), "total_steps": total})
-    if env.is_main and end == total:
+    if env.is_main and end == total and config.export:
         export_run(run_dir, config, model.vision, model.llm)
     if env.is_main:
         plot_loss(run_dir)
@@ -267,6 +267,8 @@ def run_step(engine, model: TrainModel, optimizer, batch, step: int, total: int,
 def export_checkpoint(run_dir: Path, checkpoint: Path | None = None) -> list[Path]:
     """Redo a run's export from a checkpoint (the latest by default)."""
     config = load_config(run_dir)
+    if not config.export:
+        raise UsageError(f"{run_dir}: trained with export=False (a trained ViT or no fusion), which a bundle cannot hold")
     checkpoint = checkpoint or latest_checkpoint(run_dir)
     if checkpoint is None:
         raise UsageError(f"{run_dir}: has no checkpoints to export; train first")
