@@ -32,14 +32,13 @@ def test_answers_inside_touch_one_crop_and_straddling_ones_two(bench, tmp_path):
     the page's ink is the answer, and its box on fila's canvas crosses a crop boundary exactly when
     the row says "straddling"."""
     scale = bench.Scale(n_words=(0, 0))
-    _, rows = bench.make_pages(tmp_path, 40, seed=3, scale=scale)
-    assert {row.placement for row in rows} == {"inside", "straddling"}
-    assert {row.cut for row in rows if row.placement == "straddling"} == {"vertical", "horizontal"}
+    _, rows = bench.make_pages(tmp_path, 24, seed=3, scale=scale)
+    assert [row.placement for row in rows[:2]] == ["inside", "straddling"]
     for row in rows:
         image = Image.open(tmp_path / "images" / row.image)
         ink = np.argwhere(np.asarray(image.convert("L")) < 128)  # [n, (y, x)]
         geometry = plan_canvas((image.height, image.width), scale.anyres())
-        assert geometry.grid == (2, 2)
+        assert geometry.grid == (1, 2)
         to_canvas = geometry.resized_size[1] / image.width
         box = (ink[:, 1].min() * to_canvas, ink[:, 0].min() * to_canvas,
                (ink[:, 1].max() + 1) * to_canvas, (ink[:, 0].max() + 1) * to_canvas)
