@@ -27,18 +27,20 @@ def bench():
     return module
 
 
-def test_answers_inside_touch_one_crop_and_straddling_ones_two(bench, tmp_path):
+@pytest.mark.parametrize("page_canvas,grid,snap", [((84, 168), (1, 2), 7.0), ((168, 168), (2, 2), 0.0)])
+def test_answers_inside_touch_one_crop_and_straddling_ones_two(bench, tmp_path, page_canvas, grid, snap):
     """Measured from the pixels, not from the generator's own bookkeeping: with no distractor words
     the page's ink is the answer, and its box on fila's canvas crosses a crop boundary exactly when
-    the row says "straddling"."""
-    scale = bench.Scale(n_words=(0, 0))
+    the row says "straddling". The benchmark's 1x2 pages, and 2x2 ones (both kinds of cut), free placement."""
+    scale = bench.Scale(n_words=(0, 0), page_canvas=page_canvas, snap=snap, code_length=(1, 3))
     _, rows = bench.make_pages(tmp_path, 24, seed=3, scale=scale)
     assert [row.placement for row in rows[:2]] == ["inside", "straddling"]
+    assert {row.cut for row in rows if row.placement == "straddling"} == ({"vertical"} if grid == (1, 2) else {"vertical", "horizontal"})
     for row in rows:
         image = Image.open(tmp_path / "images" / row.image)
         ink = np.argwhere(np.asarray(image.convert("L")) < 128)  # [n, (y, x)]
         geometry = plan_canvas((image.height, image.width), scale.anyres())
-        assert geometry.grid == (1, 2)
+        assert geometry.grid == grid
         to_canvas = geometry.resized_size[1] / image.width
         box = (ink[:, 1].min() * to_canvas, ink[:, 0].min() * to_canvas,
                (ink[:, 1].max() + 1) * to_canvas, (ink[:, 0].max() + 1) * to_canvas)
