@@ -11,14 +11,16 @@ What is real and what is scaled down:
 - The model is fila's own: ``HybridEncoder`` (anyres cropping and packing, the ConvNeXt branch on
   the high-resolution canvas, alignment, CVFM) feeding a transformers Llama, trained by ``fila
   train``'s loop (``fila_cli.train.loop.train``: data preparation, rendering, AdamW, warm-up and
-  cosine). Widths, depths and the crop size are scaled down (112-pixel crops, 14-pixel patches:
-  the paper's five canvases x 1/3); nothing is pretrained, so the ViT, the ConvNeXt, the projector,
-  CVFM and the whole LLM train (TrainConfig ``train_vit``, ``train_convnext``, ``full_llm``).
+  cosine). Widths, depths and the crop size are scaled down (84-pixel crops, 14-pixel patches: the
+  paper's five canvases x 1/4); nothing is pretrained, so the ViT, the ConvNeXt, the projector, CVFM
+  and the whole LLM train (TrainConfig ``train_vit``, ``train_convnext``, ``full_llm``; the
+  anyres-only row is ``fusion=False``), under ``export=False`` (the model is evaluated in-process).
 - The pages are generated PNGs at the high-resolution canvas size (the ViT reads them downscaled by
-  14/32, the ConvNeXt at full size, as fila does). Each holds one code of a few digits, the answer,
-  and a few distractor words. The code lies either wholly inside one crop or across a crop boundary
-  of the canvas fila's own ``plan_canvas`` picks for the page, checked with the geometry
-  ``fila eval --task fragmentation`` uses (``crops_touched``).
+  14/32, the ConvNeXt at full size, as fila does), on the 1x2 canvas. Each holds a code (by default
+  one digit; longer codes and distractor words are options of ``Scale``), asked for with "What is
+  the code?". The code lies either wholly inside one crop or across the crop boundary, cut through
+  its ink at 30-70 % of its width, on the canvas fila's own ``plan_canvas`` picks for the page,
+  checked with the geometry ``fila eval --task fragmentation`` uses (``crops_touched``).
 - A prediction is the greedy decoding of the answer. It is computed teacher-forced in one forward
   pass: greedy decoding returns the gold answer exactly when, at every answer position (and at the
   end-of-sequence token), the argmax given the gold prefix is the gold token.
@@ -28,8 +30,9 @@ last depth only. Each row is trained with several seeds (the seed sets the base 
 shared by every row, and the fusion's initialisation and the data order); the table shows mean and
 standard deviation over seeds of the exact-match accuracy on inside and straddling answers.
 
-Usage: python benchmarks/fragmentation.py [--seeds 3] [--steps N] [--train-pages N] [--eval-pages N]
-       [--rows anyres,concat4,add,xattn,concat_last] [--work DIR] [--smoke] [--json]
+Usage: python benchmarks/fragmentation.py [--seeds 3] [--steps N] [--batch-size B] [--lr LR] [--train-pages N]
+       [--eval-pages N] [--rows anyres,concat4,add,xattn,concat_last] [--jobs 2] [--threads 1] [--device cpu|cuda|auto]
+       [--work DIR] [--smoke] [--json]
 """
 
 from __future__ import annotations
@@ -150,6 +153,7 @@ class Budget:
     weight_decay: float = 0.01
     train_pages: int = 2000
     eval_pages: int = 200
+    device: str = "cpu"  # "auto": a GPU when there is one (fila train's --device)
 
 
 # -- the base model --------------------------------------------------------------------------
@@ -328,7 +332,8 @@ def train_row(row: Row, seed: int, base: Path, data: Path, work: Path, scale: Sc
         fusion_config=str(fusion_config) if fusion_config else None, fusion=row.variant is not None,
         train_vit=True, train_convnext=row.variant is not None, full_llm=True, export=False,
         lr=budget.lr, warmup_ratio=budget.warmup_ratio, weight_decay=budget.weight_decay, batch_size=budget.batch_size,
-        epochs=math.ceil(budget.steps * budget.batch_size / budget.train_pages), max_steps=budget.steps, seed=seed, gradient_checkpointing=False, save_every=budget.steps, log_every=10, device="cpu")
+        epochs=math.ceil(budget.steps * budget.batch_size / budget.train_pages), max_steps=budget.steps, seed=seed,
+        gradient_checkpointing=False, save_every=budget.steps, log_every=10, device=budget.device)
     result = train(config)
     assert result.model is not None
     return result.model, result.final_loss or float("nan")
@@ -353,15 +358,16 @@ def evaluate(model: TrainModel, base: Path, data: Path, batch_size: int) -> dict
         samples = prepared.samples[first : first + batch_size]
         sequences = [model.sequence(s, load_sample_image(s, model.vision)) for s in samples]
         longest = max(e.shape[0] for e, _ in sequences)
-        inputs = torch.zeros(len(samples), longest, sequences[0][0].shape[1])
-        mask = torch.zeros(len(samples), longest, dtype=torch.long)
+        device = sequences[0][0].device
+        inputs = torch.zeros(len(samples), longest, sequences[0][0].shape[1], device=device)
+        mask = torch.zeros(len(samples), longest, dtype=torch.long, device=device)
         for i, (embeddings, _) in enumerate(sequences):
             inputs[i, : embeddings.shape[0]], mask[i, : embeddings.shape[0]] = embeddings, 1
         predicted = model.llm(inputs_embeds=inputs, attention_mask=mask, use_cache=False).logits.argmax(-1)  # [B, L]
         for i, (sample, (_, labels)) in enumerate(zip(samples, sequences)):
             targets = labels[1:]  # position t predicts token t + 1
             answer = targets != IGNORE_INDEX  # the answer's tokens and the end of sequence
-            correct = predicted[i, : targets.shape[0]][answer] == targets[answer]
+            correct = (predicted[i, : targets.shape[0]][answer] == targets[answer]).cpu()
             scores[placement_of[sample.conversation.sample_id]].append((bool(correct.all()), correct.float().mean().item()))
     return {p: {"exact": sum(e for e, _ in s) / len(s), "chars": sum(c for _, c in s) / len(s), "n": len(s)}
             for p, s in scores.items()}
@@ -452,16 +458,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-pages", type=int, default=Budget.train_pages)
     parser.add_argument("--eval-pages", type=int, default=Budget.eval_pages)
     parser.add_argument("--rows", default=",".join(r.name for r in ROWS), help="comma-separated: " + ", ".join(r.name for r in ROWS))
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (training and evaluation)")
     parser.add_argument("--jobs", type=int, default=2, help="runs trained at once, one process each (default: 2, one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
     parser.add_argument("--work", type=Path, help="keep pages and runs here (default: a temporary folder)")
     parser.add_argument("--smoke", action="store_true", help="a trivial size end to end (1 seed, 2 steps, a few pages)")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object instead of the table")
     args = parser.parse_args(argv)
-    budget = Budget(steps=args.steps, batch_size=args.batch_size, lr=args.lr, train_pages=args.train_pages, eval_pages=args.eval_pages)
+    budget = Budget(steps=args.steps, batch_size=args.batch_size, lr=args.lr, train_pages=args.train_pages, eval_pages=args.eval_pages,
+                    device=args.device)
     seeds = list(range(args.seeds))
     if args.smoke:
-        budget, seeds = Budget(steps=2, batch_size=2, train_pages=4, eval_pages=4), [0]
+        budget, seeds = Budget(steps=2, batch_size=2, train_pages=4, eval_pages=4, device=args.device), [0]
     by_name = {r.name: r for r in ROWS}
     unknown = [name for name in args.rows.split(",") if name not in by_name]
     if unknown:
