@@ -111,8 +111,8 @@ class Scale:
     # on the ViT canvas, a digit's ink about 12 x 15 px (a patch), 6 x 8 px in the global view.
     font_size: int = 64
     # Lattice, in ViT-canvas pixels, that the answer's drawing origin snaps to (0: anywhere). Half a
-    # patch gives every glyph two phases against the patch grid, so a ViT trained from scratch sees
-    # few distinct pixel patterns per glyph and learns them in minutes, not hours.
+    # patch gives every glyph two phases against the patch grid: a ViT trained from scratch sees few
+    # distinct pixel patterns per glyph (an easier task, still not learnt at the default budget).
     snap: float = 7.0
 
     def anyres(self) -> AnyresConfig:
