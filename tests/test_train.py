@@ -120,7 +120,7 @@ def test_stage1_loss_falls_and_only_fusion_and_projector_change(stage1_run):
     assert {group_of(name) for name in changed} == {"cvfm", "projector"}
     assert any(name.startswith("vision.cvfm.") and "mlp" in name for name in changed)  # not only the gates
     unchanged_groups = {group_of(name) or "frozen" for name in before if name not in changed}
-    assert {"frozen", "llm", "convnext"} <= unchanged_groups  # ViT (no group), LLM and ConvNeXt all kept
+    assert {"vit", "llm", "convnext"} <= unchanged_groups  # ViT, LLM and ConvNeXt all kept
     # The checkpoint holds exactly the trainable tensors.
     trained = load_file(str(latest_checkpoint(out) / TRAINABLE_FILE))
     assert {group_of(name) for name in trained} == {"cvfm", "projector"}
@@ -354,3 +354,36 @@ def test_fsdp_checkpoints_hold_full_tensors_and_restore_exactly(workspace, tmp_p
     weights = load_file(str(sharded / TRAINABLE_FILE))
     assert {name: w.shape for name, w in weights.items()} == shapes
     assert any("lora_B" in name and weights[name].abs().sum() > 0 for name in weights)  # the step moved the LoRA
+
+
+@pytest.mark.parametrize("fusion", [False, True], ids=["anyres-only", "hybrid"])
+def test_from_scratch_options_train_the_vit_and_the_anyres_only_baseline(workspace, tmp_path, fusion):
+    """train_vit, fusion=False, export=False (benchmarks/fragmentation.py): the ViT trains with the
+    rest, an anyres-only run has no ConvNeXt or CVFM at all, and no bundle is written."""
+    out = tmp_path / "run"
+    config = config_for(workspace, out, stage=2, fusion=fusion, fusion_config=str(workspace["fusion"]) if fusion else None,
+                        train_vit=True, train_convnext=fusion, full_llm=True, export=False, lr=1e-3, max_steps=2, grad_accum=1)
+    torch.manual_seed(config.seed)
+    fresh, _ = build_model(config)
+    before = {name: _digest(tensor) for name, tensor in fresh.state_dict().items()}
+    result = train(config)
+    assert (result.model.vision.convnext is None) is (not fusion) and (result.model.vision.cvfm is None) is (not fusion)
+    after = {name: _digest(tensor) for name, tensor in result.model.state_dict().items()}
+    assert after.keys() == before.keys()
+    changed = {group_of(name) for name in before if after[name] != before[name]}
+    assert changed == ({"vit", "projector", "llm", "cvfm", "convnext"} if fusion else {"vit", "projector", "llm"})
+    assert latest_checkpoint(out) is not None
+    assert not (out / "bundle.json").exists() and not (out / "fusion.safetensors").exists()
+    # Such a run cannot become a bundle later either: one line, the usage exit code.
+    exported = fila("train", "export", str(out))
+    assert exported.returncode == 2 and "export=False" in exported.stderr and "Traceback" not in exported.stderr
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(train_vit=True), "train_vit needs export=False"),
+    (dict(fusion=False, fusion_config=None), "fusion=False needs export=False"),
+    (dict(fusion=False, export=False), "takes no fusion config"),
+])
+def test_from_scratch_options_that_cannot_work_are_refused(workspace, tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        config_for(workspace, tmp_path / "run", **settings)

@@ -11,12 +11,15 @@ from fila_cli.errors import ModelError, UsageError
 from fila_cli.train.base import load_llm, load_tokenizer, read_base_config
 from fila_cli.train.config import LORA_TARGET_MODULES, TrainConfig
 from fila_cli.train.export import FUSION_FILE
-from fila_cli.train.model import CONVNEXT_GROUP, FUSION_GROUP, LLM_GROUP, PROJECTOR_GROUP, TrainModel
+from fila_cli.train.model import CONVNEXT_GROUP, FUSION_GROUP, LLM_GROUP, PROJECTOR_GROUP, VIT_GROUP, TrainModel
 from fila_cli.vision.load import build_encoder
 from fila_cli.vision.loaders.hf_safetensors import load_hf_vision
 
 
-def fusion_config_for(config: TrainConfig) -> FusionConfig:
+def fusion_config_for(config: TrainConfig) -> FusionConfig | None:
+    """The run's FusionConfig; None for an anyres-only run (``fusion=False``)."""
+    if not config.fusion:
+        return None
     if config.fusion_config is None:
         return FusionConfig()  # the paper's
     path = Path(config.fusion_config)
@@ -29,8 +32,11 @@ def fusion_config_for(config: TrainConfig) -> FusionConfig:
 
 
 def trainable_groups(config: TrainConfig) -> set[str]:
-    """Stage 1: CVFM and projector. Stage 2: those and the LLM (and the ConvNeXt if asked)."""
-    groups = {FUSION_GROUP, PROJECTOR_GROUP}
+    """Stage 1: CVFM and projector. Stage 2: those and the LLM (and the ConvNeXt, the ViT if asked).
+    An anyres-only run (``fusion=False``) has no CVFM."""
+    groups = {FUSION_GROUP, PROJECTOR_GROUP} if config.fusion else {PROJECTOR_GROUP}
+    if config.train_vit:
+        groups.add(VIT_GROUP)
     if config.stage == 2:
         groups.add(LLM_GROUP)
     if config.train_convnext:

@@ -58,6 +58,14 @@ class TrainConfig:
     lora_alpha: float = DEFAULT_LORA_ALPHA
     quantization: str = DEFAULT_QUANTIZATION
     device: str = "auto"
+    # From-scratch experiments (benchmarks/fragmentation.py trains a tiny model on generated pages);
+    # the paper's recipe, and the CLI, leave all three as they are.
+    train_vit: bool = False  # train the ViT too (the paper keeps it frozen in both stages)
+    fusion: bool = True  # False: the anyres-only LLaVA-NeXT baseline (no ConvNeXt, no CVFM)
+    # Write the bundle when the run ends. False keeps the trained model in TrainResult.model only
+    # (checkpoints are still written): what a trained ViT or a run without fusion needs, as a
+    # bundle has no slot for either.
+    export: bool = True
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_LEARNING_RATES:
@@ -67,8 +75,14 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
         if self.full_llm and self.stage != 2:
             raise ValueError("--full-llm is a stage 2 option (stage 1 keeps the LLM frozen)")
-        if self.full_llm and self.llm_gguf is None:
+        if self.full_llm and self.llm_gguf is None and self.export:
             raise ValueError("--full-llm needs --llm-gguf, the base model's GGUF: its tokenizer and settings go into the export")
+        if self.export and self.train_vit:
+            raise ValueError("train_vit needs export=False: a bundle takes its ViT from --base, so a trained one would be lost")
+        if self.export and not self.fusion:
+            raise ValueError("fusion=False needs export=False: a bundle's trained weights are fusion weights, which need a CVFM")
+        if not self.fusion and (self.fusion_config or self.convnext or self.train_convnext or self.init):
+            raise ValueError("fusion=False (anyres only) takes no fusion config, ConvNeXt, ConvNeXt training or --init")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("--warmup-ratio must be in [0, 1)")
 

@@ -263,7 +263,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
                 save_checkpoint(run_dir, step + 1, weights, optimizer_state, {"skipped": dict(data.skipped), "total_steps": total})
             accelerator.wait_for_everyone()
     sharded = shards_parameters(accelerator)
-    if accelerator.is_main_process and end == total:
+    if accelerator.is_main_process and end == total and config.export:
         if sharded:  # no process holds the whole model: rebuild it from the final checkpoint
             export_checkpoint(run_dir)
         else:
@@ -346,6 +346,8 @@ def run_step(accelerator, engine, model: TrainModel, optimizer, batch, step: int
 def export_checkpoint(run_dir: Path, checkpoint: Path | None = None) -> list[Path]:
     """Redo a run's export from a checkpoint (the latest by default)."""
     config = load_config(run_dir)
+    if not config.export:
+        raise UsageError(f"{run_dir}: trained with export=False (a trained ViT or no fusion), which a bundle cannot hold")
     checkpoint = checkpoint or latest_checkpoint(run_dir)
     if checkpoint is None:
         raise UsageError(f"{run_dir}: has no checkpoints to export; train first")

@@ -21,13 +21,14 @@ from fila_cli.train.data import Conversation
 from fila_cli.vision.model.encoder import HybridEncoder
 
 # Parameter groups, each with its own learning rate in the optimiser.
-FUSION_GROUP, PROJECTOR_GROUP, CONVNEXT_GROUP, LLM_GROUP = "cvfm", "projector", "convnext", "llm"
+FUSION_GROUP, PROJECTOR_GROUP, CONVNEXT_GROUP, LLM_GROUP, VIT_GROUP = "cvfm", "projector", "convnext", "llm", "vit"
 # Prefixes of each group's parameter names in TrainModel.
 GROUP_PREFIXES = {
     FUSION_GROUP: ("vision.cvfm.",),
     PROJECTOR_GROUP: ("vision.projector.", "vision.image_newline"),
     CONVNEXT_GROUP: ("vision.convnext.",),
     LLM_GROUP: ("llm.",),
+    VIT_GROUP: ("vision.vit.",),
 }
 
 
@@ -55,8 +56,6 @@ def group_of(name: str) -> str | None:
 class TrainModel(nn.Module):
     def __init__(self, vision: HybridEncoder, llm: nn.Module):
         super().__init__()
-        if not vision.fusion_enabled:
-            raise ValueError("training needs a fusion config: the encoder has no CVFM")
         self.vision = vision
         self.llm = llm
 
