@@ -30,20 +30,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tiny_llm import BOS_ID, EOS_ID, UNK_ID, _token_scores, _token_types, tiny_llm_tokens  # noqa: E402
+from tiny_llm import build_large_llm  # noqa: E402
 
-ARCH = "llama"  # Mistral-7B is llama.cpp's LLM_ARCH_LLAMA with grouped-query attention
 CACHE_ENV = "FILA_BENCH_CACHE"
-RMS_NORM_EPS = 1e-5
 F16_SOURCE = "F16"
 # llama_ftype values (llama.h) of the quantisations a benchmark may ask for.
 QUANT_FTYPES = {"Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}
-FILLER_TOKEN_TYPE = 5  # gguf TokenType.UNUSED: vocabulary rows no text tokenises to
 
 
 @dataclass(frozen=True)
@@ -85,93 +81,11 @@ def gguf_path(shape: LlmShape, quant: str, seed: int = 0) -> Path:
 # --- the f16 source, streamed -------------------------------------------------------------------
 
 
-def _vocabulary(n_vocab: int) -> tuple[list[str], list[int], list[float]]:
-    """The tests' tokenizer (specials, chat markers, bytes, ASCII, words), padded with unused rows
-    to the shape's vocabulary size, so prompts tokenise as in the tests and the output matrix has
-    the real model's height."""
-    tokens = tiny_llm_tokens()
-    types = _token_types(tokens)
-    scores = _token_scores(tokens, types)
-    n_filler = n_vocab - len(tokens)
-    if n_filler < 0:
-        raise ValueError(f"a vocabulary of {n_vocab} cannot hold the {len(tokens)} tokens of the tests' tokenizer")
-    tokens += [f"<unused{i}>" for i in range(n_filler)]
-    types += [FILLER_TOKEN_TYPE] * n_filler
-    scores += [0.0] * n_filler
-    return tokens, types, scores
-
-
-def _tensor_specs(shape: LlmShape) -> Iterator[tuple[str, tuple[int, ...], float | None]]:
-    """(llama.cpp tensor name, numpy shape (out, in), std of its random values; None: ones).
-
-    The stds keep activations O(1) through every layer, as tests/tiny_llm.py does."""
-    d, kv, ff = shape.n_embd, shape.kv_width, shape.n_ff
-    yield "token_embd.weight", (shape.n_vocab, d), 1.0
-    for i in range(shape.n_layer):
-        p = f"blk.{i}."
-        yield p + "attn_norm.weight", (d,), None
-        yield p + "attn_q.weight", (d, d), d**-0.5
-        yield p + "attn_k.weight", (kv, d), d**-0.5
-        yield p + "attn_v.weight", (kv, d), d**-0.5
-        yield p + "attn_output.weight", (d, d), d**-0.5
-        yield p + "ffn_norm.weight", (d,), None
-        yield p + "ffn_gate.weight", (ff, d), d**-0.5
-        yield p + "ffn_up.weight", (ff, d), d**-0.5
-        yield p + "ffn_down.weight", (d, ff), ff**-0.5
-    yield "output_norm.weight", (d,), None
-    yield "output.weight", (shape.n_vocab, d), d**-0.5
-
-
-def _dtype_of(tensor_shape: tuple[int, ...]) -> type:
-    # Norm vectors stay f32, matrices f16: what llama.cpp's converter writes for a MOSTLY_F16 file.
-    return np.float32 if len(tensor_shape) == 1 else np.float16
-
-
 def write_f16_gguf(path: Path, shape: LlmShape, *, seed: int = 0) -> Path:
-    """A random-weight f16 GGUF of ``shape``, written one tensor at a time."""
-    from gguf import GGUFWriter
-
-    tokens, types, scores = _vocabulary(shape.n_vocab)
-    writer = GGUFWriter(str(path), ARCH)
-    writer.add_name(shape.name)
-    writer.add_context_length(shape.n_ctx_train)
-    writer.add_embedding_length(shape.n_embd)
-    writer.add_block_count(shape.n_layer)
-    writer.add_feed_forward_length(shape.n_ff)
-    writer.add_head_count(shape.n_head)
-    writer.add_head_count_kv(shape.n_head_kv)
-    writer.add_rope_dimension_count(shape.head_dim)
-    writer.add_rope_freq_base(shape.rope_freq_base)
-    writer.add_layer_norm_rms_eps(RMS_NORM_EPS)
-    writer.add_file_type(1)  # llama_ftype MOSTLY_F16
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_unk_token_id(UNK_ID)
-    writer.add_bos_token_id(BOS_ID)
-    writer.add_eos_token_id(EOS_ID)
-    writer.add_add_bos_token(True)
-    writer.add_add_eos_token(False)
-
-    specs = list(_tensor_specs(shape))
-    for name, tensor_shape, _ in specs:
-        dtype = np.dtype(_dtype_of(tensor_shape))
-        writer.add_tensor_info(name, tensor_shape, dtype, int(np.prod(tensor_shape)) * dtype.itemsize)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    rng = np.random.default_rng(seed)
-    for name, tensor_shape, std in specs:
-        if std is None:
-            values = np.ones(tensor_shape, np.float32)
-        else:
-            values = rng.standard_normal(tensor_shape, dtype=np.float32)
-            values *= std
-        writer.write_tensor_data(values.astype(_dtype_of(tensor_shape), copy=False))
-        del values
-    writer.close()
-    return path
+    """A random-weight f16 GGUF of ``shape``, written one tensor at a time (the tests' writer)."""
+    return build_large_llm(path, n_embd=shape.n_embd, n_layer=shape.n_layer, n_head=shape.n_head, n_ff=shape.n_ff,
+                           n_head_kv=shape.n_head_kv, n_vocab=shape.n_vocab, n_ctx_train=shape.n_ctx_train,
+                           rope_freq_base=shape.rope_freq_base, seed=seed, name=shape.name)
 
 
 # --- quantising and caching ---------------------------------------------------------------------

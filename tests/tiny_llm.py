@@ -19,7 +19,7 @@ Public API (others use it in end-to-end tests; keep it stable):
     build_tiny_llm(path, *, n_embd=64, n_layer=2, n_head=4, n_ff=128, vocab=None,
                    chat_template=None, seed=0, n_ctx_train=4096, dtype="f32",
                    name="tiny-llama", always_eos=False) -> Path
-    build_large_llm(path, *, n_embd, n_layer, n_head, n_ff, n_ctx_train=4096, seed=0) -> Path
+    build_large_llm(path, *, n_embd, n_layer, n_head, n_ff, n_head_kv=None, n_vocab=None, ...) -> Path
                                                   # any size (7B-shaped), f16, one tensor in memory
     tiny_llm_tokens(vocab=None) -> list[str]     # the token list, index = token id
     BOS_ID, EOS_ID, UNK_ID                        # special token ids
@@ -180,7 +180,8 @@ def build_tiny_llm(
 
 
 def _writer_with_metadata(path: Path, *, tokens: list[str], types: list[int], n_embd: int, n_layer: int, n_head: int,
-                          n_ff: int, chat_template: str | None, n_ctx_train: int, dtype: str, name: str) -> GGUFWriter:
+                          n_ff: int, chat_template: str | None, n_ctx_train: int, dtype: str, name: str,
+                          n_head_kv: int | None = None, rope_freq_base: float = ROPE_FREQ_BASE) -> GGUFWriter:
     """A GGUF writer holding the model's key-values (architecture, tokenizer), no tensors yet."""
     writer = GGUFWriter(str(path), ARCH)
     writer.add_name(name)
@@ -189,9 +190,9 @@ def _writer_with_metadata(path: Path, *, tokens: list[str], types: list[int], n_
     writer.add_block_count(n_layer)
     writer.add_feed_forward_length(n_ff)
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head)
+    writer.add_head_count_kv(n_head_kv or n_head)
     writer.add_rope_dimension_count(n_embd // n_head)
-    writer.add_rope_freq_base(ROPE_FREQ_BASE)
+    writer.add_rope_freq_base(rope_freq_base)
     writer.add_layer_norm_rms_eps(RMS_NORM_EPS)
     writer.add_file_type(0 if dtype == "f32" else 1)  # llama_ftype: ALL_F32 / MOSTLY_F16
 
@@ -209,26 +210,42 @@ def _writer_with_metadata(path: Path, *, tokens: list[str], types: list[int], n_
     return writer
 
 
+# gguf TokenType.UNUSED: the vocabulary rows that pad the tests' tokenizer to a real model's size.
+FILLER_TOKEN_TYPE = 5
+
+
 def build_large_llm(path: str | os.PathLike, *, n_embd: int, n_layer: int, n_head: int, n_ff: int,
-                    n_ctx_train: int = 4096, seed: int = 0, name: str = "large-random-llama") -> Path:
+                    n_head_kv: int | None = None, n_vocab: int | None = None, n_ctx_train: int = 4096,
+                    rope_freq_base: float = ROPE_FREQ_BASE, seed: int = 0, name: str = "large-random-llama") -> Path:
     """The same llama layout as :func:`build_tiny_llm` at any size (e.g. 7B-shaped), in f16, written
     tensor by tensor: memory holds one tensor, not the model (a 7B's f32 weights would need 26 GB).
 
-    The values differ from ``build_tiny_llm``'s for the same seed (drawn in f32, one tensor at a
-    time); only the shapes and the cost of running the model matter to its users (benchmarks).
+    ``n_head_kv`` < ``n_head``: grouped-query attention (Mistral). ``n_vocab``: the tests' tokenizer
+    padded with unused rows to that size, so prompts tokenise as in the tests while the embedding and
+    output matrices have the real model's height. The values differ from ``build_tiny_llm``'s for the
+    same seed (drawn in f32, one tensor at a time); only the shapes and the cost of running the model
+    matter to its users (benchmarks).
     """
     path = Path(path)
     rng = np.random.default_rng(seed)
     tokens = tiny_llm_tokens(None)
     types = _token_types(tokens)
+    n_filler = (n_vocab or len(tokens)) - len(tokens)
+    if n_filler < 0:
+        raise ValueError(f"a vocabulary of {n_vocab} cannot hold the {len(tokens)} tokens of the tests' tokenizer")
+    tokens += [f"<unused{i}>" for i in range(n_filler)]
+    types += [FILLER_TOKEN_TYPE] * n_filler
+    kv_width = (n_head_kv or n_head) * (n_embd // n_head)
     scale = 1.0 / np.sqrt(n_embd)
     # name -> (numpy shape (out, in), std; None: a norm's ones), in the order build_tiny_llm writes them
     layout: dict[str, tuple[tuple[int, ...], float | None]] = {"token_embd.weight": ((len(tokens), n_embd), 1.0)}
     for i in range(n_layer):
         p = f"blk.{i}."
         layout[p + "attn_norm.weight"] = ((n_embd,), None)
-        for proj in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            layout[p + proj + ".weight"] = ((n_embd, n_embd), scale)
+        layout[p + "attn_q.weight"] = ((n_embd, n_embd), scale)
+        layout[p + "attn_k.weight"] = ((kv_width, n_embd), scale)
+        layout[p + "attn_v.weight"] = ((kv_width, n_embd), scale)
+        layout[p + "attn_output.weight"] = ((n_embd, n_embd), scale)
         layout[p + "ffn_norm.weight"] = ((n_embd,), None)
         layout[p + "ffn_gate.weight"] = ((n_ff, n_embd), scale)
         layout[p + "ffn_up.weight"] = ((n_ff, n_embd), scale)
@@ -237,7 +254,8 @@ def build_large_llm(path: str | os.PathLike, *, n_embd: int, n_layer: int, n_hea
     layout["output.weight"] = ((len(tokens), n_embd), scale * 4)
 
     writer = _writer_with_metadata(path, tokens=tokens, types=types, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                                   n_ff=n_ff, chat_template=None, n_ctx_train=n_ctx_train, dtype="f16", name=name)
+                                   n_ff=n_ff, chat_template=None, n_ctx_train=n_ctx_train, dtype="f16", name=name,
+                                   n_head_kv=n_head_kv, rope_freq_base=rope_freq_base)
     for tensor_name, (shape, std) in layout.items():
         dtype = np.dtype(np.float32 if std is None else np.float16)
         writer.add_tensor_info(tensor_name, shape, dtype, int(np.prod(shape)) * dtype.itemsize)
