@@ -40,12 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bad_documents import make_good_pdf  # noqa: E402  (test-time builders, reused)
-from caches import write_full_size_mmproj  # noqa: E402
+from caches import write_benchmark_bundle  # noqa: E402
 from fila_cli.bundles.bundle import resolve_bundle  # noqa: E402
 from fila_cli.llm import SamplingParams  # noqa: E402
 from fila_cli.qa.ask import Asker, AskOptions  # noqa: E402
 from fila_cli.qa.batch import RecordSink, run_batch  # noqa: E402
-from tiny_llm import build_tiny_llm  # noqa: E402
 
 QUESTION = "What is the total due?"
 SECONDS_PER_MINUTE = 60.0
@@ -98,11 +97,7 @@ def main() -> None:
     default_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        bundle_dir = scratch / "bundle"
-        bundle_dir.mkdir()
-        build_tiny_llm(bundle_dir / "llm.gguf", n_embd=args.llm_width, n_layer=args.llm_layers, n_head=16,
-                       n_ff=args.llm_width * 2, n_ctx_train=8192)
-        write_full_size_mmproj(bundle_dir / "mmproj.gguf", args.llm_width)
+        bundle_dir = write_benchmark_bundle(scratch / "bundle", args.llm_width, args.llm_layers)
         docs = scratch / "docs"
         docs.mkdir()
         documents = [make_good_pdf(docs / f"scan{i:03d}.pdf", [f"Invoice {i}. Total due: {i * 17},00 EUR."],

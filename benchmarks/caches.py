@@ -46,6 +46,16 @@ def write_full_size_mmproj(path: Path, llm_width: int) -> None:
                       image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD, drop_last_block=True, dtype="f16")
 
 
+def write_benchmark_bundle(directory: Path, llm_width: int, llm_layers: int) -> Path:
+    """A bundle folder: the full-size ViT-L/14-336 mmproj and a random llama ``llm_width`` wide,
+    ``llm_layers`` deep, whose context holds a page's visual tokens and a question."""
+    directory.mkdir()
+    build_tiny_llm(directory / "llm.gguf", n_embd=llm_width, n_layer=llm_layers, n_head=16, n_ff=llm_width * 2,
+                   n_ctx_train=8192)
+    write_full_size_mmproj(directory / "mmproj.gguf", llm_width)
+    return directory
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -60,11 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        bundle_dir = scratch / "bundle"
-        bundle_dir.mkdir()
-        build_tiny_llm(bundle_dir / "llm.gguf", n_embd=args.llm_width, n_layer=args.llm_layers, n_head=16,
-                       n_ff=args.llm_width * 2, n_ctx_train=8192)
-        write_full_size_mmproj(bundle_dir / "mmproj.gguf", args.llm_width)
+        bundle_dir = write_benchmark_bundle(scratch / "bundle", args.llm_width, args.llm_layers)
         pdf = make_good_pdf(scratch / "page.pdf", ["Invoice 2291. Total due: 1,234.00 EUR. Signed by Ada Lovelace."])
         bundle = resolve_bundle(str(bundle_dir))
         options = AskOptions(sampling=SamplingParams(max_tokens=args.max_tokens))
