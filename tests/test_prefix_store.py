@@ -84,7 +84,8 @@ def test_keys_change_with_everything_the_state_depends_on():
     base = prefix_cache_key("llm", 4096, ["page"], ["USER: "])
     assert base == prefix_cache_key("llm", 4096, ["page"], ["USER: "])
     others = [prefix_cache_key("llm2", 4096, ["page"], ["USER: "]), prefix_cache_key("llm", 2048, ["page"], ["USER: "]),
-              prefix_cache_key("llm", 4096, ["page2"], ["USER: "]), prefix_cache_key("llm", 4096, ["page"], ["[INST] "])]
+              prefix_cache_key("llm", 4096, ["page2"], ["USER: "]), prefix_cache_key("llm", 4096, ["page"], ["[INST] "]),
+              prefix_cache_key("llm", 4096, ["page"], ["USER: "], flash_attn=False)]
     assert base not in others and len(set(others)) == len(others)
 
 
@@ -178,3 +179,29 @@ def test_one_cap_evicts_the_least_recently_used_entries_across_both_stores(bundl
         # Both stores still answer for what they kept, and only for that.
         assert tokens.get("t1") is None and tokens.get("t3") is not None and states.get("p1", backend) is None
         assert states.get("p2", backend) is not None
+
+
+def test_a_stored_state_llama_cpp_refuses_is_decoded_again(bundle, tmp_path, monkeypatch):
+    """A state on disk that passes the store's checks but that llama.cpp will not restore (here,
+    saved by a context without flash attention) is dropped and the prefix decoded again."""
+    from bad_documents import make_good_pdf
+    from fila_cli import AskOptions, Asker, ModelOptions
+    from fila_cli.llm import LlamaSettings, StateRefusedError
+
+    monkeypatch.setenv("FILA_CACHE_DIR", str(tmp_path / "cache"))
+    pdf = make_good_pdf(tmp_path / "invoice.pdf", ["Total due: 42.00 EUR."])
+    options = AskOptions(sampling=SamplingParams(max_tokens=6))
+    asker = Asker.from_options(ModelOptions(model=str(bundle), device="cpu", dtype="float32"))
+    first = asker.ask(pdf, "What is the total due?", options)
+    (stored,) = list((tmp_path / "cache").rglob("*.llstate"))
+    key = stored.name.removesuffix(".llstate")
+    with LlamaBackend(bundle / LLM_FILE, n_ctx=asker.backend.n_ctx, settings=LlamaSettings(flash_attn=False)) as other:
+        other.prefill([asker.template.render("What is the total due?")[0]])
+        foreign = other.save_state()
+    with pytest.raises(StateRefusedError):
+        asker.backend.load_state(foreign)
+    asker.prefix_store.put(key, foreign)
+    again = Asker.from_options(ModelOptions(model=str(bundle), device="cpu", dtype="float32")).ask(
+        pdf, "What is the total due?", options)
+    assert again.answer == first.answer and again.confidence == pytest.approx(first.confidence, abs=1e-6)
+    assert asker.prefix_store.get(key, asker.backend) is not None  # decoded again and stored again

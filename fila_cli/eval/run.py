@@ -14,15 +14,20 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fila_cli.errors import FilaError
+from fila_cli.documents.notices import ReadNotices
 from fila_cli.eval.datasets import EvalExample
 from fila_cli.eval.scores import Prediction
 from fila_cli.eval.tasks import TaskSpec
 from fila_cli.qa.ask import Asker
 from fila_cli.qa.batch import RecordSink, StopFlag
 from fila_cli.qa.options import AskOptions
+from fila_cli.vision.token_cache import CachedPage
+
+if TYPE_CHECKING:
+    from fila_cli.vision.model.encoder import EncodedPage
 
 
 # Pages whose visual tokens a run keeps in memory: benchmarks ask several questions about one image,
@@ -36,16 +41,16 @@ class RecentPages:
 
     def __init__(self, capacity: int = RECENT_PAGES):
         self.capacity = capacity
-        self._pages: OrderedDict[str, Any] = OrderedDict()
+        self._pages: OrderedDict[str, CachedPage] = OrderedDict()
 
-    def get(self, key: str):
-        page = self._pages.get(key)
-        if page is not None:
+    def get(self, key: str) -> CachedPage | None:
+        cached = self._pages.get(key)
+        if cached is not None:
             self._pages.move_to_end(key)
-        return page
+        return cached
 
-    def put(self, key: str, page) -> None:
-        self._pages[key] = page
+    def put(self, key: str, page: EncodedPage, notices: ReadNotices | None = None) -> None:
+        self._pages[key] = CachedPage(page, notices or ReadNotices())
         self._pages.move_to_end(key)
         while len(self._pages) > self.capacity:
             self._pages.popitem(last=False)

@@ -15,6 +15,7 @@ import importlib
 # public name -> module that defines it
 _EXPORTS = {
     "ContextOverflowError": "backend",
+    "StateRefusedError": "backend",
     "Generation": "backend",
     "LlamaBackend": "backend",
     "LlamaSettings": "backend",

@@ -31,6 +31,10 @@ import llama_cpp
 import numpy as np
 
 from fila_cli.errors import ModelError
+
+
+class StateRefusedError(ModelError):
+    """llama.cpp would not restore a saved state (saved by another build or context settings)."""
 from fila_cli.gguf_files import CLIP_ARCHITECTURE, GGUFHeader, read_gguf_header, require_gguf
 from fila_cli.llm.sampling import SamplingParams, TextCallback, TextStream, log_softmax_at
 
@@ -519,7 +523,7 @@ class LlamaBackend:
                                                     data.nbytes))
         if n_read != data.nbytes:
             self.reset()  # a refused state may have been applied in part
-            raise ModelError(f"{self.path}: llama.cpp refused a saved state (read {n_read} of {data.nbytes} bytes); "
+            raise StateRefusedError(f"{self.path}: llama.cpp refused a saved state (read {n_read} of {data.nbytes} bytes); "
                              "clear it with `fila cache clear`")
         # The high-level object's bookkeeping, as Llama.load_state sets it (without its logits copy).
         self._llm.input_ids[: state.n_tokens] = state.input_ids

@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # llama.cpp loads only when a state is restored
     from fila_cli.llm.backend import LlamaBackend, PrefixState
 
 # Bump when what a state holds, or how the prompt before the question is built, changes.
-PREFIX_FORMAT_VERSION = 1
+# 2: the key holds the attention kernel (flash attention lays the KV cache out otherwise).
+PREFIX_FORMAT_VERSION = 2
 STATE_SUFFIX = ".llstate"
 # The store lives beside the visual tokens, in this sub-folder of the token cache.
 PREFIX_DIR_NAME = "llm-prefix"
@@ -42,10 +43,12 @@ _STATE = "llama_state"
 _INPUT_IDS = "input_ids"
 
 
-def prefix_cache_key(llm_identity: str, n_ctx: int, visual_keys: list[str], prompt_texts: list[str]) -> str:
-    """Everything the state after [texts and pages] depends on, hashed."""
+def prefix_cache_key(llm_identity: str, n_ctx: int, visual_keys: list[str], prompt_texts: list[str], *,
+                     flash_attn: bool = True) -> str:
+    """Everything the state after [texts and pages] depends on, hashed: llama.cpp refuses a state
+    saved by a context of another size or attention kernel."""
     settings = {"version": PREFIX_FORMAT_VERSION, "llm": llm_identity, "n_ctx": n_ctx, "visual": visual_keys,
-                "texts": prompt_texts}
+                "texts": prompt_texts, "flash_attn": flash_attn}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -100,6 +103,10 @@ class PrefixStore:
             return None
         touch(path)
         return prefix
+
+    def discard(self, key: str) -> None:
+        """Forget the state under ``key`` (llama.cpp refused it): the caller decodes it again."""
+        self._path(key).unlink(missing_ok=True)
 
     def put(self, key: str, state: PrefixState) -> None:
         """Store ``state`` atomically, then evict the least recently used entries over the cap."""

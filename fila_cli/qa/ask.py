@@ -26,7 +26,7 @@ from fila_cli.documents.document import DEFAULT_MAX_PIXELS, Document, open_docum
 from fila_cli.disk_cache import BYTES_PER_GB, CacheBudget
 from fila_cli.documents.notices import ReadNotices, document_warnings, page_notices
 from fila_cli.errors import ModelError
-from fila_cli.llm import ContextOverflowError, LlamaBackend, PrefixState, SamplingParams
+from fila_cli.llm import ContextOverflowError, LlamaBackend, PrefixState, SamplingParams, StateRefusedError
 from fila_cli.llm.prefix_store import PREFIX_DIR_NAME, PrefixStore, prefix_cache_key
 from fila_cli.vision.loaders.identity import file_identity
 from fila_cli.llm.templates import PromptTemplate, select_template
@@ -424,7 +424,7 @@ class Asker:
         if self._llm_identity is None or any(p.visual_key is None for p in prepared):
             return None
         return prefix_cache_key(self._llm_identity, self.backend.n_ctx, [p.visual_key for p in prepared],
-                                [s for s in prefix if isinstance(s, str)])
+                                [s for s in prefix if isinstance(s, str)], flash_attn=self.backend.settings.flash_attn)
 
     def prefix_state(self, prefix: Sequence, prepared: Sequence[PreparedPage], *,
                      persist: bool = True) -> tuple[PrefixState, float]:
@@ -450,6 +450,20 @@ class Asker:
 
     def _generate(self, prefix: list, after: str, options: AskOptions, prepared: Sequence[PreparedPage],
                   on_text: TextCallback | None, *, persist: bool = True):
+        """``_generate_once``; a stored state llama.cpp refuses (another build or setting wrote it) is
+        dropped and the prefix decoded again, as a damaged entry is."""
+        try:
+            return self._generate_once(prefix, after, options, prepared, on_text, persist=persist)
+        except StateRefusedError:
+            key = self.prefix_key(prefix, prepared)
+            if key is None or self.prefix_store is None:
+                raise
+            self.prefix_store.discard(key)
+            self._prefix = None
+            return self._generate_once(prefix, after, options, prepared, on_text, persist=persist)
+
+    def _generate_once(self, prefix: list, after: str, options: AskOptions, prepared: Sequence[PreparedPage],
+                       on_text: TextCallback | None, *, persist: bool = True):
         """[prefix, after] through the LLM; the prefix's state is reused in memory or on disk when it can be.
 
         ``persist``: write a newly decoded prefix to the store. Off while a scan is read page by page:
