@@ -391,10 +391,15 @@ class Task:
 def train_and_evaluate(task: Task) -> dict:
     # Tiny matrices gain little from a second thread; on a shared CPU, processes of one thread each
     # (--jobs) use the cores better than threads that wait on each other.
+    # Restored after: run in the caller's process (--jobs 1), the setting would outlive the task.
+    threads_before = torch.get_num_threads()
     torch.set_num_threads(task.threads)
-    started = time.perf_counter()
-    model, loss = train_row(task.row, task.seed, task.base, task.train_data, task.work, task.scale, task.budget)
-    scores: dict = evaluate(model, task.base, task.eval_data, task.budget.batch_size)
+    try:
+        started = time.perf_counter()
+        model, loss = train_row(task.row, task.seed, task.base, task.train_data, task.work, task.scale, task.budget)
+        scores: dict = evaluate(model, task.base, task.eval_data, task.budget.batch_size)
+    finally:
+        torch.set_num_threads(threads_before)
     scores.update(row=task.row.name, seed=task.seed, final_loss=loss, seconds=time.perf_counter() - started)
     print(f"seed {task.seed} {task.row.name:<12} loss {loss:.3f}  inside {scores['inside']['exact']:.1%}  "
           f"straddling {scores['straddling']['exact']:.1%}  ({scores['seconds']:.0f} s)", file=sys.stderr, flush=True)
