@@ -43,7 +43,9 @@ def timed(command: list[str], pythonpath: Path) -> tuple[float, float]:
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
     cpu_before = _children_cpu_s()
     started = time.perf_counter()
-    completed = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    # cwd is the checkout: `python -m` and `-c` put the working directory first on sys.path, ahead
+    # of PYTHONPATH, so running from another checkout would time that one instead.
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=pythonpath, check=False)
     elapsed = time.perf_counter() - started
     if completed.returncode != 0:
         sys.exit(f"{' '.join(command)} failed ({pythonpath}):\n{completed.stderr[-2000:]}")
