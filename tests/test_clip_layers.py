@@ -36,14 +36,19 @@ def _pair(ours: torch.nn.Module, theirs: torch.nn.Module, dtype: torch.dtype) ->
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
-def test_encoder_layer_is_transformers_bit_for_bit(dtype, hidden_act):
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_encoder_layer_is_transformers_bit_for_bit(dtype, hidden_act, grad):
+    """Both paths: inference (in-place activation and residuals) and training (autograd's)."""
     config = ClipVisionConfig(**{**asdict(TINY), "hidden_act": hidden_act})
     ours, theirs = _pair(clip_layers.CLIPEncoderLayer(config), hf.CLIPEncoderLayer(_hf_config(config)), dtype)
     hidden = torch.randn(N_VIEWS, 17, config.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
     with torch.no_grad():
         expected = theirs(hidden, attention_mask=None)
         expected = expected[0] if isinstance(expected, tuple) else expected
-        assert torch.equal(ours(hidden), expected)
+    with torch.set_grad_enabled(grad):
+        got = ours(hidden)
+    assert got.requires_grad == grad
+    assert torch.equal(got.detach(), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

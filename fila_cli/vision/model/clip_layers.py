@@ -19,9 +19,18 @@ from torch import nn
 from fila_cli.config import ClipVisionConfig
 
 
+QUICK_GELU_SCALE = 1.702  # CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x)
+
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     # transformers' QuickGELUActivation: CLIP's own approximation of GELU.
-    return x * torch.sigmoid(1.702 * x)
+    if not torch.is_grad_enabled():
+        # Inference: one temporary instead of two, and one pass less over the [views, tokens,
+        # 4096] activations. The same roundings in the same order (a product is commutative), so
+        # the result is bit-identical to the expression below.
+        gate = torch.mul(x, QUICK_GELU_SCALE).sigmoid_()
+        return gate.mul_(x)
+    return x * torch.sigmoid(QUICK_GELU_SCALE * x)
 
 
 # transformers' ACT2FN names -> the function each stands for (those a CLIP tower uses).
@@ -119,6 +128,11 @@ class CLIPEncoderLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[n, t, width] -> [n, t, width]."""
+        if not torch.is_grad_enabled():
+            # Inference: each branch's output is a fresh tensor, so the residual is added into it
+            # in place (bit-identical: a sum is commutative) rather than into a new one.
+            hidden_states = self.self_attn(self.layer_norm1(hidden_states)).add_(hidden_states)
+            return self.mlp(self.layer_norm2(hidden_states)).add_(hidden_states)
         residual = hidden_states
         hidden_states = residual + self.self_attn(self.layer_norm1(hidden_states))
         residual = hidden_states
