@@ -17,7 +17,10 @@ the ConvNeXt's canvas (fusion on), plus anyres preprocessing of that render: bes
 resident memory it adds, in a fresh process per row (Linux: the peak RSS is reset through
 /proc/self/clear_refs before the render; peak after minus resident before).
 
-Usage: python benchmarks/encoder.py [--repeats N] [--threads N] [--page-size HxW]
+``--compile`` adds the bfloat16 rows again through ``compile_for_inference`` (torch.compile, inductor
+with frozen weights), with the seconds its first call spent compiling.
+
+Usage: python benchmarks/encoder.py [--repeats N] [--threads N] [--page-size HxW] [--compile]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNe
 
 from fila_cli.vision.anyres import preprocess
 from fila_cli.config import AnyresConfig, FusionConfig
+from fila_cli.vision.model.compiled import compile_for_inference
 from fila_cli.vision.model.encoder import HybridEncoder
 
 LLM_WIDTH = 4096
@@ -56,6 +60,7 @@ class Row:
     dtype: torch.dtype
     seconds: float
     flops: float
+    compile_s: float | None = None  # the first call's time, compiling included (compiled rows)
 
 
 def timed(fn, repeats: int) -> float:
@@ -182,6 +187,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--page-size", default="1123x794", help="page HxW in pixels (default: A4 at 96 dpi)")
     parser.add_argument("--render-only", action="store_true", help="only the render table (seconds, not minutes)")
+    parser.add_argument("--compile", action="store_true", help="also the bfloat16 rows compiled (compile_for_inference)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.render_only:
@@ -211,25 +217,36 @@ def main() -> None:
         rows.append(Row("HF LLaVA-NeXT get_image_features", torch.float32, timed(run_hf, args.repeats), count_flops(run_hf)))
         del hf
 
-        for name, fusion, dtype in [("fila, fusion off", False, torch.float32), ("fila, fusion off", False, torch.bfloat16),
-                                    ("fila, fusion on (CVFM + ConvNeXt-L)", True, torch.bfloat16)]:
+        variants = [("fila, fusion off", False, torch.float32, False), ("fila, fusion off", False, torch.bfloat16, False),
+                    ("fila, fusion on (CVFM + ConvNeXt-L)", True, torch.bfloat16, False)]
+        if args.compile:
+            variants += [("fila, fusion off, compiled", False, torch.bfloat16, True),
+                         ("fila, fusion on, compiled", True, torch.bfloat16, True)]
+        model_flops: dict[bool, float] = {}  # fusion -> FLOPs of one page
+        for name, fusion, dtype, compiled in variants:
             encoder = fila_encoder(fusion, dtype)
+            if compiled:
+                encoder = compile_for_inference(encoder)
 
             def run_fila(encoder=encoder, page=fused_page if fusion else page):
                 encoder(page)
 
-            run_fila()
-            rows.append(Row(name, dtype, timed(run_fila, args.repeats), count_flops(run_fila)))
+            first_s = timed(run_fila, 1)
+            if not compiled:  # a compiled graph hides its operations from the counter: the eager model's count
+                model_flops[fusion] = count_flops(run_fila)
+            rows.append(Row(name, dtype, timed(run_fila, args.repeats), model_flops[fusion], first_s if compiled else None))
             del encoder
 
     peaks = {dtype: peak_matmul_flops_per_s(dtype) for dtype in {row.dtype for row in rows}}
     baseline = rows[0].seconds
     print()
-    print(f"{'path':<38} {'dtype':<9} {'seconds':>8} {'vs HF':>7} {'GFLOP':>8} {'floor s':>8} {'x floor':>8}")
+    print(f"{'path':<38} {'dtype':<9} {'seconds':>8} {'vs HF':>7} {'GFLOP':>8} {'floor s':>8} {'x floor':>8} {'1st call s':>10}")
     for row in rows:
         floor = row.flops / peaks[row.dtype]
         dtype = str(row.dtype).removeprefix("torch.")
-        print(f"{row.name:<38} {dtype:<9} {row.seconds:8.2f} {baseline / row.seconds:6.2f}x {row.flops / 1e9:8.0f} {floor:8.2f} {row.seconds / floor:7.2f}x")
+        first = f"{row.compile_s:10.1f}" if row.compile_s is not None else f"{'':>10}"
+        print(f"{row.name:<38} {dtype:<9} {row.seconds:8.2f} {baseline / row.seconds:6.2f}x {row.flops / 1e9:8.0f} {floor:8.2f} "
+              f"{row.seconds / floor:7.2f}x {first}")
     print()
     for dtype, peak in peaks.items():
         print(f"peak matmul ({MATMUL_SIDE}^3, {str(dtype).removeprefix('torch.')}): {peak / 1e9:.0f} GFLOP/s")

@@ -7,7 +7,7 @@ computing layers nobody reads.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -48,16 +48,35 @@ class CLIPTower(nn.Module):
     def num_patches(self) -> int:
         return (self.config.image_size // self.config.patch_size) ** 2
 
-    def forward(self, pixel_values: torch.Tensor, hook: LayerHook | None = None) -> torch.Tensor:
-        """[n_views, 3, S, S] -> hidden state after the last kept layer, [n_views, 1 + n_patches, width]."""
+    def forward(self, pixel_values: torch.Tensor, hook: LayerHook | None = None,
+                hook_layers: Sequence[int] | None = None) -> torch.Tensor:
+        """[n_views, 3, S, S] -> hidden state after the last kept layer, [n_views, 1 + n_patches, width].
+
+        ``hook`` runs after each layer numbered in ``hook_layers`` (1-based; None: after every layer).
+        Between two hooked layers the layers run as one ``run_layers`` call, the unit that
+        ``compile_for_inference`` compiles."""
         hidden = self.pre_layrnorm(self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype)))
-        for number, layer in enumerate(self.encoder.layers, start=1):
+        n_layers = len(self.encoder.layers)
+        if hook is None:
+            stops: list[int] = []
+        else:
+            stops = sorted({n for n in (hook_layers if hook_layers is not None else range(1, n_layers + 1)) if n <= n_layers})
+        start = 0
+        for stop in [*stops, n_layers]:
+            if stop > start:
+                hidden = self.run_layers(hidden, start, stop)
+            if hook is not None and stop in stops:
+                hidden = hook(stop, hidden)
+            start = stop
+        return hidden
+
+    def run_layers(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Layers start+1 .. stop (1-based numbers) over hidden [n_views, 1 + n_patches, width]."""
+        for layer in self.encoder.layers[start:stop]:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 hidden = checkpoint(layer, hidden, use_reentrant=False)
             else:
                 hidden = layer(hidden)
-            if hook is not None:
-                hidden = hook(number, hidden)
         return hidden
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -47,4 +47,8 @@ class ConvNeXtBranch(nn.Module):
         if height % stride or width % stride:
             raise ValueError(f"high-resolution canvas {height}x{width} is not a whole number of stride-{stride} cells")
         weight = next(self.model.parameters())
-        return self.model.forward_intermediates(highres_canvas.to(weight.dtype), intermediates_only=True)
+        return self.stage_maps(highres_canvas.to(weight.dtype))
+
+    def stage_maps(self, highres_canvas: torch.Tensor) -> list[torch.Tensor]:
+        """timm's own stage outputs (the unit that ``compile_for_inference`` compiles)."""
+        return self.model.forward_intermediates(highres_canvas, intermediates_only=True)

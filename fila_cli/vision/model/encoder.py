@@ -134,8 +134,11 @@ class HybridEncoder(nn.Module):
 
     def view_features(self, page: AnyresImage) -> torch.Tensor:
         """Projected features of every view: [n_views, grid^2, d]."""
-        hook = self._fusion_hook(page) if self.fusion_enabled else None
-        hidden = self.vit(page.views.to(self.image_newline.device), hook=hook)  # [n_views, 1 + grid^2, D]
+        hook, hook_layers = None, None
+        if self.cvfm is not None:
+            config = self.cvfm.config
+            hook, hook_layers = self._fusion_hook(page), [config.interaction_layers[s] for s in config.active_stages()]
+        hidden = self.vit(page.views.to(self.image_newline.device), hook=hook, hook_layers=hook_layers)  # [n_views, 1 + grid^2, D]
         return self.projector(hidden[:, 1:])  # class token dropped
 
     def forward(self, page: AnyresImage) -> torch.Tensor:

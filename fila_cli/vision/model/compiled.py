@@ -1,0 +1,43 @@
+"""``torch.compile`` for inference: the encoder's heavy parts compiled once, reused page after page.
+
+What is compiled are the units the model already runs as wholes: the ViT's layers between two
+fusion points (``CLIPTower.run_layers``; all of them with fusion off), the projector, and the
+ConvNeXt's stages (``ConvNeXtBranch.stage_maps``). The per-page glue stays eager: preprocessing,
+the CVFM hook (a new closure over each page's ConvNeXt maps), alignment and packing.
+
+Inductor's ``freezing`` turns the weights into constants, which is what lets it hand the linear
+layers to oneDNN with prepacked weights and the bias and activation fused (CPU), or capture them
+(GPU). The price is compilation when a new input shape arrives: a page's number of views and, with
+fusion on, its high-resolution canvas differ between the five canvas shapes, so up to five graphs per
+unit. ``benchmarks/encoder.py --compile`` measures both sides. Inference only: frozen weights do not
+train, and a model moved or cast after compiling must be compiled again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fila_cli.vision.model.encoder import HybridEncoder
+
+# Inductor options: weights as constants (see the module docstring).
+INDUCTOR_OPTIONS = {"freezing": True}
+# Five canvas shapes x the fusion points, with room: past this, dynamo falls back to eager rather than recompile.
+RECOMPILE_LIMIT = 16
+
+
+def compile_for_inference(encoder: HybridEncoder) -> HybridEncoder:
+    """Compile ``encoder`` in place for ``encode`` (inference mode); returns it."""
+    import torch._dynamo as dynamo  # torch.compile's front end: loaded only when asked for (seconds of start-up)
+
+    encoder.eval()
+    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+
+    def compiled(fn):
+        # dynamic=False: one specialised graph per input shape, as freezing's weight packing wants.
+        return torch.compile(fn, dynamic=False, options=INDUCTOR_OPTIONS)
+
+    encoder.vit.run_layers = compiled(encoder.vit.run_layers)
+    encoder.projector.forward = compiled(encoder.projector.forward)
+    if encoder.convnext is not None:
+        encoder.convnext.stage_maps = compiled(encoder.convnext.stage_maps)
+    return encoder

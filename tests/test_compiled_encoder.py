@@ -1,0 +1,37 @@
+"""``compile_for_inference``: the compiled encoder gives the eager encoder's tokens on two canvas
+shapes (a new shape compiles its own graph rather than reusing a wrong one). Fusion on, so every
+compiled unit runs: the ViT's layers between fusion points, the projector, the ConvNeXt."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fila_cli.vision.load import load_encoder
+from fila_cli.vision.model.compiled import compile_for_inference
+from test_fusion import write_fusion
+from tiny_vision import PAGE_SHAPES, page_image, save_llava_next_checkpoint, tiny_llava_next
+
+# Two pages whose canvases differ (a different number of views and high-resolution canvas).
+PAGES = ("portrait_a4", "very_wide")
+# Inductor's fused kernels round float32 differently from eager's (it may reorder a sum, fuse
+# bias and activation): the same model, not the same bits.
+FLOAT32_TOLERANCE = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_llava_next_checkpoint(tiny_llava_next(seed=7), tmp_path_factory.mktemp("llava"))
+
+
+def test_compiled_encoder_gives_the_eager_tokens(checkpoint, tmp_path):
+    weights = write_fusion(checkpoint, tmp_path / "fusion.safetensors", "concat", False, 0.5)
+    eager = load_encoder(checkpoint, weights)
+    compiled = compile_for_inference(load_encoder(checkpoint, weights))
+    for shape in PAGES:
+        image = page_image(*PAGE_SHAPES[shape], seed=3)
+        expected = eager.encode(image).tokens
+        for _ in range(2):  # the second call reuses the compiled graph
+            got = compiled.encode(image).tokens
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, **FLOAT32_TOLERANCE)
