@@ -159,12 +159,19 @@ class Asker:
         token_cache: TokenCache | None = None,
         reuse_prefix: bool = False,
         prefix_store: PrefixStore | None = None,
+        compile_encoder: bool = False,
     ) -> "Asker":
+        """compile_encoder: ``compile_for_inference`` the encoder, which pays off over many pages
+        (each new canvas shape compiles once, ~1 min on a 2-core CPU for ViT-L)."""
         from fila_cli.vision.devices import pick_device, pick_dtype
         from fila_cli.vision.load import load_encoder
 
         torch_device = pick_device(device)
         encoder = load_encoder(bundle.vision, bundle.fusion, device=torch_device, dtype=pick_dtype(dtype, torch_device))
+        if compile_encoder:
+            from fila_cli.vision.model.compiled import compile_for_inference
+
+            compile_for_inference(encoder)
         backend = LlamaBackend(bundle.llm, n_ctx=bundle.n_ctx, n_gpu_layers=n_gpu_layers, verbose=verbose, lora_path=bundle.lora)
         template = select_template(bundle.template, backend.chat_template, backend.model_name)
         return cls(encoder, backend, template, bundle, token_cache=token_cache, reuse_prefix=reuse_prefix,
@@ -181,7 +188,8 @@ class Asker:
             prefix_store = PrefixStore(budget.root / PREFIX_DIR_NAME, budget=budget)
         return cls.load(bundle or options.bundle(), device=options.device, dtype=options.dtype,
                         n_gpu_layers=options.gpu_layers, verbose=options.verbose,
-                        token_cache=token_cache, reuse_prefix=reuse_prefix, prefix_store=prefix_store)
+                        token_cache=token_cache, reuse_prefix=reuse_prefix, prefix_store=prefix_store,
+                        compile_encoder=options.compile_encoder)
 
     @property
     def model_name(self) -> str:

@@ -48,6 +48,7 @@ class ModelOptions:
     use_cache: bool = True  # the visual-token cache and the LLM prefix states on disk
     cache_max_gb: float = DEFAULT_CACHE_MAX_GB  # one size cap over both caches (least recently used go first)
     verbose: bool = False  # llama.cpp's own log
+    compile_encoder: bool = False  # torch.compile the vision encoder (vision.model.compiled): for long batches
 
     def bundle(self) -> Bundle:
         return resolve_bundle(self.model, llm=self.llm, mmproj=self.mmproj, fusion=self.fusion)
