@@ -35,7 +35,7 @@ def compile_for_inference(encoder: HybridEncoder) -> HybridEncoder:
     import torch._dynamo as dynamo  # torch.compile's front end: loaded only when asked for (seconds of start-up)
 
     encoder.eval()
-    dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
+    dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     # Inductor's C++ toolchain probe says, on every CPU-only machine, that it found no CUDA runtime.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     options = CUDA_OPTIONS if encoder.device.type == "cuda" else INDUCTOR_OPTIONS
