@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fila_cli.cli.options import (
-    DeviceOption, DtypeOption, FusionOption, GpuLayersOption, LlmOption, MmprojOption, ModelOption, SeedOption, TemperatureOption, TopPOption, ask_options, load_asker, model_options,
+    CompileOption, DeviceOption, DtypeOption, FusionOption, GpuLayersOption, LlmOption, MmprojOption, ModelOption, SeedOption, TemperatureOption, TopPOption, ask_options, load_asker, model_options,
 )
 from fila_cli.cli.support import EXIT_CODES_HELP, VerboseOption, handle_errors, stderr
 from fila_cli.errors import ExitCode, UsageError
@@ -60,6 +60,7 @@ def eval_command(
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     cache: Annotated[bool, typer.Option("--cache", help="Also keep every page's visual tokens in the on-disk cache (`fila cache`); off by default, as a split's pages take tens of GB there. Recent pages are always reused from memory.")] = False,
+    compile_encoder: CompileOption = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Answer every question of a benchmark split and score the answers with the task's official metric.
@@ -79,7 +80,7 @@ def eval_command(
         raise typer.Exit(run_eval_command(
             task, data, limit=limit, output=output, resume=resume, as_json=as_json,
             model=model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
-                                gpu_layers=gpu_layers, no_cache=not cache, verbose=verbose),
+                                gpu_layers=gpu_layers, no_cache=not cache, verbose=verbose, compile_encoder=compile_encoder),
             sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens)))
 
 

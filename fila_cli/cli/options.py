@@ -17,6 +17,7 @@ from fila_cli.llm.sampling import SamplingParams
 from fila_cli.qa.options import AskOptions, ModelOptions
 
 DeviceOption = Annotated[str, typer.Option("--device", help="Where the vision encoder runs: auto (best present), cpu, cuda or mps.")]
+CompileOption = Annotated[bool, typer.Option("--compile", help="Compile the vision encoder with torch.compile: faster pages after about a minute of compiling per page shape (2-core CPU, ViT-L); for long runs.")]
 DtypeOption = Annotated[
     str, typer.Option("--dtype", help="Vision encoder precision: auto, float32, bfloat16. auto: bfloat16 on CUDA GPUs that support it "
                                       "(float16 on older ones) and on CPUs with AMX/AVX512-BF16, float16 on Apple MPS, float32 on other "
@@ -39,13 +40,14 @@ GpuLayersOption = Annotated[Optional[int], typer.Option("--gpu-layers", help="LL
 
 def model_options(*, model: str | None, llm: Path | None, mmproj: Path | None, fusion: Path | None, device: str,
                   dtype: str, gpu_layers: int | None, no_cache: bool, verbose: bool,
-                  cache_max_gb: float = DEFAULT_CACHE_MAX_GB) -> ModelOptions:
+                  cache_max_gb: float = DEFAULT_CACHE_MAX_GB, compile_encoder: bool = False) -> ModelOptions:
     from fila_cli.errors import UsageError
 
     if not cache_max_gb > 0:
         raise UsageError(f"--cache-max-gb must be positive (got {cache_max_gb:g}); use --no-cache to turn the caches off")
     return ModelOptions(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
-                        gpu_layers=gpu_layers, use_cache=not no_cache, verbose=verbose, cache_max_gb=cache_max_gb)
+                        gpu_layers=gpu_layers, use_cache=not no_cache, verbose=verbose, cache_max_gb=cache_max_gb,
+                        compile_encoder=compile_encoder)
 
 
 def ask_options(*, pages: str | None, password: str | None, text_layer: bool, temperature: float, top_p: float,
