@@ -15,7 +15,7 @@ documents go to Ray Data's ``map_batches`` as one block each, handled by an acto
   document retried once (``max_task_retries``); a document that kills workers twice comes back as no
   rows at all (``max_errored_blocks=-1`` lets the dataset go on) and is recorded as ``crash``.
 
-Overlap (``--pipeline-depth N``, N >= 1, the default). Each actor takes N + 1 documents at once
+Overlap (``--pipeline-depth N``, N >= 1, the default). Each actor takes N + 2 documents at once
 (Ray Data's ``max_concurrent_calls_per_actor`` with ``enable_true_multi_threading``: one thread per
 call) and feeds them to one ``DocumentPipeline``: the local batch's ``prepare_units`` ->
 ``RunAhead`` -> ``answer_units``, kept alive across calls. While its LLM answers one document, the
@@ -31,8 +31,8 @@ a time with ``answer_document``, as before. Why this and not the alternatives:
   would drain and refill the pipeline at every block's end, return no record before the whole
   block is answered, and retry all K documents when the worker dies.
 - Here a block stays one document: its records come back as soon as it is answered, and a
-  worker that dies costs the documents it had in flight (at most N + 1, each retried once; Ray
-  Data already sent two to an actor before) rather than a block of them. The price: in the rare
+  worker that dies costs the documents it had in flight (N + 2, each retried once; Ray Data
+  already sent two to an actor before) rather than a block of them. The price: in the rare
   case of a document that kills its worker twice, a document that was in flight beside it both
   times is recorded as ``crash`` too; ``--resume`` answers it again.
 
@@ -252,13 +252,15 @@ def _dataset(ray, items: list[WorkItem]):
 
 
 def _documents_per_actor(pipeline_depth: int) -> dict[str, Any]:
-    """Overlap: N + 1 documents in an actor at once, one call (thread) each, so that its pipeline
-    always holds the document the LLM answers and the next ones to prepare, up to N pages ahead
-    (one-page documents: N of them). None waits queued beyond those: a worker's death retries only
-    documents that were in its pipeline. Without overlap, Ray Data's defaults, as before."""
+    """Overlap: N + 2 documents in an actor at once, one call (thread) each: the one its LLM
+    answers, up to N being prepared (one-page documents: N pages ahead) and one waiting in the
+    pipeline's queue, because Ray Data takes a while to send a document into a freed slot (up to
+    half a second measured, Ray 2.60) and the pipeline should not wait for it. None waits queued
+    outside the pipeline: a worker's death retries only documents that were in it. Without
+    overlap, Ray Data's defaults, as before (one call at a time, two sent)."""
     if pipeline_depth <= 0:
         return {}
-    in_flight = pipeline_depth + 1
+    in_flight = pipeline_depth + 2
     return dict(max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True,
                 max_tasks_in_flight_per_actor=in_flight)
 
