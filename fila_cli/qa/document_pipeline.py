@@ -130,3 +130,4 @@ class DocumentPipeline:
         self._queue.put(_CLOSED)
         self._llm.join()
         self._ahead.close()
+        self._queue.fail(RuntimeError("the document pipeline is closed"))  # for a submit after this

@@ -133,16 +133,18 @@ class DocumentAnswerer:
                          if self.asker is not None and pipeline_depth > 0 else None)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        records, where, restarted = [], [], []
+        records, where, restarted, finished_at = [], [], [], []
         for file, name, sha256, questions in zip(batch["file"], batch["name"], batch["sha256"], batch["questions"]):
-            for record in self._answer(str(file), str(name), None if sha256 == "" else str(sha256),
-                                       [str(q) for q in questions]):
+            answered = self._answer(str(file), str(name), None if sha256 == "" else str(sha256), [str(q) for q in questions])
+            finished = time.time()  # the worker's clock: a record reaches the driver later, by how much varies
+            for record in answered:
                 records.append(record)
                 where.append(self.where)
                 restarted.append(self.restarted)
+                finished_at.append(finished)
         # load_failed: the driver reports a model that cannot load once, apart from the model-kind
         # records of a loaded model (pages that overflow its context, with --together).
-        return {"record": records, "worker": where, "restarted": restarted,
+        return {"record": records, "worker": where, "restarted": restarted, "finished_at": finished_at,
                 "load_failed": [self.asker is None] * len(records)}
 
     def _answer(self, file: str, name: str, sha256: str | None, questions: list[str]):
@@ -161,8 +163,10 @@ class ClusterProgress:
     pages: int = 0
     workers: set[str] | None = None
     restarted_workers: set[str] | None = None
+    finished_at: float | None = None  # when the worker had the last record ready (its clock, time.time())
 
-    def add(self, record: dict[str, Any], worker: str, restarted: bool) -> None:
+    def add(self, record: dict[str, Any], worker: str, restarted: bool, finished_at: float | None = None) -> None:
+        self.finished_at = finished_at
         self.workers = (self.workers or set()) | {worker}
         if restarted:
             self.restarted_workers = (self.restarted_workers or set()) | {worker}
@@ -220,7 +224,7 @@ def run_batch_on_ray(items: list[WorkItem], model: ModelOptions, options: AskOpt
             sink.write(record)
             report_warnings(record)
             _count(summary, record)
-            progress.add(record, row["worker"], row["restarted"])
+            progress.add(record, row["worker"], row["restarted"], row["finished_at"])
             if on_record is not None:
                 on_record(progress)
             if stop.requested:
