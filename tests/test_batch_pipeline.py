@@ -22,7 +22,9 @@ from bad_documents import make_good_pdf
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.errors import ExitCode
 from fila_cli.qa.ask import Asker, AskOptions
-from fila_cli.qa.batch import RecordSink, run_batch
+from fila_cli.qa.batch import RecordSink, answer_document, run_batch, sha256_or_none
+from fila_cli.qa.document_pipeline import DocumentPipeline
+from fila_cli.qa.isolation import DocumentWorker
 from fila_cli.qa.pipeline import RunAhead
 from tiny_bundle import build_tiny_bundle
 from test_batch import batch_command, read_records, wait_for_lines
@@ -248,10 +250,6 @@ def test_kill_9_during_overlap_then_resume_gives_each_record_once(bundle, tmp_pa
 
 def pipeline_records(asker, documents, options, depth):
     """Each document submitted from its own thread, all at once: its records, by document."""
-    from fila_cli.qa.batch import sha256_or_none
-    from fila_cli.qa.document_pipeline import DocumentPipeline
-    from fila_cli.qa.isolation import DocumentWorker
-
     worker = DocumentWorker(120)
     pipeline = DocumentPipeline(asker, worker, options, depth)
     results = {}
@@ -274,9 +272,6 @@ def pipeline_records(asker, documents, options, depth):
 
 @pytest.mark.parametrize("limits", [{}, {"n_ctx": BETWEEN_THE_SHAPES}], ids=["pages-alone", "context-overflow-mid-document"])
 def test_a_pipeline_fed_by_threads_answers_each_document_as_answer_document_does(bundle, documents, limits):
-    from fila_cli.qa.batch import answer_document, sha256_or_none
-    from fila_cli.qa.isolation import DocumentWorker
-
     asker = load_asker(bundle, **limits)
     worker = DocumentWorker(120)
     try:
@@ -296,10 +291,6 @@ def test_a_pipeline_fed_by_threads_answers_each_document_as_answer_document_does
 def test_a_pipeline_prepares_the_next_document_while_the_llm_answers(bundle, documents):
     """The LLM's first answer waits until the next document is being opened: without overlap that
     never happens (the wait times out and the test fails)."""
-    from fila_cli.qa.batch import sha256_or_none
-    from fila_cli.qa.document_pipeline import DocumentPipeline
-    from fila_cli.qa.isolation import DocumentWorker
-
     first, second = documents[4], documents[0]  # wide.pdf (one page), invoice.pdf
     asker = load_asker(bundle)
     worker = DocumentWorker(120)
