@@ -22,7 +22,9 @@ from bad_documents import make_good_pdf
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.errors import ExitCode
 from fila_cli.qa.ask import Asker, AskOptions
-from fila_cli.qa.batch import RecordSink, run_batch
+from fila_cli.qa.batch import RecordSink, answer_document, run_batch, sha256_or_none
+from fila_cli.qa.document_pipeline import DocumentPipeline
+from fila_cli.qa.isolation import DocumentWorker
 from fila_cli.qa.pipeline import RunAhead
 from tiny_bundle import build_tiny_bundle
 from test_batch import batch_command, read_records, wait_for_lines
@@ -241,3 +243,85 @@ def test_kill_9_during_overlap_then_resume_gives_each_record_once(bundle, tmp_pa
         return {(r["file"], r["question"]): {k: v for k, v in r.items() if k != "timings"} for r in records}
 
     assert by_key(records) == by_key(reference), "the interrupted, resumed batch answers as the uninterrupted one"
+
+
+# -- one pipeline fed by several threads (what a `fila batch --ray` worker runs) --
+
+
+def pipeline_records(asker, documents, options, depth):
+    """Each document submitted from its own thread, all at once: its records, by document."""
+    worker = DocumentWorker(120)
+    pipeline = DocumentPipeline(asker, worker, options, depth)
+    results = {}
+
+    def submit(document):
+        results[document] = pipeline.submit(document, sha256_or_none(document), QUESTIONS)
+
+    threads = [threading.Thread(target=submit, args=(document,)) for document in documents]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+    finally:
+        pipeline.close()
+        worker.close()
+    assert not any(thread.is_alive() for thread in threads)
+    return results
+
+
+@pytest.mark.parametrize("limits", [{}, {"n_ctx": BETWEEN_THE_SHAPES}], ids=["pages-alone", "context-overflow-mid-document"])
+def test_a_pipeline_fed_by_threads_answers_each_document_as_answer_document_does(bundle, documents, limits):
+    asker = load_asker(bundle, **limits)
+    worker = DocumentWorker(120)
+    try:
+        reference = {document: answer_document(asker, worker, document, sha256_or_none(document), QUESTIONS, AskOptions())
+                     for document in documents}
+    finally:
+        worker.close()
+    for depth in (1, 2):
+        got = pipeline_records(asker, documents, AskOptions(), depth)
+        assert {d: without_timings(r) for d, r in got.items()} == {d: without_timings(r) for d, r in reference.items()}
+    # The premises: answers to compare, and failures before the LLM (missing, not a PDF) and with it.
+    kinds = Counter(record["error"]["kind"] if record["error"] else None for records in reference.values() for record in records)
+    assert kinds[None] >= len(QUESTIONS) and kinds["document"] == 2 * len(QUESTIONS), kinds
+    assert ("model" in kinds) == bool(limits)
+
+
+def test_a_pipeline_prepares_the_next_document_while_the_llm_answers(bundle, documents):
+    """The LLM's first answer waits until the next document is being opened: without overlap that
+    never happens (the wait times out and the test fails)."""
+    first, second = documents[4], documents[0]  # wide.pdf (one page), invoice.pdf
+    asker = load_asker(bundle)
+    worker = DocumentWorker(120)
+    opened = {first: threading.Event(), second: threading.Event()}
+    second_opened_during_first_answer = []
+    real_open, real_answer = worker.open, asker.answer_prepared
+
+    def open_and_tell(file, *args, **kwargs):
+        opened[file].set()
+        return real_open(file, *args, **kwargs)
+
+    def answer_after_the_next_opened(file, *args, **kwargs):
+        if file == str(first):
+            second_opened_during_first_answer.append(opened[second].wait(60))
+        return real_answer(file, *args, **kwargs)
+
+    worker.open, asker.answer_prepared = open_and_tell, answer_after_the_next_opened
+    pipeline = DocumentPipeline(asker, worker, AskOptions(), depth=1)
+    results = {}
+
+    def submit(document):
+        results[document] = pipeline.submit(document, sha256_or_none(document), QUESTIONS[:1])
+
+    try:
+        thread = threading.Thread(target=submit, args=(first,))
+        thread.start()
+        assert opened[first].wait(60)  # in the queue first
+        submit(second)
+        thread.join(120)
+    finally:
+        pipeline.close()
+        worker.close()
+    assert second_opened_during_first_answer == [True]
+    assert [record["error"] for document in (first, second) for record in results[document]] == [None, None]

@@ -19,6 +19,7 @@ import pytest
 
 from bad_documents import make_good_pdf
 from fila_cli.errors import ExitCode
+from test_batch_pipeline import PORTRAIT, WIDE, shaped_pdf
 from tiny_bundle import build_tiny_bundle
 from tiny_vision import page_image
 
@@ -117,6 +118,36 @@ def test_the_cluster_gives_the_local_records_each_once(bundle, cluster, folder, 
             assert record["error"]["kind"] == reference["error"]["kind"], unit
 
 
+def without_timings(records):
+    return {unit: {key: value for key, value in record.items() if key != "timings"} for unit, record in by_unit(records).items()}
+
+
+def test_an_overlapped_worker_gives_the_records_of_one_stage_at_a_time(bundle, cluster, tmp_path):
+    """One worker (--ray-cpus 2 of the cluster's 2) with --pipeline-depth 2: four documents in its
+    pipeline at once, pages of the next rendered and encoded while its LLM answers; no cache, so
+    every page goes through every stage. The records are the local one-stage-at-a-time batch's."""
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(3):
+        make_good_pdf(folder / f"scan{i}.pdf", [f"Scan {i}: the total due is {i * 10} EUR."], scanned_page=0)
+    shaped_pdf(folder / "shapes.pdf", [WIDE, PORTRAIT, WIDE])  # no text layer: all three pages read
+    make_good_pdf(folder / "letter.pdf", ["Dear Ada,", "the total due is 12 EUR. Signed Bob."])
+    (folder / "broken.pdf").write_text("a text file with a .pdf name")
+    questions = ["-q", QUESTIONS[0], "-q", QUESTIONS[1], "--no-cache"]
+    local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    subprocess.run(batch_command(bundle, folder, *questions, "-o", local, "--pipeline-depth", "0"),
+                   capture_output=True, timeout=600)
+    completed = subprocess.run(batch_command(bundle, folder, *questions, "-o", remote, "--ray", cluster,
+                                             "--ray-cpus", "2", "--pipeline-depth", "2"),
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == ExitCode.FAILURE, completed.stderr  # the broken document
+    assert "10 answered; 2 failed" in completed.stderr and "Traceback" not in completed.stderr
+    got, expected = without_timings(read_records(remote)), without_timings(read_records(local))
+    assert len(got) == 6 * 2 and got == expected
+    shapes = [record for (file, _), record in got.items() if file.endswith("shapes.pdf")]
+    assert [record["error"] for record in shapes] == [None, None]  # the premise: a three-page document answered
+
+
 def actor_pids() -> list[int]:
     listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
     return [int(line.split()[0]) for line in listing if ACTOR_CLASS in line and "ps -eo" not in line]
@@ -132,10 +163,12 @@ def wait_for(predicate, process, deadline_s=300):
     raise AssertionError("timed out")
 
 
-def test_a_killed_worker_is_replaced_and_its_document_retried(bundle, cluster, folder, tmp_path):
+def test_a_killed_worker_is_replaced_and_its_documents_retried(bundle, cluster, folder, tmp_path):
+    """Killed while its stages overlap (--pipeline-depth 1: three documents in each worker's pipeline)."""
     out = tmp_path / "out.jsonl"
     good = sorted(folder.glob("doc*.pdf"))
-    process = subprocess.Popen(ray_command(bundle, cluster, *good, "-q", QUESTIONS[0], "-q", QUESTIONS[1], "-o", out),
+    process = subprocess.Popen(ray_command(bundle, cluster, *good, "-q", QUESTIONS[0], "-q", QUESTIONS[1], "-o", out,
+                                           "--pipeline-depth", "1", "--no-cache"),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: out.exists() and out.read_text().count("\n") >= 2, process)
     victims = actor_pids()
@@ -149,8 +182,9 @@ def test_a_killed_worker_is_replaced_and_its_document_retried(bundle, cluster, f
 
 
 def test_kill_9_on_the_driver_then_resume(bundle, cluster, folder, tmp_path):
+    """With --pipeline-depth 0 (one stage at a time, a document per worker call): that path runs too."""
     out = tmp_path / "out.jsonl"
-    command = ray_command(bundle, cluster, folder, "-q", QUESTIONS[0], "-q", QUESTIONS[1], "-o", out)
+    command = ray_command(bundle, cluster, folder, "-q", QUESTIONS[0], "-q", QUESTIONS[1], "-o", out, "--pipeline-depth", "0")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     wait_for(lambda: out.exists() and out.read_text().count("\n") >= 3, process)
     os.killpg(process.pid, signal.SIGKILL)  # the driver and what it started

@@ -296,7 +296,7 @@ def batch(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds the document worker may spend on one document (opening, choosing pages, rendering, text extraction; the model's time between pages does not count) before it is recorded as a timeout.")] = 120.0,
     ray: Annotated[Optional[str], typer.Option("--ray", help="Run across a Ray cluster: 'auto' joins the running one (or starts a local one), 'local' starts a private one on this machine, or give its address (ray://host:10001, host:6379). Needs `pip install \"fila-cli[ray]\"`; the documents' paths must be visible on every node.", show_default=False)] = None,
     ray_cpus: Annotated[float, typer.Option("--ray-cpus", help="With --ray on CPU-only nodes: CPUs per worker (one model each). On GPU nodes each worker takes one GPU.")] = 2.0,
-    pipeline_depth: Annotated[int, typer.Option("--pipeline-depth", help="Pages rendered and encoded ahead while the LLM answers the current one (each holds one page's visual tokens in memory); 0 does one stage at a time.")] = DEFAULT_PIPELINE_DEPTH,
+    pipeline_depth: Annotated[int, typer.Option("--pipeline-depth", help="Pages rendered and encoded ahead while the LLM answers the current one (with --ray, in each worker; each holds one page's visual tokens in memory); 0 does one stage at a time.")] = DEFAULT_PIPELINE_DEPTH,
     model: ModelOption = None,
     llm: LlmOption = None,
     mmproj: MmprojOption = None,

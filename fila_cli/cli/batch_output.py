@@ -38,7 +38,8 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
         import_ray()  # a missing extra is a usage error before anything else happens
     done = load_done(output) if resume and output is not None else set()
     if ray_address is not None:
-        return _run_on_ray(documents, all_questions, output, done, timeout, model, ask, ray_address, ray_cpus)
+        return _run_on_ray(documents, all_questions, output, done, timeout, model, ask, ray_address, ray_cpus,
+                           pipeline_depth)
     asker = load_asker(model, reuse_prefix=len(all_questions) > 1)
 
     sink = RecordSink(output)
@@ -63,7 +64,7 @@ def _finish(summary: BatchSummary) -> int:
 
 
 def _run_on_ray(documents: list[Path], questions: list[str], output: Path | None, done: set, timeout: float,
-                model: ModelOptions, ask: AskOptions, address: str, cpus_per_actor: float) -> int:
+                model: ModelOptions, ask: AskOptions, address: str, cpus_per_actor: float, pipeline_depth: int) -> int:
     """The batch on a Ray cluster: the driver hashes, skips what is done and writes every record."""
     from fila_cli.qa.ray_batch import WorkItem, run_batch_on_ray
 
@@ -90,6 +91,7 @@ def _run_on_ray(documents: list[Path], questions: list[str], output: Path | None
 
             summary = run_batch_on_ray(items, model, ask, sink, address=address, model_name=model_name,
                                        timeout_s=timeout, actors=None, cpus_per_actor=cpus_per_actor,
+                                       pipeline_depth=pipeline_depth,
                                        on_record=on_record, on_message=lambda m: progress.console.print(m, highlight=False, markup=False),
                                        on_warning=warning_line)
     finally:

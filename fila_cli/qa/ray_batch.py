@@ -15,6 +15,27 @@ documents go to Ray Data's ``map_batches`` as one block each, handled by an acto
   document retried once (``max_task_retries``); a document that kills workers twice comes back as no
   rows at all (``max_errored_blocks=-1`` lets the dataset go on) and is recorded as ``crash``.
 
+Overlap (``--pipeline-depth N``, N >= 1, the default). Each actor takes N + 2 documents at once
+(Ray Data's ``max_concurrent_calls_per_actor`` with ``enable_true_multi_threading``: one thread per
+call) and feeds them to one ``DocumentPipeline``: the local batch's ``prepare_units`` ->
+``RunAhead`` -> ``answer_units``, kept alive across calls. While its LLM answers one document, the
+next one is rendered (in the document worker) and encoded (in the pipeline's thread), at most N
+pages ahead, as ``fila batch`` does on one machine; ``--pipeline-depth 0`` answers one document at
+a time with ``answer_document``, as before. Why this and not the alternatives:
+
+- Ray Data stages (render, encode and answer as three ``map_batches``) would ship every page's
+  visual tokens between actors through the object store, ~47 MB per page in float32 for a 7B
+  model: a store sized for records would spill to disk at once, and the encoder and the LLM of a
+  GPU node would sit in two actors, each wanting the GPU. In one actor the tokens never leave it.
+- Several documents per ``map_batches`` call (a block of K run through ``run_batch``'s pipeline)
+  would drain and refill the pipeline at every block's end, return no record before the whole
+  block is answered, and retry all K documents when the worker dies.
+- Here a block stays one document: its records come back as soon as it is answered, and a
+  worker that dies costs the documents it had in flight (N + 2, each retried once; Ray Data
+  already sent two to an actor before) rather than a block of them. The price: in the rare
+  case of a document that kills its worker twice, a document that was in flight beside it both
+  times is recorded as ``crash`` too; ``--resume`` answers it again.
+
 Ray is imported only here, and only when ``--ray`` is given.
 """
 
@@ -32,7 +53,7 @@ from typing import Any, Callable
 
 from fila_cli.errors import FilaError, ModelError, UsageError
 from fila_cli.qa.batch import BatchSummary, RecordSink, StopFlag, WarningReporter, answer_document, failed_record
-from fila_cli.qa.options import AskOptions, ModelOptions
+from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, AskOptions, ModelOptions
 
 RAY_EXTRA_INSTALL = 'pip install "fila-cli[ray]"'
 # A document is retried once after the worker process handling it died; a second death is its crash.
@@ -84,12 +105,18 @@ class WorkItem:
 
 
 class DocumentAnswerer:
-    """A Ray actor: the model loaded once, answering whole documents as ``fila batch`` does locally."""
+    """A Ray actor: the model loaded once, answering whole documents as ``fila batch`` does locally.
 
-    def __init__(self, model: ModelOptions, options: AskOptions, n_questions: int, timeout_s: float):
+    With ``pipeline_depth`` >= 1, Ray calls it from several threads at once (one document each) and
+    their documents share one overlapped ``DocumentPipeline``; with 0, one call at a time.
+    """
+
+    def __init__(self, model: ModelOptions, options: AskOptions, n_questions: int, timeout_s: float,
+                 pipeline_depth: int = DEFAULT_PIPELINE_DEPTH):
         import ray
 
         from fila_cli.qa.ask import Asker
+        from fila_cli.qa.document_pipeline import DocumentPipeline
         from fila_cli.qa.isolation import DocumentWorker
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
@@ -102,23 +129,29 @@ class DocumentAnswerer:
         except FilaError as error:  # reported per record, and by the driver once per node
             self.asker, self.model_error = None, f"on {socket.gethostname()}: {error}"
         self.worker = DocumentWorker(timeout_s)
+        self.pipeline = (DocumentPipeline(self.asker, self.worker, options, pipeline_depth)
+                         if self.asker is not None and pipeline_depth > 0 else None)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        records, where, restarted = [], [], []
+        records, where, restarted, finished_at = [], [], [], []
         for file, name, sha256, questions in zip(batch["file"], batch["name"], batch["sha256"], batch["questions"]):
-            for record in self._answer(str(file), str(name), None if sha256 == "" else str(sha256),
-                                       [str(q) for q in questions]):
+            answered = self._answer(str(file), str(name), None if sha256 == "" else str(sha256), [str(q) for q in questions])
+            finished = time.time()  # the worker's clock: a record reaches the driver later, by how much varies
+            for record in answered:
                 records.append(record)
                 where.append(self.where)
                 restarted.append(self.restarted)
+                finished_at.append(finished)
         # load_failed: the driver reports a model that cannot load once, apart from the model-kind
         # records of a loaded model (pages that overflow its context, with --together).
-        return {"record": records, "worker": where, "restarted": restarted,
+        return {"record": records, "worker": where, "restarted": restarted, "finished_at": finished_at,
                 "load_failed": [self.asker is None] * len(records)}
 
     def _answer(self, file: str, name: str, sha256: str | None, questions: list[str]):
         if self.asker is None:
             return [failed_record(Path(file), q, "", sha256, "model", self.model_error or "no model") for q in questions]
+        if self.pipeline is not None:
+            return self.pipeline.submit(Path(file), sha256, questions, name=name or None)
         return answer_document(self.asker, self.worker, Path(file), sha256, questions, self.options, name=name or None)
 
 
@@ -130,8 +163,10 @@ class ClusterProgress:
     pages: int = 0
     workers: set[str] | None = None
     restarted_workers: set[str] | None = None
+    finished_at: float | None = None  # when the worker had the last record ready (its clock, time.time())
 
-    def add(self, record: dict[str, Any], worker: str, restarted: bool) -> None:
+    def add(self, record: dict[str, Any], worker: str, restarted: bool, finished_at: float | None = None) -> None:
+        self.finished_at = finished_at
         self.workers = (self.workers or set()) | {worker}
         if restarted:
             self.restarted_workers = (self.restarted_workers or set()) | {worker}
@@ -144,11 +179,13 @@ class ClusterProgress:
 
 def run_batch_on_ray(items: list[WorkItem], model: ModelOptions, options: AskOptions, sink: RecordSink, *,
                      address: str, model_name: str, timeout_s: float, actors: int | None, cpus_per_actor: float,
+                     pipeline_depth: int = DEFAULT_PIPELINE_DEPTH,
                      on_record: Callable[[ClusterProgress], None] | None = None,
                      on_message: Callable[[str], None] = lambda message: None,
                      on_warning: Callable[[str], None] = lambda warning: None) -> BatchSummary:
     """Answer ``items`` on the cluster at ``address``; write each record to ``sink`` as it arrives.
-    ``on_warning``: each damaged document's warnings, once, as a local batch says them."""
+    ``pipeline_depth``: pages each worker renders and encodes ahead of its LLM (0: one stage at a
+    time). ``on_warning``: each damaged document's warnings, once, as a local batch says them."""
     ray = import_ray()
     on_message(f"ray: {connect(ray, address)}")
     summary = BatchSummary()
@@ -166,9 +203,11 @@ def run_batch_on_ray(items: list[WorkItem], model: ModelOptions, options: AskOpt
             answered = dataset.map_batches(
                 DocumentAnswerer,
                 fn_constructor_kwargs=dict(model=model, options=options, timeout_s=timeout_s,
-                                           n_questions=max(len(item.questions) for item in items)),
+                                           n_questions=max(len(item.questions) for item in items),
+                                           pipeline_depth=pipeline_depth),
                 batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=actors or _default_actors(ray, cpus_per_actor)),
+                compute=ray.data.ActorPoolStrategy(size=actors or _default_actors(ray, cpus_per_actor),
+                                                   **_documents_per_actor(pipeline_depth)),
                 **_actor_resources(ray, cpus_per_actor),
                 max_task_retries=DOCUMENT_RETRIES,  # a worker that dies: its document goes to the replacement
                 max_restarts=-1,  # dead workers are always replaced
@@ -185,7 +224,7 @@ def run_batch_on_ray(items: list[WorkItem], model: ModelOptions, options: AskOpt
             sink.write(record)
             report_warnings(record)
             _count(summary, record)
-            progress.add(record, row["worker"], row["restarted"])
+            progress.add(record, row["worker"], row["restarted"], row["finished_at"])
             if on_record is not None:
                 on_record(progress)
             if stop.requested:
@@ -214,6 +253,20 @@ def _dataset(ray, items: list[WorkItem]):
     rows = [{"file": item.file, "name": item.name, "sha256": item.sha256 or "", "questions": item.questions}
             for item in items]
     return ray.data.from_items(rows, override_num_blocks=len(rows))  # one document a block: retried alone
+
+
+def _documents_per_actor(pipeline_depth: int) -> dict[str, Any]:
+    """Overlap: N + 2 documents in an actor at once, one call (thread) each: the one its LLM
+    answers, up to N being prepared (one-page documents: N pages ahead) and one waiting in the
+    pipeline's queue, because Ray Data takes a while to send a document into a freed slot (up to
+    half a second measured, Ray 2.60) and the pipeline should not wait for it. None waits queued
+    outside the pipeline: a worker's death retries only documents that were in it. Without
+    overlap, Ray Data's defaults, as before (one call at a time, two sent)."""
+    if pipeline_depth <= 0:
+        return {}
+    in_flight = pipeline_depth + 2
+    return dict(max_concurrent_calls_per_actor=in_flight, enable_true_multi_threading=True,
+                max_tasks_in_flight_per_actor=in_flight)
 
 
 def _default_actors(ray, cpus_per_actor: float) -> int:
