@@ -645,12 +645,16 @@ class LlamaBackend:
 
         Sampling: each sequence has its own sampler chain, built as ``generate`` builds it, seeded
         with ``params.seed``. An answer is ``generate``'s for the prompt alone wherever the logits
-        are: its prompt is decoded as alone and its first token is the same; the later steps compute
-        a row of a several-token batch, which llama.cpp's kernels may sum in another order (logits
-        differ in the last bits; 1e-3 on the tests' tiny model). Greedy answers are therefore the
-        same unless two tokens tie within that noise; with temperature > 0 the random draws are the
-        same, and a token differs only when a draw falls within that noise of a boundary between two
-        tokens. A single prompt is decoded exactly as ``generate`` decodes it.
+        are: its prompt is decoded as alone, so its first token and that token's log-probability are
+        exactly the same. A later step computes the sequence's row in a several-token batch, which
+        llama.cpp may compute with other kernels than a one-token step: without flash attention the
+        logits agree to rounding (1e-5 on the tests' tiny models, after 2,448 rows too); with flash
+        attention on a CPU the attention of several queries runs another kernel than one query's, and
+        the logits drift apart with the context (1e-3 after 50 positions, 0.04 after 2,448 random
+        rows on a tiny model, up to 0.5 on the tiny test bundle's pages). Greedy answers are the same
+        unless two candidates are that close; with temperature > 0 the random draws are the same, and
+        a token differs only when a draw falls that close to the boundary between two tokens. A
+        single prompt (one sequence a step) is decoded exactly as ``generate`` decodes it.
 
         Times, as ``generate``'s fields hold them: ``prefill_s`` is this prompt's own prefill (the
         prefills run one after another, so they add up to the group's); ``first_token_s`` the
