@@ -256,7 +256,6 @@ class _Answering:
     logprobs: list[float] = field(default_factory=list)
     stop: StopReason | None = None  # None while it goes on
     prefill_s: float = 0.0
-    prefilled_at: float = 0.0
     first_token_s: float = float("nan")
     generate_s: float = 0.0
 
@@ -651,7 +650,7 @@ class LlamaBackend:
         logits agree to rounding (1e-5 on the tests' tiny models, after 2,448 rows too); with flash
         attention on a CPU the attention of several queries runs another kernel than one query's, and
         the logits drift apart with the context (1e-3 after 50 positions, 0.04 after 2,448 random
-        rows on a tiny model, up to 0.5 on the tiny test bundle's pages). Greedy answers are the same
+        rows, up to 0.5 with its pages' visual tokens, on the tiny test bundle's LLM). Greedy answers are the same
         unless two candidates are that close; with temperature > 0 the random draws are the same, and
         a token differs only when a draw falls that close to the boundary between two tokens. A
         single prompt (one sequence a step) is decoded exactly as ``generate`` decodes it.
@@ -733,8 +732,7 @@ class LlamaBackend:
             else:
                 self.stats.text_tokens += len(piece)
         llama_cpp.llama_synchronize(self._llm.ctx)  # as prefill: the prefill's whole cost
-        sequence.prefilled_at = time.perf_counter()
-        sequence.prefill_s = sequence.prefilled_at - started
+        sequence.prefill_s = time.perf_counter() - started
 
     def _decode_step(self, unfinished: Sequence[_Answering]) -> None:
         """One llama_decode: row i holds the last sampled token of ``unfinished[i]`` at its position."""

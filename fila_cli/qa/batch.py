@@ -13,7 +13,8 @@
   one-stage-at-a-time batch's, record for record.
 - ``parallel`` N: up to N consecutive units of one prompt each are answered side by side in one
   llama.cpp context (``answer_groups``, ``LlamaBackend.generate_many``), their records written in
-  the units' order, the same records as one at a time.
+  the units' order, the one-at-a-time batch's records (``generate_many`` says when a later answer
+  token can differ).
 """
 
 from __future__ import annotations
@@ -492,7 +493,8 @@ def run_batch(asker: Asker, documents: list[Path], questions: list[str], options
     the default, and at least ``parallel``.
     ``parallel`` > 1: up to that many units of one prompt each are answered side by side
     (``answer_groups``; the asker's backend loaded with ``n_seq_max`` >= ``parallel``). The records
-    are the one-at-a-time batch's, in its order (greedy: the same answers).
+    are the one-at-a-time batch's, in its order (greedy: the same answers, but where
+    ``LlamaBackend.generate_many`` says a later token can differ).
     """
     pipeline_depth = check_parallel(parallel, pipeline_depth, asker.backend.n_seq_max)
     summary = BatchSummary()
