@@ -23,9 +23,10 @@ and preprocessing between matmuls). State the machine's load (`uptime`) with any
 
 ``--parallel 2 4`` adds a row per N: `fila batch --parallel N` (overlap on, ``--pipeline-depth N``),
 N answers decoded side by side in one llama.cpp context (``LlamaBackend.generate_many``). A second
-table times the LLM alone on the same prompts (the question around a page's visual tokens, from the
-first run's pages): N prompts one ``generate`` after another against one ``generate_many``, as
-answers/min, so that the LLM's own gain shows even where the encoder is the slowest stage.
+table times the LLM alone on prompts of the benchmark's pages (the question around a page's visual
+tokens): N prompts one ``generate`` after another against one ``generate_many``, as answers/min, and
+the answers' decode steps apart from the prefills (what sharing a decode can save), so that the LLM's
+own gain shows even where the encoder is the slowest stage.
 
 Usage: python benchmarks/batch_pipeline.py [--pages 8] [--rounds 2] [--llm-width 2048] [--llm-layers 6]
        [--parallel 2 4]
