@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from fila_cli.llm import ContextOverflowError, LlamaBackend, LlamaSettings, SamplingParams
+from fila_cli.llm import ContextOverflowError, LlamaBackend, LlamaSettings, SamplingParams, StateRefusedError
 from tiny_llm import build_tiny_llm
 
 N_CTX = 512
@@ -186,3 +186,16 @@ def test_without_flash_attention_long_prompts_answer_as_alone_to_rounding(model_
         assert m.token_ids == s.token_ids
         assert m.mean_logprob == pytest.approx(s.mean_logprob, abs=1e-4)
     assert len({tuple(s.token_ids) for s in single}) == N_SEQ
+
+
+def test_a_saved_state_loads_only_into_a_context_of_as_many_sequences(model_path, alone):
+    # Why the prefix store's key holds n_seq_max: llama.cpp refuses a state across sequence counts.
+    params = SamplingParams(max_tokens=4)
+    with LlamaBackend(model_path, n_ctx=N_CTX, settings=LlamaSettings(n_seq_max=N_SEQ)) as many:
+        for source, target in ((alone, many), (many, alone)):
+            source.prefill(["USER: hello world what is the total"])
+            with pytest.raises(StateRefusedError):
+                target.generate_from_state(source.save_state(), [" ASSISTANT:"], params)
+        many.prefill(["USER: hello world what is the total"])
+        restored = many.generate_from_state(many.save_state(), [" ASSISTANT:"], params)
+    assert restored.token_ids == alone.generate(["USER: hello world what is the total", " ASSISTANT:"], params).token_ids

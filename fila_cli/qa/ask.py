@@ -509,7 +509,8 @@ class Asker:
         if self._llm_identity is None or any(p.visual_key is None for p in prepared):
             return None
         return prefix_cache_key(self._llm_identity, self.backend.n_ctx, [p.visual_key for p in prepared],
-                                [s for s in prefix if isinstance(s, str)], flash_attn=self.backend.settings.flash_attn)
+                                [s for s in prefix if isinstance(s, str)], flash_attn=self.backend.settings.flash_attn,
+                                n_seq_max=self.backend.n_seq_max)
 
     def prefix_state(self, prefix: Sequence, prepared: Sequence[PreparedPage], *,
                      persist: bool = True) -> tuple[PrefixState, float]:
