@@ -85,8 +85,10 @@ def test_keys_change_with_everything_the_state_depends_on():
     assert base == prefix_cache_key("llm", 4096, ["page"], ["USER: "])
     others = [prefix_cache_key("llm2", 4096, ["page"], ["USER: "]), prefix_cache_key("llm", 2048, ["page"], ["USER: "]),
               prefix_cache_key("llm", 4096, ["page2"], ["USER: "]), prefix_cache_key("llm", 4096, ["page"], ["[INST] "]),
-              prefix_cache_key("llm", 4096, ["page"], ["USER: "], flash_attn=False)]
+              prefix_cache_key("llm", 4096, ["page"], ["USER: "], flash_attn=False),
+              prefix_cache_key("llm", 4096, ["page"], ["USER: "], n_seq_max=3)]  # fila batch --parallel 3's context
     assert base not in others and len(set(others)) == len(others)
+    assert base == prefix_cache_key("llm", 4096, ["page"], ["USER: "], n_seq_max=1)  # the keys of before
 
 
 ASK_ONCE = textwrap.dedent("""

@@ -11,15 +11,15 @@ from fila_cli.cli.support import stderr, warning_line
 from fila_cli.errors import ExitCode, UsageError
 from fila_cli.qa.ray_batch import import_ray
 from fila_cli.qa.batch import (
-    BatchSummary, RecordSink, collect_documents, load_done, read_questions, run_batch, sha256_or_none,
+    BatchSummary, RecordSink, check_parallel, collect_documents, load_done, read_questions, run_batch, sha256_or_none,
 )
-from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, AskOptions, ModelOptions
+from fila_cli.qa.options import AskOptions, ModelOptions
 
 
 def run_batch_command(paths: list[str], *, questions: list[str], questions_file: Path | None, recursive: bool,
                       output: Path | None, resume: bool, timeout: float, model: ModelOptions, ask: AskOptions,
                       ray_address: str | None = None, ray_cpus: float = 2.0,
-                      pipeline_depth: int = DEFAULT_PIPELINE_DEPTH) -> int:
+                      pipeline_depth: int | None = None, parallel: int = 1) -> int:
     all_questions = read_questions(questions, questions_file)
     documents = collect_documents(paths, recursive)
     if not documents:
@@ -30,8 +30,9 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
         raise UsageError("--resume needs --output FILE: the records to continue")
     if output is not None and not resume and output.exists() and output.stat().st_size > 0:
         raise UsageError(f"{output} already holds records: pass --resume to continue it, or choose another file")
-    if pipeline_depth < 0:
-        raise UsageError(f"--pipeline-depth must be 0 (no overlap) or more (got {pipeline_depth})")
+    pipeline_depth = check_parallel(parallel, pipeline_depth, n_seq_max=parallel)
+    if ray_address is not None and parallel > 1:
+        raise UsageError("--parallel is for one machine's batch; with --ray each worker answers one document at a time")
     if ray_address is not None and ray_cpus <= 0:
         raise UsageError(f"--ray-cpus must be positive (got {ray_cpus:g})")
     if ray_address is not None:
@@ -40,7 +41,7 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
     if ray_address is not None:
         return _run_on_ray(documents, all_questions, output, done, timeout, model, ask, ray_address, ray_cpus,
                            pipeline_depth)
-    asker = load_asker(model, reuse_prefix=len(all_questions) > 1)
+    asker = load_asker(model, reuse_prefix=len(all_questions) > 1, n_seq_max=parallel)
 
     sink = RecordSink(output)
     progress = Progress(TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -50,7 +51,7 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
             task = progress.add_task("batch", total=len(documents) * len(all_questions))
             summary = run_batch(asker, documents, all_questions, ask, sink, timeout_s=timeout, done=done,
                                 on_record=lambda: progress.advance(task), on_warning=warning_line,
-                                pipeline_depth=pipeline_depth)
+                                pipeline_depth=pipeline_depth, parallel=parallel)
     finally:
         sink.close()
     return _finish(summary)

@@ -56,13 +56,14 @@ def ask_options(*, pages: str | None, password: str | None, text_layer: bool, te
     return AskOptions(pages=pages, password=password, text_layer=text_layer, sampling=sampling, together=together)
 
 
-def load_asker(options: ModelOptions, *, reuse_prefix: bool = False):
-    """The model, loaded once, with a spinner on stderr naming it."""
+def load_asker(options: ModelOptions, *, reuse_prefix: bool = False, n_seq_max: int = 1):
+    """The model, loaded once, with a spinner on stderr naming it (``n_seq_max``: questions it may
+    answer side by side, ``fila batch --parallel``)."""
     from fila_cli.qa.ask import Asker
 
     bundle = options.bundle()
     with stderr.status(f"loading {bundle.name}…"):
-        asker = Asker.from_options(options, bundle, reuse_prefix=reuse_prefix)
+        asker = Asker.from_options(options, bundle, reuse_prefix=reuse_prefix, n_seq_max=n_seq_max)
     # What auto chose, said once: the vision encoder's device and precision, the LLM's context.
     encoder, backend = asker.encoder, asker.backend
     stderr.print(f"{bundle.name}: vision encoder on {encoder.device.type}/{str(encoder.dtype).removeprefix('torch.')}, "

@@ -13,6 +13,11 @@ every KV-cache cell at or beyond ``n_tokens``: without it the next eval would er
 
 ``Llama.scores`` is not filled when ``logits_all=False``, so the log-probabilities of the answer
 are read from ``llama_get_logits_ith`` after each decode.
+
+Several prompts can be answered side by side (``generate_many``, with ``LlamaSettings.n_seq_max``
+> 1): each is prefilled into its own sequence id, then one ``llama_decode`` a step carries the next
+token of every unfinished answer. That path drives llama.cpp's batch directly (sequence ids and
+positions of its own) and leaves the ``Llama`` object's bookkeeping at an empty context.
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import os
 import sys
 import time
 import weakref
+from functools import partial
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Union
 
@@ -74,6 +80,10 @@ class LlamaSettings:
     # Threads for generation (one token a step) and for prompt batches; None: every physical core.
     n_threads: int | None = None
     n_threads_batch: int | None = None
+    # Prompts ``generate_many`` decodes side by side. Each sequence gets a KV cache of its own with
+    # the full n_ctx (llama.cpp's non-unified cache: n_ctx x n_seq_max cells in all), so the
+    # cache's memory grows n_seq_max times. 1: one prompt at a time (fila ask, chat).
+    n_seq_max: int = 1
 
 
 def physical_cores() -> int:
@@ -208,6 +218,48 @@ def _default_gpu_layers() -> int:
     return ALL_LAYERS if llama_cpp.llama_supports_gpu_offload() else 0
 
 
+class _ParallelLlama(llama_cpp.Llama):
+    """``Llama`` whose context holds ``n_seq_max`` sequences, each in its own KV cache.
+
+    ``Llama.__init__`` makes its ``context_params`` and the context in one go, and sets n_seq_max
+    only for embedding models; this property hands the sequence settings to the params as soon as
+    ``__init__`` creates them, before the context is made from them."""
+
+    def __init__(self, *args, n_seq_max: int, **kwargs):
+        self._n_seq_max = n_seq_max
+        super().__init__(*args, **kwargs)
+
+    @property
+    def context_params(self) -> llama_cpp.llama_context_params:
+        return self._context_params
+
+    @context_params.setter
+    def context_params(self, params: llama_cpp.llama_context_params) -> None:
+        params.n_seq_max = self._n_seq_max
+        # One KV stream per sequence, n_ctx / n_seq_max cells each: a sequence attends only to its
+        # own cells, so its prompt decodes as it does alone, and one long answer cannot crowd out
+        # another's room.
+        params.kv_unified = False
+        self._context_params = params
+
+
+@dataclass
+class _Answering:
+    """One sequence of ``generate_many`` while it is answered."""
+
+    seq: int  # llama.cpp sequence id
+    pieces: list[np.ndarray]
+    sampler: object  # llama-cpp-python's LlamaSampler: this sequence's own chain and random state
+    stream: TextStream
+    n_past: int = 0  # positions decoded
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    stop: StopReason | None = None  # None while it goes on
+    prefill_s: float = 0.0
+    first_token_s: float = float("nan")
+    generate_s: float = 0.0
+
+
 # --- the backend ---------------------------------------------------------------------------------
 
 
@@ -247,11 +299,16 @@ class LlamaBackend:
             n_ctx = self.n_ctx_train
         if lora_path is not None:
             _check_gguf(Path(lora_path))
+        if settings.n_seq_max < 1:
+            raise ValueError(f"n_seq_max must be at least 1 (got {settings.n_seq_max})")
         _install_log_callback(verbose)
+        parallel = settings.n_seq_max > 1
+        make_llama = partial(_ParallelLlama, n_seq_max=settings.n_seq_max) if parallel else llama_cpp.Llama
         try:
-            self._llm = llama_cpp.Llama(
+            self._llm = make_llama(
                 str(self.path),
-                n_ctx=n_ctx,
+                # n_ctx is per prompt: with several sequences llama.cpp splits its context among them.
+                n_ctx=n_ctx * settings.n_seq_max,
                 n_batch=settings.n_batch,
                 n_ubatch=settings.n_ubatch,
                 flash_attn=settings.flash_attn,
@@ -275,14 +332,19 @@ class LlamaBackend:
         self._n_vocab = self._llm.n_vocab()
         self._n_embd = self._input_width()
         # llama.cpp rounds its context up (to a multiple of 256), but Llama.input_ids holds only
-        # the n_ctx asked for: the smaller is the real limit.
-        self._n_ctx = min(self._llm.n_ctx(), len(self._llm.input_ids))
+        # the n_ctx asked for: the smaller is the real limit (per sequence with several).
+        n_ctx_seq = llama_cpp.llama_n_ctx_seq(self._llm.ctx) if parallel else self._llm.n_ctx()
+        self._n_ctx = min(n_ctx_seq, n_ctx)
         self._counts = _PromptCounts()
         self.stats = DecodeStats()
         # One embedding batch for the backend's lifetime: n_batch rows of n_embd floats, 1 sequence.
         self._embd_batch = llama_cpp.llama_batch_init(self._n_batch, self._n_embd, 1)
-        self._init_embd_batch_sequences()
+        self._embd_batch_seq = -1
+        self._set_embd_batch_sequence(0)
         self._free_batch = weakref.finalize(self, llama_cpp.llama_batch_free, self._embd_batch)
+        # Token ids for generate_many, any sequence: a prompt chunk, or one token of each sequence.
+        self._token_batch = llama_cpp.llama_batch_init(max(self._n_batch, settings.n_seq_max), 0, 1)
+        self._free_token_batch = weakref.finalize(self, llama_cpp.llama_batch_free, self._token_batch)
 
     # -- properties --
 
@@ -298,7 +360,13 @@ class LlamaBackend:
 
     @property
     def n_ctx(self) -> int:
+        """Positions one prompt and its answer may fill (per sequence with ``n_seq_max`` > 1)."""
         return self._n_ctx
+
+    @property
+    def n_seq_max(self) -> int:
+        """Prompts ``generate_many`` may answer side by side."""
+        return self.settings.n_seq_max
 
     @property
     def context_note(self) -> str | None:
@@ -455,16 +523,21 @@ class LlamaBackend:
         except RuntimeError as e:
             raise ModelError(f"{self.path}: llama.cpp failed to decode the prompt ({e})") from e
 
-    def _init_embd_batch_sequences(self) -> None:
-        # Every row belongs to sequence 0, once and for all; only embd, pos and logits change.
+    def _set_embd_batch_sequence(self, seq: int) -> None:
+        # Every row belongs to one sequence (0 but in generate_many), set only when it changes:
+        # otherwise only embd, pos and logits change between calls.
+        if seq == self._embd_batch_seq:
+            return
         batch = self._embd_batch
         ones = np.ones(self._n_batch, dtype=np.int32)
         ctypes.memmove(batch.n_seq_id, ones.ctypes.data, ones.nbytes)
         for row in range(self._n_batch):
-            batch.seq_id[row][0] = 0
+            batch.seq_id[row][0] = seq
+        self._embd_batch_seq = seq
 
     def _decode_embeddings(self, rows: np.ndarray, *, logits_last: bool) -> None:
         """Decode embedding rows [n, n_embd] at positions n_past.., n_batch rows a call."""
+        self._set_embd_batch_sequence(0)
         batch = self._embd_batch
         n_rows = len(rows)
         for start in range(0, n_rows, self._n_batch):
@@ -553,6 +626,169 @@ class LlamaBackend:
         self.prefill(segments, append=True)
         return self._sample(params or SamplingParams(), on_text, prefill_s=time.perf_counter() - started)
 
+    # -- several prompts side by side --
+
+    def prompt_size(self, segments: Sequence[Segment]) -> int:
+        """Positions the prompt fills from the start of a context (text tokens, BOS included, and
+        embedding rows): it fits when this is at most ``n_ctx``."""
+        return sum(len(piece) for piece in self._prepare(segments, at_start=True))
+
+    def generate_many(self, prompts: Sequence[Sequence[Segment]], params: SamplingParams | None = None) -> list[Generation]:
+        """Answer up to ``n_seq_max`` prompts together, one ``Generation`` each, in order.
+
+        Each prompt is prefilled into its own sequence, in its own KV cache, one after another (a
+        page's rows already fill a decode), and its first token is sampled from that prefill. Then
+        every step is ONE ``llama_decode`` carrying the last token of each unfinished answer at its
+        own position. Each answer stops on its own (end of generation, ``max_tokens``, its context
+        full), exactly as ``generate`` stops, and the others go on.
+
+        Sampling: each sequence has its own sampler chain, built as ``generate`` builds it, seeded
+        with ``params.seed``. An answer is ``generate``'s for the prompt alone wherever the logits
+        are: its prompt is decoded as alone, so its first token and that token's log-probability are
+        exactly the same. A later step computes the sequence's row in a several-token batch, which
+        llama.cpp may compute with other kernels than a one-token step: without flash attention the
+        logits agree to rounding (1e-5 on the tests' tiny models, after 2,448 rows too); with flash
+        attention on a CPU the attention of several queries runs another kernel than one query's, and
+        the logits drift apart with the context (1e-3 after 50 positions, 0.04 after 2,448 random
+        rows, up to 0.5 with its pages' visual tokens, on the tiny test bundle's LLM). Greedy answers are the same
+        unless two candidates are that close; with temperature > 0 the random draws are the same, and
+        a token differs only when a draw falls that close to the boundary between two tokens. A
+        single prompt (one sequence a step) is decoded exactly as ``generate`` decodes it.
+
+        Times, as ``generate``'s fields hold them: ``prefill_s`` is this prompt's own prefill (the
+        prefills run one after another, so they add up to the group's); ``first_token_s`` the
+        sampling of its first token after that prefill; ``generate_s`` that sampling plus the shared
+        steps until this answer stopped. The steps serve every unfinished answer at once, so the
+        answers' ``generate_s`` overlap: the group's generation took the largest, not their sum.
+
+        A prompt that cannot fit ``n_ctx`` raises ``ContextOverflowError`` before anything is decoded.
+        The prompts share no prefix store: the context is empty before and after.
+        """
+        params = params or SamplingParams()
+        if len(prompts) > self.n_seq_max:
+            raise ValueError(f"{len(prompts)} prompts but this backend decodes at most {self.n_seq_max} together "
+                             "(LlamaSettings.n_seq_max)")
+        if not prompts:
+            return []
+        self.reset()
+        prepared = [self._prepare(segments, at_start=True) for segments in prompts]
+        for pieces in prepared:
+            self._check_fits(pieces)  # every prompt, before any decoding
+        answering: list[_Answering] = []
+        try:
+            for seq, pieces in enumerate(prepared):
+                self._llm.set_seed(params.seed)  # the seed _init_sampler gives the chain's random draws
+                sampler = self._llm._init_sampler(temp=params.temperature, top_p=params.top_p, **NEUTRAL_SAMPLER)
+                answering.append(_Answering(seq, pieces, sampler, TextStream()))
+            for sequence in answering:
+                self._prefill_sequence(sequence)
+                started = time.perf_counter()
+                self._take(sequence, self._sample_row(sequence, -1), params)
+                sequence.first_token_s = sequence.generate_s = time.perf_counter() - started
+            steps_started = time.perf_counter()
+            while unfinished := [s for s in answering if s.stop is None]:
+                self._decode_step(unfinished)
+                for row, sequence in enumerate(unfinished):
+                    self._take(sequence, self._sample_row(sequence, row), params)
+                    if sequence.stop is not None:
+                        sequence.generate_s += time.perf_counter() - steps_started
+        except RuntimeError as e:
+            raise ModelError(f"{self.path}: llama.cpp failed while generating ({e})") from e
+        finally:
+            for sequence in answering:
+                sequence.sampler.close()
+            self.reset()  # no sequence's cells left behind for the next single-prompt call
+        return [self._generation(sequence) for sequence in answering]
+
+    def _prefill_sequence(self, sequence: _Answering) -> None:
+        """Decode a prompt's pieces into its sequence from position 0, chunked as ``prefill`` chunks
+        them (n_batch rows a call, logits for each chunk's last row), then wait for the result."""
+        started = time.perf_counter()
+        for i, piece in enumerate(sequence.pieces):
+            is_embedding = piece.dtype == np.float32
+            for start in range(0, len(piece), self._n_batch):
+                chunk = piece[start : start + self._n_batch]
+                last_chunk = i == len(sequence.pieces) - 1 and start + len(chunk) == len(piece)
+                if is_embedding:
+                    self._set_embd_batch_sequence(sequence.seq)
+                    batch = self._embd_batch
+                    ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
+                    ctypes.memset(batch.logits, 0, len(chunk))
+                    batch.logits[len(chunk) - 1] = last_chunk
+                else:
+                    batch = self._token_batch
+                    for row, token in enumerate(chunk.tolist()):
+                        batch.token[row] = token
+                        batch.n_seq_id[row] = 1
+                        batch.seq_id[row][0] = sequence.seq
+                        batch.logits[row] = row == len(chunk) - 1  # as Llama.eval asks
+                positions = np.arange(sequence.n_past, sequence.n_past + len(chunk), dtype=np.int32)
+                ctypes.memmove(batch.pos, positions.ctypes.data, positions.nbytes)
+                batch.n_tokens = len(chunk)
+                self._decode_batch(batch, "the prompt")
+                sequence.n_past += len(chunk)
+            if is_embedding:
+                self.stats.embedding_rows += len(piece)
+            else:
+                self.stats.text_tokens += len(piece)
+        llama_cpp.llama_synchronize(self._llm.ctx)  # as prefill: the prefill's whole cost
+        sequence.prefill_s = time.perf_counter() - started
+
+    def _decode_step(self, unfinished: Sequence[_Answering]) -> None:
+        """One llama_decode: row i holds the last sampled token of ``unfinished[i]`` at its position."""
+        batch = self._token_batch
+        for row, sequence in enumerate(unfinished):
+            batch.token[row] = sequence.tokens[-1]
+            batch.pos[row] = sequence.n_past
+            batch.n_seq_id[row] = 1
+            batch.seq_id[row][0] = sequence.seq
+            batch.logits[row] = True
+        batch.n_tokens = len(unfinished)
+        self._decode_batch(batch, "the answers")
+        for sequence in unfinished:
+            sequence.n_past += 1
+
+    def _decode_batch(self, batch: llama_cpp.llama_batch, what: str) -> None:
+        rc = llama_cpp.llama_decode(self._llm.ctx, batch)
+        if rc != 0:  # DECODE_NO_KV_SLOT cannot happen: every prompt was checked against its own cache
+            raise ModelError(f"{self.path}: llama.cpp failed to decode {what} (llama_decode returned {rc})")
+
+    def _sample_row(self, sequence: _Answering, row: int) -> int:
+        """Sample ``sequence``'s next token from the logits of the last decode's ``row`` (-1: its last)
+        with its own chain (which also takes the token into its history), and keep its log-probability."""
+        token = int(llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self._llm.ctx, row))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._llm.ctx, row), shape=(self._n_vocab,))
+        sequence.logprobs.append(log_softmax_at(logits, token))
+        return token
+
+    def _take(self, sequence: _Answering, token: int, params: SamplingParams) -> None:
+        """A sampled token, and whether the answer stops there: ``_sample``'s rules, in its order."""
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
+            sequence.stop = "eos"
+            return
+        sequence.tokens.append(token)
+        sequence.stream.push(self.token_bytes(token))
+        if len(sequence.tokens) >= params.max_tokens:
+            sequence.stop = "max_tokens"
+        elif sequence.n_past + 1 > self.n_ctx:  # no room to decode this token
+            sequence.stop = "context_full"
+
+    def _generation(self, sequence: _Answering) -> Generation:
+        sequence.stream.close()
+        n_visual = sum(len(p) for p in sequence.pieces if p.dtype == np.float32)
+        return Generation(
+            text=sequence.stream.text,
+            n_prompt_tokens=sum(len(p) for p in sequence.pieces) - n_visual,
+            n_visual_tokens=n_visual,
+            n_generated=len(sequence.tokens),
+            mean_logprob=float(np.mean(sequence.logprobs)) if sequence.logprobs else float("nan"),
+            prefill_s=sequence.prefill_s,
+            generate_s=sequence.generate_s,
+            token_ids=list(sequence.tokens),
+            stop_reason=sequence.stop or "max_tokens",
+            first_token_s=sequence.first_token_s,
+        )
+
     def _sample(self, params: SamplingParams, on_text: TextCallback | None, *, prefill_s: float) -> Generation:
         started = time.perf_counter()
         stream = TextStream(on_text)
@@ -604,6 +840,7 @@ class LlamaBackend:
 
     def close(self) -> None:
         self._free_batch()
+        self._free_token_batch()
         self._llm.close()
 
     def __enter__(self) -> "LlamaBackend":

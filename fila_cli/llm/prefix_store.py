@@ -44,11 +44,13 @@ _INPUT_IDS = "input_ids"
 
 
 def prefix_cache_key(llm_identity: str, n_ctx: int, visual_keys: list[str], prompt_texts: list[str], *,
-                     flash_attn: bool = True) -> str:
+                     flash_attn: bool = True, n_seq_max: int = 1) -> str:
     """Everything the state after [texts and pages] depends on, hashed: llama.cpp refuses a state
-    saved by a context of another size or attention kernel."""
+    saved by a context of another size, attention kernel or number of sequences."""
     settings = {"version": PREFIX_FORMAT_VERSION, "llm": llm_identity, "n_ctx": n_ctx, "visual": visual_keys,
                 "texts": prompt_texts, "flash_attn": flash_attn}
+    if n_seq_max > 1:  # a context for several sequences (fila batch --parallel); one: the keys as before
+        settings["n_seq_max"] = n_seq_max
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

@@ -26,7 +26,9 @@ from fila_cli.documents.document import DEFAULT_MAX_PIXELS, Document, open_docum
 from fila_cli.disk_cache import BYTES_PER_GB, CacheBudget
 from fila_cli.documents.notices import ReadNotices, document_warnings, page_notices
 from fila_cli.errors import ModelError
-from fila_cli.llm import ContextOverflowError, LlamaBackend, PrefixState, SamplingParams, StateRefusedError
+from fila_cli.llm import (
+    ContextOverflowError, Generation, LlamaBackend, LlamaSettings, PrefixState, SamplingParams, StateRefusedError,
+)
 from fila_cli.llm.prefix_store import PREFIX_DIR_NAME, PrefixStore, prefix_cache_key
 from fila_cli.vision.loaders.identity import file_identity
 from fila_cli.llm.templates import PromptTemplate, select_template
@@ -113,6 +115,19 @@ class PreparedPage:
     notices: ReadNotices = field(default_factory=ReadNotices)  # what MuPDF said rendering it (now or when cached)
 
 
+@dataclass
+class OnePromptQuestion:
+    """A question one prompt answers: about one page, or several pages read together (--together);
+    what ``Asker.answer_many`` takes."""
+
+    file: str
+    question: str
+    pages: list[PreparedPage]
+    reason: str  # why these pages (page_choice.detail)
+    method: str  # page_select.METHOD_*
+    timings: dict[str, float]  # the pages' render and encode times; the LLM's are added
+
+
 def new_timings() -> dict[str, float]:
     """Seconds per stage of one answer, as the record's "timings" holds them."""
     return {"render_s": 0.0, "encode_s": 0.0, "prefill_s": 0.0, "generate_s": 0.0}
@@ -159,10 +174,13 @@ class Asker:
         token_cache: TokenCache | None = None,
         reuse_prefix: bool = False,
         prefix_store: PrefixStore | None = None,
+        llama_settings: LlamaSettings | None = None,
         compile_encoder: bool = False,
     ) -> "Asker":
-        """compile_encoder: ``compile_for_inference`` the encoder, which pays off over many pages
-        (each new canvas shape compiles once, ~1 min on a 2-core CPU for ViT-L)."""
+        """llama_settings: how llama.cpp runs the LLM (default ``LlamaSettings()``); its n_seq_max is
+        how many questions ``answer_many`` may answer side by side (each holds a KV cache of the
+        bundle's n_ctx). compile_encoder: ``compile_for_inference`` the encoder, which pays off over
+        many pages (each new canvas shape compiles once, ~1 min on a 2-core CPU for ViT-L)."""
         from fila_cli.vision.devices import pick_device, pick_dtype
         from fila_cli.vision.load import load_encoder
 
@@ -172,14 +190,17 @@ class Asker:
             from fila_cli.vision.model.compiled import compile_for_inference
 
             compile_for_inference(encoder)
-        backend = LlamaBackend(bundle.llm, n_ctx=bundle.n_ctx, n_gpu_layers=n_gpu_layers, verbose=verbose, lora_path=bundle.lora)
+        backend = LlamaBackend(bundle.llm, n_ctx=bundle.n_ctx, n_gpu_layers=n_gpu_layers, verbose=verbose, lora_path=bundle.lora,
+                               settings=llama_settings)
         template = select_template(bundle.template, backend.chat_template, backend.model_name)
         return cls(encoder, backend, template, bundle, token_cache=token_cache, reuse_prefix=reuse_prefix,
                    prefix_store=prefix_store)
 
     @classmethod
-    def from_options(cls, options: ModelOptions, bundle: Bundle | None = None, *, reuse_prefix: bool = False) -> "Asker":
-        """Load the model ``options`` name (or ``bundle``, when already resolved) as they say."""
+    def from_options(cls, options: ModelOptions, bundle: Bundle | None = None, *, reuse_prefix: bool = False,
+                     n_seq_max: int = 1) -> "Asker":
+        """Load the model ``options`` name (or ``bundle``, when already resolved) as they say, able
+        to answer ``n_seq_max`` questions side by side."""
         token_cache, prefix_store = None, None
         if options.use_cache:
             # One cap over both stores: the least recently used entry goes first, whichever store holds it.
@@ -189,7 +210,7 @@ class Asker:
         return cls.load(bundle or options.bundle(), device=options.device, dtype=options.dtype,
                         n_gpu_layers=options.gpu_layers, verbose=options.verbose,
                         token_cache=token_cache, reuse_prefix=reuse_prefix, prefix_store=prefix_store,
-                        compile_encoder=options.compile_encoder)
+                        llama_settings=LlamaSettings(n_seq_max=n_seq_max), compile_encoder=options.compile_encoder)
 
     @property
     def model_name(self) -> str:
@@ -285,8 +306,13 @@ class Asker:
             notices = notices.merged(answers[-1].notices)
         if on_page is not None:
             on_page(n_pages, n_pages)
+        return self._best_answer(file, question, answers, notices, reason, timings, method)
+
+    def _best_answer(self, file: str, question: str, answers: Sequence[_PageAnswer], notices: ReadNotices, reason: str,
+                     timings: dict[str, float], method: str) -> Answer:
+        """The most confident of the pages' answers (the only one, for one page)."""
         best = max(answers, key=lambda a: a.mean_logprob)
-        if n_pages > 1:
+        if len(answers) > 1:
             reason += f"; page {best.page + 1} gave the most confident answer"
         return Answer(
             file=file,
@@ -361,14 +387,15 @@ class Asker:
 
     def _answer_page(self, prepared: PreparedPage, question: str, options: AskOptions, timings: dict[str, float],
                      on_text: TextCallback | None, *, persist: bool = True) -> _PageAnswer:
+        before, after = self._page_prompt(question, prepared, options)
+        generation = self._generate([before, prepared.visual], after, options, [prepared], on_text, persist=persist)
+        return _page_answer(prepared, generation, timings)
+
+    def _page_prompt(self, question: str, prepared: PreparedPage, options: AskOptions) -> tuple[str, str]:
+        """(before, after): the text around one page's visual tokens."""
         if options.text_layer:
             question = self.with_text_layer(question, [prepared])
-        before, after = self.template.render(question)
-        generation = self._generate([before, prepared.visual], after, options, [prepared], on_text, persist=persist)
-        timings["prefill_s"] += generation.prefill_s
-        timings["generate_s"] += generation.generate_s
-        return _PageAnswer(prepared.index, generation.text, generation.mean_logprob, len(prepared.visual),
-                           generation.n_prompt_tokens, generation.n_generated, prepared.notices)
+        return self.template.render(question)
 
     def together_segments(self, before: str, prepared: Sequence[PreparedPage]) -> list:
         """[before, label, page, label, page, ...]: each page introduced by its number."""
@@ -403,11 +430,19 @@ class Asker:
             prepared.append(next(upcoming))
         if on_page is not None:
             on_page(n_pages, n_pages)
-        question_text = self.with_text_layer(question, prepared) if options.text_layer else question
-        before, after = self.template.render(question_text)
-        segments = self.together_segments(before, prepared)
+        segments, after = self._together_prompt(question, prepared, options)
         n_visual, _ = self.check_together_fits(file, segments, after)
         generation = self._generate(segments, after, options, prepared, on_text)
+        return self._together_answer(file, question, prepared, generation, n_visual, reason, timings, method)
+
+    def _together_prompt(self, question: str, prepared: Sequence[PreparedPage], options: AskOptions) -> tuple[list, str]:
+        """([before, label, page, label, page, ...], after): several pages in one prompt."""
+        question_text = self.with_text_layer(question, prepared) if options.text_layer else question
+        before, after = self.template.render(question_text)
+        return self.together_segments(before, prepared), after
+
+    def _together_answer(self, file: str, question: str, prepared: Sequence[PreparedPage], generation: Generation,
+                         n_visual: int, reason: str, timings: dict[str, float], method: str) -> Answer:
         timings["prefill_s"] += generation.prefill_s
         timings["generate_s"] += generation.generate_s
         numbers = ", ".join(str(p.index + 1) for p in prepared)
@@ -425,6 +460,54 @@ class Asker:
             notices=ReadNotices().merged(*(p.notices for p in prepared)),
         )
 
+    # -- several questions of one prompt each, side by side (fila batch --parallel) --
+
+    def one_prompt(self, asked: OnePromptQuestion, options: AskOptions) -> list:
+        """``asked``'s whole prompt, as ``answer_prepared`` decodes it: [before, page, after], or with
+        --together [before, label, page, ..., after]."""
+        if len(asked.pages) > 1:
+            if not options.together:
+                raise ValueError("several pages make one prompt only with --together")
+            segments, after = self._together_prompt(asked.question, asked.pages, options)
+            return [*segments, after]
+        before, after = self._page_prompt(asked.question, asked.pages[0], options)
+        return [before, asked.pages[0].visual, after]
+
+    def fits_one_prompt(self, asked: OnePromptQuestion, options: AskOptions) -> bool:
+        """Whether ``asked``'s prompt fits the LLM's context (per sequence); when it does not,
+        ``answer_prepared`` is the one to say why, in its own words."""
+        prompt = self.one_prompt(asked, options)
+        if len(asked.pages) > 1:
+            try:
+                self.check_together_fits(asked.file, prompt[:-1], prompt[-1])
+            except ContextOverflowError:
+                return False
+            return True
+        return self.backend.prompt_size(prompt) <= self.backend.n_ctx
+
+    def answer_many(self, questions: Sequence[OnePromptQuestion], options: AskOptions) -> list[Answer]:
+        """Answer up to ``backend.n_seq_max`` questions of one prompt each side by side
+        (``LlamaBackend.generate_many``), one ``Answer`` each as ``answer_prepared`` makes it: the same
+        answer for greedy decoding (``generate_many`` says when a token could differ), the
+        confidence within float rounding, the LLM's times as ``generate_many`` defines them.
+
+        Each prompt must fit (``fits_one_prompt``), else ContextOverflowError for the group. No prefix
+        state is read or kept: batch documents are new, and each prompt is decoded whole.
+        """
+        prompts = [self.one_prompt(asked, options) for asked in questions]
+        generations = self.backend.generate_many(prompts, options.sampling)
+        answers = []
+        for asked, prompt, generation in zip(questions, prompts, generations):
+            if len(asked.pages) > 1:
+                n_visual = sum(len(segment) for segment in prompt if not isinstance(segment, str))
+                answers.append(self._together_answer(asked.file, asked.question, asked.pages, generation, n_visual,
+                                                     asked.reason, asked.timings, asked.method))
+            else:
+                page = _page_answer(asked.pages[0], generation, asked.timings)
+                answers.append(self._best_answer(asked.file, asked.question, [page], ReadNotices().merged(page.notices),
+                                                 asked.reason, asked.timings, asked.method))
+        return answers
+
     # -- the LLM, with the prefix [prompt start, pages] reused when it can be --
 
     def prefix_key(self, prefix: Sequence, prepared: Sequence[PreparedPage]) -> str | None:
@@ -432,7 +515,8 @@ class Asker:
         if self._llm_identity is None or any(p.visual_key is None for p in prepared):
             return None
         return prefix_cache_key(self._llm_identity, self.backend.n_ctx, [p.visual_key for p in prepared],
-                                [s for s in prefix if isinstance(s, str)], flash_attn=self.backend.settings.flash_attn)
+                                [s for s in prefix if isinstance(s, str)], flash_attn=self.backend.settings.flash_attn,
+                                n_seq_max=self.backend.n_seq_max)
 
     def prefix_state(self, prefix: Sequence, prepared: Sequence[PreparedPage], *,
                      persist: bool = True) -> tuple[PrefixState, float]:
@@ -494,6 +578,13 @@ class Asker:
         generation = self.backend.generate_from_state(state, [after], options.sampling, on_text=on_text)
         generation.prefill_s += prefix_s
         return generation
+
+
+def _page_answer(prepared: PreparedPage, generation: Generation, timings: dict[str, float]) -> _PageAnswer:
+    timings["prefill_s"] += generation.prefill_s
+    timings["generate_s"] += generation.generate_s
+    return _PageAnswer(prepared.index, generation.text, generation.mean_logprob, len(prepared.visual),
+                       generation.n_prompt_tokens, generation.n_generated, prepared.notices)
 
 
 def _confidence(mean_logprob: float) -> float | None:

@@ -6,11 +6,15 @@
   cutting a torn last line left by a kill mid-write.
 - Documents are opened and rendered in an isolated worker (``isolation.py``): a crash or hang is
   that document's error record, and the batch goes on.
-- Ctrl-C stops after the record in flight.
+- Ctrl-C stops after the record in flight (with ``parallel``, the group's records in flight).
 - Stages overlap: ``prepare_units`` (open and render in the worker, encode here) runs in a thread
   (``pipeline.RunAhead``), ``--pipeline-depth`` pages ahead of ``answer_units`` (the LLM). Both sides
   walk the units in the same order and every unit ends in exactly one record, so the output is the
   one-stage-at-a-time batch's, record for record.
+- ``parallel`` N: up to N consecutive units of one prompt each are answered side by side in one
+  llama.cpp context (``answer_groups``, ``LlamaBackend.generate_many``), their records written in
+  the units' order, the one-at-a-time batch's records (``generate_many`` says when a later answer
+  token can differ).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Union
 
-from fila_cli.qa.ask import Asker, AskOptions, PageSource, PreparedPage, new_timings
+from fila_cli.qa.ask import Answer, Asker, AskOptions, OnePromptQuestion, PageSource, PreparedPage, new_timings
 from fila_cli.documents.document import file_sha256
 from fila_cli.documents.notices import ReadNotices, warning_lines
 from fila_cli.errors import DocumentError, FilaError, UsageError
@@ -275,16 +279,135 @@ def _prepare_unit(asker: Asker, worker: DocumentWorker, unit: Unit, options: Ask
         yield UnitFailed(unit, error)
 
 
-def answer_units(asker: Asker, items: Iterator[PreparedItem], options: AskOptions) -> Iterator[tuple[Unit, dict[str, Any] | None]]:
+Outcome = tuple[Unit, Union[dict[str, Any], None]]  # a unit and its record (None: skipped)
+
+
+def answer_units(asker: Asker, items: Iterator[PreparedItem], options: AskOptions, *,
+                 parallel: int = 1) -> Iterator[Outcome]:
     """Stage C: each unit's record (None for a skipped one), answered by the LLM from its prepared
     pages as ``items`` delivers them. Nothing runs until the next record is asked for."""
-    for item in items:
-        if isinstance(item, Skipped):
-            yield item.unit, None
-        elif isinstance(item, UnitFailed):  # before its first page
-            yield item.unit, _failure_record(asker, item.unit, item.error)
+    for group in answer_groups(asker, items, options, parallel=parallel):
+        yield from group
+
+
+def answer_groups(asker: Asker, items: Iterator[PreparedItem], options: AskOptions, *,
+                  parallel: int = 1) -> Iterator[list[Outcome]]:
+    """Stage C by groups: the outcomes of consecutive units whose records come out of one LLM call,
+    in the units' order.
+
+    ``parallel`` 1: one unit a group. ``parallel`` N > 1 (the backend loaded with n_seq_max >= N):
+    up to N units that one prompt each answers (one planned page, or --together) are answered by
+    one ``Asker.answer_many``; the skipped and failed units between them come along in their
+    places. A unit read page by page (the most confident page wins), or one whose prompt does not
+    fit, ends the group and is answered alone by the one-at-a-time path, which says why it fails.
+    """
+    if parallel <= 1:
+        for item in items:
+            yield [_outcome(asker, item, items, options)]
+        return
+    source = _Lookahead(items)
+    for item in source:
+        if isinstance(item, PageReady) and not _one_prompt_unit(item.unit, options):
+            yield [_outcome(asker, item, source, options)]
+            continue
+        group: list[_Slot] = []
+        while True:
+            group.append(_slot(asker, item, source, options))
+            # Never wait to fill a group: a unit joins only when the thread that prepares them has it
+            # ready (run ahead of the LLM); when the LLM is the slow stage the queue fills while it
+            # answers and the groups with it; when it is not, waiting would only idle it.
+            if sum(slot.asked is not None for slot in group) >= parallel or not source.waiting():
+                break
+            item = next(source, None)
+            if item is None:
+                break
+            if isinstance(item, PageReady) and not _one_prompt_unit(item.unit, options):
+                source.put_back(item)  # answered alone, after this group
+                break
+        yield _answer_group(asker, group, options)
+
+
+class _Lookahead:
+    """The prepared items, with one put back (the item that ended a group starts what follows), and
+    whether the next is ready without waiting."""
+
+    def __init__(self, items: Iterator[PreparedItem]):
+        self._items = items
+        self._back: PreparedItem | None = None
+
+    def __iter__(self) -> "_Lookahead":
+        return self
+
+    def __next__(self) -> PreparedItem:
+        if self._back is not None:
+            item, self._back = self._back, None
+            return item
+        return next(self._items)
+
+    def put_back(self, item: PreparedItem) -> None:
+        self._back = item
+
+    def waiting(self) -> bool:
+        if self._back is not None:
+            return True
+        if isinstance(self._items, RunAhead):
+            return self._items.waiting()
+        # Without overlap (--pipeline-depth 0) the next unit is prepared in this thread anyway: taking
+        # it now costs what taking it after this group would.
+        return True
+
+
+@dataclass
+class _Slot:
+    """A unit's place in a group: its record, or the question ``answer_many`` is to answer."""
+
+    unit: Unit
+    record: dict[str, Any] | None = None
+    asked: OnePromptQuestion | None = None
+    heard: ReadNotices = field(default_factory=ReadNotices)  # what the worker heard (with the last page)
+
+
+def _one_prompt_unit(unit: Unit, options: AskOptions) -> bool:
+    return unit.plan is not None and (len(unit.plan.page_indices) == 1 or options.together)
+
+
+def _outcome(asker: Asker, item: PreparedItem, items: Iterator[PreparedItem], options: AskOptions) -> Outcome:
+    """One unit's record, the one-at-a-time way."""
+    if isinstance(item, Skipped):
+        return item.unit, None
+    if isinstance(item, UnitFailed):  # before its first page
+        return item.unit, _failure_record(asker, item.unit, item.error)
+    return item.unit, _answer_unit(asker, item, items, options)
+
+
+def _slot(asker: Asker, item: PreparedItem, items: Iterator[PreparedItem], options: AskOptions) -> _Slot:
+    """``item``'s unit in a group: skipped, failed, or its pages drawn and its question ready."""
+    if not isinstance(item, PageReady):
+        return _Slot(item.unit, _outcome(asker, item, items, options)[1])
+    unit, pages = item.unit, _UnitPages(item, items)
+    assert unit.plan is not None
+    try:
+        drawn = list(pages)  # one page, or the --together pages
+    except Exception as error:  # a page failed to render or encode: as the one-at-a-time path records it
+        return _Slot(unit, _failure_record(asker, unit, error))
+    asked = OnePromptQuestion(str(unit.file), unit.question, drawn, unit.plan.reason, unit.plan.method, unit.timings)
+    if not asker.fits_one_prompt(asked, options):
+        return _Slot(unit, _answer_drawn(asker, unit, drawn, pages.notices, options))  # it says why
+    return _Slot(unit, asked=asked, heard=pages.notices)
+
+
+def _answer_group(asker: Asker, group: list[_Slot], options: AskOptions) -> list[Outcome]:
+    waiting = [slot for slot in group if slot.asked is not None]
+    if waiting:
+        try:
+            answers = asker.answer_many([slot.asked for slot in waiting], options)
+        except Exception:  # llama.cpp failed the group: each unit alone, its record saying what went wrong
+            for slot in waiting:
+                slot.record = _answer_drawn(asker, slot.unit, slot.asked.pages, slot.heard, options)
         else:
-            yield item.unit, _answer_unit(asker, item, items, options)
+            for slot, answer in zip(waiting, answers):
+                slot.record = _answered_record(slot.unit, answer, slot.heard)
+    return [(slot.unit, slot.record) for slot in group]
 
 
 class _UnitPages:
@@ -327,8 +450,24 @@ def _answer_unit(asker: Asker, first: PageReady, items: Iterator[PreparedItem], 
     except Exception as error:  # one bad document must never end the batch
         pages.skip_rest()
         return _failure_record(asker, unit, error)
+    return _answered_record(unit, answer, pages.notices)
+
+
+def _answer_drawn(asker: Asker, unit: Unit, pages: list[PreparedPage], heard: ReadNotices,
+                  options: AskOptions) -> dict[str, Any]:
+    """``_answer_unit`` for a unit whose pages were drawn already."""
+    assert unit.plan is not None
+    try:
+        answer = asker.answer_prepared(str(unit.file), unit.question, pages, len(pages), unit.plan.reason, options,
+                                       unit.timings, method=unit.plan.method)
+    except Exception as error:  # one bad document must never end the batch
+        return _failure_record(asker, unit, error)
+    return _answered_record(unit, answer, heard)
+
+
+def _answered_record(unit: Unit, answer: Answer, heard: ReadNotices) -> dict[str, Any]:
     # What the worker heard opening and rendering (with the last page), and what the cached pages' renders heard.
-    answer.warnings = warning_lines(unit.name or unit.file, pages.notices.merged(answer.notices))
+    answer.warnings = warning_lines(unit.name or unit.file, heard.merged(answer.notices))
     return {**answer.to_json(), "sha256": unit.sha256, "error": None}
 
 
@@ -345,12 +484,19 @@ def _failure_record(asker: Asker, unit: Unit, error: Exception) -> dict[str, Any
 
 def run_batch(asker: Asker, documents: list[Path], questions: list[str], options: AskOptions, sink: RecordSink, *,
               timeout_s: float, done: set | None = None, on_record: Callable[[], None] | None = None,
-              on_warning: Callable[[str], None] | None = None, pipeline_depth: int = DEFAULT_PIPELINE_DEPTH) -> BatchSummary:
+              on_warning: Callable[[str], None] | None = None, pipeline_depth: int | None = None,
+              parallel: int = 1) -> BatchSummary:
     """Answer every (document, question) not in ``done``, one record each to ``sink``, in order.
 
     ``pipeline_depth`` > 0: pages are rendered and encoded in a thread, up to that many ahead of
-    the LLM (``pipeline.RunAhead``); 0: each page is rendered, encoded and answered in turn.
+    the LLM (``pipeline.RunAhead``); 0: each page is rendered, encoded and answered in turn; None:
+    the default, and at least ``parallel``.
+    ``parallel`` > 1: up to that many units of one prompt each are answered side by side
+    (``answer_groups``; the asker's backend loaded with ``n_seq_max`` >= ``parallel``). The records
+    are the one-at-a-time batch's, in its order (greedy: the same answers, but where
+    ``LlamaBackend.generate_many`` says a later token can differ).
     """
+    pipeline_depth = check_parallel(parallel, pipeline_depth, asker.backend.n_seq_max)
     summary = BatchSummary()
     stop = StopFlag()
     previous_handler = signal.signal(signal.SIGINT, stop)
@@ -362,20 +508,20 @@ def run_batch(asker: Asker, documents: list[Path], questions: list[str], options
     try:
         if pipeline_depth > 0:
             items = ahead = RunAhead(items, pipeline_depth, name="fila-batch-prepare")
-        records = answer_units(asker, items, options)
+        groups = answer_groups(asker, items, options, parallel=parallel)
         while not stop.requested:
-            outcome = next(records, None)
-            if outcome is None:
+            group = next(groups, None)
+            if group is None:
                 break
-            unit, record = outcome
-            if record is None:
-                summary.skipped += 1
-            else:
-                sink.write(record)
-                _count(summary, record)
-                report_warnings(record)
-            if on_record is not None:
-                on_record()
+            for unit, record in group:  # the records in flight: written whole, even after a Ctrl-C
+                if record is None:
+                    summary.skipped += 1
+                else:
+                    sink.write(record)
+                    _count(summary, record)
+                    report_warnings(record)
+                if on_record is not None:
+                    on_record()
         summary.interrupted = stop.requested
         return summary
     finally:
@@ -383,6 +529,24 @@ def run_batch(asker: Asker, documents: list[Path], questions: list[str], options
             ahead.close()  # before the worker closes: the producer may be rendering in it
         worker.close()
         signal.signal(signal.SIGINT, previous_handler)
+
+
+def check_parallel(parallel: int, pipeline_depth: int | None, n_seq_max: int) -> int:
+    """The pipeline depth for ``parallel`` (None: the default, raised to ``parallel``); UsageError
+    for settings under which groups could never fill."""
+    if parallel < 1:
+        raise UsageError(f"--parallel must be at least 1 (got {parallel})")
+    if parallel > n_seq_max:
+        raise UsageError(f"--parallel {parallel}: the model was loaded to answer {n_seq_max} at a time")
+    if pipeline_depth is None:
+        return max(DEFAULT_PIPELINE_DEPTH, parallel)
+    if pipeline_depth < 0:
+        raise UsageError(f"--pipeline-depth must be 0 (no overlap) or more (got {pipeline_depth})")
+    if 0 < pipeline_depth < parallel:
+        raise UsageError(f"--pipeline-depth {pipeline_depth} is less than --parallel {parallel}: at most "
+                         f"{pipeline_depth + 1} pages would ever be ready together; pass --pipeline-depth "
+                         f"{parallel} or more (or 0, to prepare each group's pages in turn)")
+    return pipeline_depth
 
 
 def _count(summary: BatchSummary, record: dict[str, Any]) -> None:

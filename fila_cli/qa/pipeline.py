@@ -92,6 +92,10 @@ class RunAhead(Generic[Item]):
         self._room.release()  # the reader holds it now: the producer may make the next one
         return item
 
+    def waiting(self) -> bool:
+        """Whether ``next`` would return at once: an item (or the end) is made and not yet taken."""
+        return self._finished or not self._ready.empty()
+
     def close(self) -> None:
         """Stop making items and wait for the producer (it finishes the item in hand first)."""
         self._closing.set()
