@@ -18,22 +18,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
 from fila_cli.bundles.bundle import Bundle
 from fila_cli.vision.token_cache import TokenCache, default_cache_dir, token_cache_key
-from fila_cli.documents.document import DEFAULT_MAX_PIXELS, Document, open_document, parse_page_spec
+from fila_cli.documents.document import DEFAULT_MAX_PIXELS, Document, open_document
 from fila_cli.disk_cache import BYTES_PER_GB, CacheBudget
 from fila_cli.documents.notices import ReadNotices, document_warnings, page_notices
 from fila_cli.errors import ModelError
 from fila_cli.llm import (
-    ContextOverflowError, Generation, LlamaBackend, LlamaSettings, PrefixState, SamplingParams, StateRefusedError,
+    ContextOverflowError, Generation, LlamaBackend, LlamaSettings, PrefixState, StateRefusedError,
 )
 from fila_cli.llm.prefix_store import PREFIX_DIR_NAME, PrefixStore, prefix_cache_key
 from fila_cli.vision.loaders.identity import file_identity
 from fila_cli.llm.templates import PromptTemplate, select_template
 from fila_cli.vision.model.encoder import EncodedPage, HybridEncoder
-from fila_cli.documents.page_select import MAX_PAGES_WITHOUT_TEXT, METHOD_ALL, plan_pages
+from fila_cli.documents.page_select import METHOD_ALL, plan_pages
 from fila_cli.documents.render import RenderedPage, render_for_canvas
 from fila_cli.qa.options import AskOptions, ModelOptions
 

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from fila_cli.errors import FilaError, ModelError, UsageError
+from fila_cli.errors import FilaError, UsageError
 from fila_cli.qa.batch import BatchSummary, RecordSink, StopFlag, WarningReporter, answer_document, failed_record
 from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, AskOptions, ModelOptions
 
