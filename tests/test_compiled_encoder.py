@@ -4,12 +4,17 @@ compiled unit runs: the ViT's layers between fusion points, the projector, the C
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 
 from fila_cli.vision.load import load_encoder
 from fila_cli.vision.model.compiled import compile_for_inference
+from bad_documents import make_good_pdf
+from test_batch import batch_command, read_records
 from test_fusion import write_fusion
+from tiny_bundle import build_tiny_bundle
 from tiny_vision import PAGE_SHAPES, page_image, save_llava_next_checkpoint, tiny_llava_next
 
 # Two pages whose canvases differ (a different number of views and high-resolution canvas).
@@ -35,3 +40,23 @@ def test_compiled_encoder_gives_the_eager_tokens(checkpoint, tmp_path):
             got = compiled.encode(image).tokens
             assert got.shape == expected.shape
             torch.testing.assert_close(got, expected, **FLOAT32_TOLERANCE)
+
+
+def test_fila_batch_compile_answers_as_without(tmp_path):
+    """`fila batch --compile`: the option reaches the encoder (no other change of the records)."""
+    bundle = build_tiny_bundle(tmp_path / "bundle")
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    make_good_pdf(folder / "invoice.pdf", ["Invoice 17", "The total due is 310.00 EUR"])
+    page_image(500, 1400).save(folder / "scan.png")  # another canvas shape: a second compiled graph
+    records = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = tmp_path / f"{name}.jsonl"
+        completed = subprocess.run(batch_command(bundle, folder, "-q", "What is the total due?", "--no-cache", "-o", out,
+                                                 *extra), capture_output=True, text=True, timeout=900)
+        assert completed.returncode == 0, completed.stderr
+        records[name] = read_records(out)
+    assert [(r["file"], r["answer"], r["error"]) for r in records["compiled"]] == \
+           [(r["file"], r["answer"], r["error"]) for r in records["eager"]]
+    for compiled, eager in zip(records["compiled"], records["eager"]):
+        assert compiled["confidence"] == pytest.approx(eager["confidence"], rel=1e-3)
