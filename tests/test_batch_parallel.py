@@ -21,7 +21,7 @@ from fila_cli.llm import LlamaSettings, SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.qa.batch import RecordSink, run_batch
 from test_batch import read_records
-from test_batch_pipeline import PORTRAIT, WIDE, kill_after, shaped_pdf
+from test_batch_pipeline import PORTRAIT, WIDE, kill_twice_then_resume, shaped_pdf
 from tiny_bundle import build_tiny_bundle
 
 N = 3
@@ -160,22 +160,7 @@ def test_kill_9_with_parallel_then_resume_gives_each_record_once(bundle, tmp_pat
     assert len(reference) == n_units
 
     out = tmp_path / "out.jsonl"
-    command = one_token_batch(folder, *questions, "-o", out, "--no-cache", "--parallel", N)
-    written = kill_after(command, out, 3)
-    assert written < n_units
-    written = kill_after(command + ["--resume"], out, written + 4)
-    assert written < n_units, "the batch finished before the second kill"
-    completed = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=600)
-    assert completed.returncode == ExitCode.FAILURE, completed.stderr  # the broken document fails again
-
-    records = read_records(out)  # every line a whole record
-    keys = Counter((record["file"], record["question"]) for record in records)
-    assert len(keys) == n_units and set(keys.values()) == {1}, "each (document, question) exactly once"
-
-    def by_key(records):
-        return {(r["file"], r["question"]): {k: v for k, v in r.items() if k != "timings"} for r in records}
-
-    assert by_key(records) == by_key(reference), "the interrupted, resumed, grouped batch answers as one at a time"
+    kill_twice_then_resume(one_token_batch(folder, *questions, "-o", out, "--no-cache", "--parallel", N), out, reference)
 
 
 @pytest.mark.parametrize("args, message", [
