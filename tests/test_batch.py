@@ -246,12 +246,15 @@ def test_resume_with_other_explicit_weights_answers_again(bundle, folder, tmp_pa
 
 
 def test_model_time_between_pages_does_not_count_against_the_timeout(bundle, tmp_path):
-    # A 6-page scan: no text layer, so every page is rendered, encoded and answered in turn.
+    # A 16-page scan: no text layer, so every page is rendered, encoded and answered in turn.
+    # Enough pages that the model's time dwarfs the worker's on fast machines too (CI's tiny
+    # model answered 6 pages in 0.56 s, too close to the timeout's floor).
     import pymupdf
 
+    pages = 16
     scans = tmp_path / "scans.pdf"
     document = pymupdf.open()
-    for seed in range(6):
+    for seed in range(pages):
         png = tmp_path / f"scan{seed}.png"
         page_image(800, 600, seed=seed).save(png)
         document.new_page().insert_image(pymupdf.Rect(0, 0, 612, 792), filename=str(png))
@@ -266,9 +269,10 @@ def test_model_time_between_pages_does_not_count_against_the_timeout(bundle, tmp
     assert measured["error"] is None
     render_s = measured["timings"]["render_s"]
     model_s = sum(measured["timings"][k] for k in ("encode_s", "prefill_s", "generate_s"))
-    # Below the model's time before the last page, far above all six renders together.
-    timeout_s = max(5 * render_s, 0.5)
-    assert timeout_s < model_s * 5 / 6, f"the premise failed: renders {render_s:.2f} s, model {model_s:.2f} s"
+    # Below the model's time before the last page, far above all the renders together; the
+    # floor leaves room for the worker's opening and inter-process round trips.
+    timeout_s = max(5 * render_s, 0.3)
+    assert timeout_s < model_s * (pages - 1) / pages, f"the premise failed: renders {render_s:.2f} s, model {model_s:.2f} s"
     completed, [record] = run(f"{timeout_s:.2f}")
     assert completed.returncode == ExitCode.OK, (record, completed.stderr)
-    assert record["error"] is None and record["pages"][0] in range(1, 7) and record["answer"] is not None
+    assert record["error"] is None and record["pages"][0] in range(1, pages + 1) and record["answer"] is not None
