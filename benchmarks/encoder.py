@@ -8,6 +8,8 @@ same page:
 - fila, fusion off, float32 and bfloat16
 - fila, fusion on (CVFM at four depths + ConvNeXt-L over the high-resolution canvas, the ViT
   canvas x 32/14: 1536x1536 for an A4 page), bfloat16
+- each bfloat16 row twice: attention through SDPA (PyTorch's CPU flash kernel) and through oneDNN
+  Graph's fused kernel (``cpu_attention``, what bfloat16 on the CPU uses)
 - the matmul floor of each: its FLOPs (counted by torch's FlopCounterMode) over this machine's
   measured peak matmul rate in that dtype.
 
@@ -40,6 +42,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNe
 from fila_cli.vision.anyres import preprocess
 from fila_cli.config import AnyresConfig, FusionConfig
 from fila_cli.vision.model.compiled import compile_for_inference
+from fila_cli.vision.model.cpu_attention import fused_cpu_attention
 from fila_cli.vision.model.encoder import HybridEncoder
 
 LLM_WIDTH = 4096
@@ -217,6 +220,7 @@ def main() -> None:
         rows.append(Row("HF LLaVA-NeXT get_image_features", torch.float32, timed(run_hf, args.repeats), count_flops(run_hf)))
         del hf
 
+        # (name, fusion, dtype, compiled); every bfloat16 row with both attention kernels.
         variants = [("fila, fusion off", False, torch.float32, False), ("fila, fusion off", False, torch.bfloat16, False),
                     ("fila, fusion on (CVFM + ConvNeXt-L)", True, torch.bfloat16, False)]
         if args.compile:
@@ -224,28 +228,35 @@ def main() -> None:
                          ("fila, fusion on, compiled", True, torch.bfloat16, True)]
         model_flops: dict[bool, float] = {}  # fusion -> FLOPs of one page
         for name, fusion, dtype, compiled in variants:
-            encoder = fila_encoder(fusion, dtype)
-            if compiled:
-                encoder = compile_for_inference(encoder)
+            for fused_attention in (False, True) if dtype == torch.bfloat16 else (False,):
+                encoder = fila_encoder(fusion, dtype)
+                if compiled:
+                    encoder = compile_for_inference(encoder)
 
-            def run_fila(encoder=encoder, page=fused_page if fusion else page):
-                encoder(page)
+                def run_fila(encoder=encoder, page=fused_page if fusion else page):
+                    encoder(page)
 
-            first_s = timed(run_fila, 1)
-            if not compiled:  # a compiled graph hides its operations from the counter: the eager model's count
-                model_flops[fusion] = count_flops(run_fila)
-            rows.append(Row(name, dtype, timed(run_fila, args.repeats), model_flops[fusion], first_s if compiled else None))
-            del encoder
+                with fused_cpu_attention(fused_attention):
+                    first_s = timed(run_fila, 1)
+                    seconds = timed(run_fila, args.repeats)
+                if fusion not in model_flops:  # the eager rows come first
+                    # Counted on the eager model with SDPA: the counter sees neither into a compiled
+                    # graph nor into the fused attention op.
+                    with fused_cpu_attention(False):
+                        model_flops[fusion] = count_flops(run_fila)
+                label = f"{name}, {'oneDNN' if fused_attention else 'SDPA'} attn" if dtype == torch.bfloat16 else name
+                rows.append(Row(label, dtype, seconds, model_flops[fusion], first_s if compiled else None))
+                del encoder
 
     peaks = {dtype: peak_matmul_flops_per_s(dtype) for dtype in {row.dtype for row in rows}}
     baseline = rows[0].seconds
     print()
-    print(f"{'path':<38} {'dtype':<9} {'seconds':>8} {'vs HF':>7} {'GFLOP':>8} {'floor s':>8} {'x floor':>8} {'1st call s':>10}")
+    print(f"{'path':<50} {'dtype':<9} {'seconds':>8} {'vs HF':>7} {'GFLOP':>8} {'floor s':>8} {'x floor':>8} {'1st call s':>10}")
     for row in rows:
         floor = row.flops / peaks[row.dtype]
         dtype = str(row.dtype).removeprefix("torch.")
         first = f"{row.compile_s:10.1f}" if row.compile_s is not None else f"{'':>10}"
-        print(f"{row.name:<38} {dtype:<9} {row.seconds:8.2f} {baseline / row.seconds:6.2f}x {row.flops / 1e9:8.0f} {floor:8.2f} "
+        print(f"{row.name:<50} {dtype:<9} {row.seconds:8.2f} {baseline / row.seconds:6.2f}x {row.flops / 1e9:8.0f} {floor:8.2f} "
               f"{row.seconds / floor:7.2f}x {first}")
     print()
     for dtype, peak in peaks.items():

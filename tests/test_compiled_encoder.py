@@ -42,6 +42,27 @@ def test_compiled_encoder_gives_the_eager_tokens(checkpoint, tmp_path):
             torch.testing.assert_close(got, expected, **FLOAT32_TOLERANCE)
 
 
+def test_compiled_bfloat16_encoder_keeps_the_fused_cpu_attention(checkpoint, tmp_path):
+    """bfloat16 on the CPU: the compiled graphs call oneDNN Graph's attention as an opaque op
+    (``cpu_attention``), and stay as close to float32's tokens as bfloat16 must (2e-2, as eager
+    bfloat16 in test_encoder_reference.py)."""
+    from fila_cli.vision.model import cpu_attention
+    from test_encoder_reference import relative_error
+
+    weights = write_fusion(checkpoint, tmp_path / "fusion.safetensors", "concat", False, 0.5)
+    eager = load_encoder(checkpoint, weights, dtype=torch.bfloat16)
+    full = load_encoder(checkpoint, weights)
+    compiled = compile_for_inference(load_encoder(checkpoint, weights, dtype=torch.bfloat16))
+    cpu_attention._cores.clear()
+    image = page_image(*PAGE_SHAPES[PAGES[0]], seed=3)
+    eager.encode(image)
+    assert cpu_attention._cores, "the eager bfloat16 encoder did not take the fused attention"
+    cpu_attention._cores.clear()
+    got = compiled.encode(image).tokens
+    assert cpu_attention._cores, "the compiled graph did not call the fused attention"
+    assert relative_error(got, full.encode(image).tokens) <= 2e-2
+
+
 def test_fila_batch_compile_answers_as_without(tmp_path):
     """`fila batch --compile`: the option reaches the encoder (no other change of the records)."""
     bundle = build_tiny_bundle(tmp_path / "bundle")
