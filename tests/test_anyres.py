@@ -56,3 +56,33 @@ def test_configurable_grid():
     assert page.views.shape[0] == 1 + 6
     with pytest.raises(ValueError):
         AnyresConfig(image_grid_pinpoints=[[300, 336]])
+
+
+def test_the_gpu_resize_is_torchvisions_float32_path(monkeypatch):
+    """Off the CPU, torchvision resizes uint8 through float32 (no uint8 kernel there), and so does
+    fila on a GPU (``resize_uint8_through_float32``). Held bit for bit here on the CPU, with
+    torchvision sent down that same path."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as tvf
+    from torchvision.transforms.v2.functional import _geometry
+
+    from fila_cli.vision.anyres import image_to_uint8_tensor, resize_uint8, resize_uint8_through_float32
+
+    monkeypatch.setattr(_geometry, "_do_native_uint8_resize_on_cpu", lambda interpolation: False)
+    pixels = image_to_uint8_tensor(page_image(333, 517, seed=4))
+    for size in ((336, 336), (251, 390), (700, 1100)):  # down, down unevenly, up
+        expected = tvf.resize(pixels, list(size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+        got = resize_uint8_through_float32(pixels[None], size)[0]
+        assert torch.equal(got, expected)
+        # and it is a different computation from the CPU's uint8 kernel (else this test proves nothing)
+        assert not torch.equal(got, resize_uint8(pixels, size))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape_name", sorted(PAGE_SHAPES))
+def test_gpu_preprocessing_is_hf_processor_on_the_gpu(shape_name, hf_processor):
+    image = page_image(*PAGE_SHAPES[shape_name], seed=1)
+    expected = hf_processor(image, return_tensors="pt", device="cuda")["pixel_values"][0]
+    ours = preprocess(image, AnyresConfig(), device="cuda")
+    assert ours.views.device.type == "cuda" and ours.views.shape == expected.shape
+    assert (ours.views - expected.to(ours.views.device)).abs().max().item() <= 1e-6

@@ -11,6 +11,10 @@ models, ops and torch._dynamo), and ``tests/test_anyres.py`` holds the pixels eq
 With fusion on, the same original pixels are also resized into the ConvNeXt's high-resolution
 canvas (the ViT canvas x 32/14, geometry from ``scale_geometry``) with the same resize: never an
 upscale of the ViT canvas, which holds no detail the crops lack.
+
+On a GPU (``device=``), the uint8 page is copied there once and every step runs there, as HF's
+processor does when given a device: the resize then goes through float32 (no uint8 kernel off the
+CPU), exactly as torchvision computes it there.
 """
 
 from __future__ import annotations
@@ -63,8 +67,8 @@ def image_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
 def _normalize(pixels: torch.Tensor, config: AnyresConfig) -> torch.Tensor:
     # Rescale and normalise fused, in float32, with the statistics computed exactly as HF's
     # torchvision backend computes them, so the pixel values are bit-identical.
-    mean = torch.tensor(config.image_mean) * (1.0 / _RESCALE_FACTOR)
-    std = torch.tensor(config.image_std) * (1.0 / _RESCALE_FACTOR)
+    mean = torch.tensor(config.image_mean, device=pixels.device) * (1.0 / _RESCALE_FACTOR)
+    std = torch.tensor(config.image_std, device=pixels.device) * (1.0 / _RESCALE_FACTOR)
     # [3] -> [3, 1, 1]; subtract then divide, as torchvision's normalize does.
     return pixels.to(torch.float32).sub(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
 
@@ -84,9 +88,15 @@ def resize_uint8(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if pixels.device.type == "cpu":
         # torch's CPU kernel takes uint8 directly (and rounds inside).
         return F.interpolate(batch, size=list(size), mode=_RESAMPLE, align_corners=False, antialias=True)[0]
+    return resize_uint8_through_float32(batch, size)[0]
+
+
+def resize_uint8_through_float32(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [n, 3, H, W] -> uint8 [n, 3, h, w] as torchvision resizes uint8 where torch has no uint8
+    kernel (GPUs): in float32, then clamped (bicubic overshoots), rounded and cast back."""
     resized = F.interpolate(batch.to(torch.float32), size=list(size), mode=_RESAMPLE, align_corners=False,
                             antialias=True)
-    return resized.clamp_(0, 255).round_().to(torch.uint8)[0]
+    return resized.clamp_(0, 255).round_().to(torch.uint8)
 
 
 def _resize_and_pad(pixels: torch.Tensor, geometry: CanvasGeometry, config: AnyresConfig) -> torch.Tensor:
@@ -101,8 +111,19 @@ def _resize_and_pad(pixels: torch.Tensor, geometry: CanvasGeometry, config: Anyr
     return _normalize(padded, config)
 
 
-def preprocess(image: Image.Image, config: AnyresConfig | None = None, highres_scale: Fraction | None = None) -> AnyresImage:
-    """Page image -> global view + crops + canvas, normalised float32.
+def pixels_on(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [3, H, W] on the CPU -> on ``device``. To a GPU through pinned memory: one DMA copy of
+    the uint8 page (a quarter of its float32 bytes), not a staging copy through pageable memory."""
+    if device.type == "cpu":
+        return pixels
+    if device.type == "cuda":
+        pixels = pixels.pin_memory()
+    return pixels.to(device, non_blocking=True)
+
+
+def preprocess(image: Image.Image, config: AnyresConfig | None = None, highres_scale: Fraction | None = None,
+               device: torch.device | str = "cpu") -> AnyresImage:
+    """Page image -> global view + crops + canvas, normalised float32, on ``device``.
 
     ``highres_scale`` (fusion on; 32/14 for FILA): also the ConvNeXt's high-resolution canvas,
     resized from the same original pixels. Pass the original (or a PDF render at the
@@ -110,7 +131,7 @@ def preprocess(image: Image.Image, config: AnyresConfig | None = None, highres_s
     shrunk to the ViT canvas, or the ConvNeXt sees no more than the crops do.
     """
     config = config or AnyresConfig()
-    pixels = image_to_uint8_tensor(image)  # [3, H, W] uint8
+    pixels = pixels_on(image_to_uint8_tensor(image), torch.device(device))  # [3, H, W] uint8
     geometry = plan_canvas((pixels.shape[1], pixels.shape[2]), config)
     canvas = _resize_and_pad(pixels, geometry, config)  # [3, canvas_h, canvas_w]
 

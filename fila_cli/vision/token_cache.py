@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # the model code (torch) loads only when tokens are read or w
 CACHE_DIR_ENV = "FILA_CACHE_DIR"
 # Bump when the rendering or encoding changes in a way the key does not capture.
 # 2: entries carry the page's read notices (1's did not: a damaged page would be served silently).
-CACHE_FORMAT_VERSION = 2
+# 3: bfloat16 on the CPU attends through oneDNN Graph (other roundings than 2's SDPA tokens).
+CACHE_FORMAT_VERSION = 3
 _TOKENS = "visual_tokens"
 
 

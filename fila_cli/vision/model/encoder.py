@@ -147,8 +147,10 @@ class HybridEncoder(nn.Module):
 
     def preprocess(self, image: Image.Image) -> AnyresImage:
         """The page's original pixels -> ViT views and canvas, plus (fusion on) the ConvNeXt's
-        high-resolution canvas resized from the same pixels."""
-        return preprocess(image, self.anyres, self.highres_scale)
+        high-resolution canvas resized from the same pixels. On a CUDA GPU, computed there: the
+        uint8 page is copied rather than the float32 views, and the GPU resizes."""
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")
+        return preprocess(image, self.anyres, self.highres_scale, device)
 
     def page_tokens(self, image: Image.Image) -> EncodedPage:
         """Packed visual tokens of the original page image, on the encoder's device and dtype, with
@@ -160,7 +162,19 @@ class HybridEncoder(nn.Module):
     def encode(self, image: Image.Image) -> EncodedPage:
         """Original page image -> packed visual tokens (float32, on the CPU)."""
         page = self.page_tokens(image)
-        return EncodedPage(tokens=page.tokens.float().cpu(), geometry=page.geometry)
+        return EncodedPage(tokens=host_float32(page.tokens), geometry=page.geometry)
+
+
+def host_float32(tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens on any device -> float32 on the CPU (what llama.cpp's embedding batches read). From a
+    CUDA GPU: cast there, then one DMA copy into pinned memory (torch's host allocator caches the
+    buffer), instead of a copy staged through pageable memory."""
+    if tokens.device.type != "cuda":
+        return tokens.float().cpu()
+    host = torch.empty(tokens.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(tokens.float(), non_blocking=True)
+    torch.cuda.current_stream(tokens.device).synchronize()
+    return host
 
 
 def _check_highres_tiling(crop_size: int, scale: Fraction, grid_side: int, last_stride: int) -> None:
