@@ -33,9 +33,21 @@ def heads(n: int, tokens: int, n_heads: int, head_dim: int, seed: int) -> torch.
     return torch.randn(n, tokens, n_heads, head_dim, generator=generator).to(torch.bfloat16).transpose(1, 2)
 
 
+def packed_heads(n: int, tokens: int, n_heads: int, head_dim: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v as slices of one [n, t, 3, heads, head_dim] buffer (a fused qkv projection's layout):
+    strided views with gaps, which a contiguous copy would not reproduce."""
+    generator = torch.Generator().manual_seed(seed)
+    packed = torch.randn(n, tokens, 3, n_heads, head_dim, generator=generator).to(torch.bfloat16)
+    return tuple(packed[:, :, i].transpose(1, 2) for i in range(3))
+
+
 @pytest.mark.parametrize("shape", [(3, 17, 4, 16), (5, 50, 16, 64)], ids=["tiny", "wide-heads"])
-def test_fused_attention_is_sdpa_within_bfloat16_rounding_and_really_fused(shape):
-    queries, keys, values = (heads(*shape, seed=seed) for seed in range(3))
+@pytest.mark.parametrize("layout", ["transposed", "packed-qkv"])
+def test_fused_attention_is_sdpa_within_bfloat16_rounding_and_really_fused(shape, layout):
+    if layout == "packed-qkv":
+        queries, keys, values = packed_heads(*shape, seed=7)
+    else:
+        queries, keys, values = (heads(*shape, seed=seed) for seed in range(3))
     scale = shape[-1] ** -0.5
     with torch.inference_mode():
         got = cpu_attention.cpu_fused_attention(queries, keys, values, scale)
@@ -47,12 +59,16 @@ def test_fused_attention_is_sdpa_within_bfloat16_rounding_and_really_fused(shape
     assert relative_error(got, exact) <= 2 * relative_error(sdpa, exact) + 1e-3
 
 
-def test_the_first_call_of_a_new_layout_gives_the_later_calls_tokens():
-    # A layout never seen before: the first call traces and warms the core, and must already be fused.
-    queries, keys, values = (heads(2, 23, 4, 16, seed=seed) for seed in range(3))
+@pytest.mark.parametrize("layout", ["transposed", "packed-qkv"])
+def test_the_first_call_of_a_new_layout_gives_the_later_calls_tokens(layout):
+    # A layout never seen before: the first call scripts and warms the core, and must already be fused.
+    if layout == "packed-qkv":
+        queries, keys, values = packed_heads(2, 23, 4, 16, seed=5)
+    else:
+        queries, keys, values = (heads(2, 23, 4, 16, seed=seed) for seed in range(3))
     with torch.inference_mode():
-        first, second = (cpu_attention.cpu_fused_attention(queries, keys, values, 0.25) for _ in range(2))
-    assert torch.equal(first, second)
+        calls = [cpu_attention.cpu_fused_attention(queries, keys, values, 0.25) for _ in range(4)]
+    assert all(torch.equal(calls[0], later) for later in calls[1:])
 
 
 @pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])

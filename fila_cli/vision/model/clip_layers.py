@@ -3,10 +3,11 @@
 The same parameter names (``embeddings.patch_embedding.weight``, ``encoder.layers.N.self_attn.q_proj.weight``,
 ...) and the same operations in the same order as transformers' ``CLIPVisionEmbeddings`` and
 ``CLIPEncoderLayer`` with SDPA attention, so float32 outputs are bit-identical to HF's
-(``tests/test_encoder_reference.py``, ``tests/test_clip_layers.py``). bfloat16 inference on the CPU
-takes oneDNN Graph's fused attention instead (``cpu_attention``: the same function, 3× faster there). Written out because importing
+(``tests/test_encoder_reference.py``, ``tests/test_clip_layers.py``). Written out because importing
 ``transformers.models.clip.modeling_clip`` loads transformers' model machinery (torch._dynamo,
-torch.distributed, torchvision): seconds of start-up on every `fila ask`.
+torch.distributed, torchvision): seconds of start-up on every `fila ask`. bfloat16 inference on the
+CPU attends through oneDNN Graph's fused kernel instead (``cpu_attention``: the same function within
+bfloat16's rounding, ~3× faster there).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ at about a sixth of the bfloat16 matmul peak on the 2-core AVX512-BF16 machine, 
 that was a third of the encoder's time. oneDNN Graph recognises q·kᵀ·scale → softmax → ·v as one
 partition and runs it as one fused kernel, about 3× faster there (``benchmarks/encoder.py`` has the
 rows with it on and off). PyTorch reaches oneDNN Graph only through TorchScript's fuser
-(``torch.jit.enable_onednn_fusion``), so the three operations are traced and frozen once per input
-layout and wrapped in a custom op, which ``torch.compile`` keeps whole instead of breaking its graph.
+(``torch.jit.enable_onednn_fusion``), so the three operations are scripted, frozen and fused once per
+input layout, and called through a custom op, which ``torch.compile`` keeps whole instead of breaking
+its graph.
 
 Only bfloat16, on the CPU, without autograd: float32 stays on SDPA (bit-identical to HF's CLIP),
 training keeps SDPA's backward, and GPUs have their own fused kernels. ``FILA_FUSED_CPU_ATTENTION=0``
@@ -30,7 +31,7 @@ OP_NAME = "fila::cpu_fused_attention"
 _enabled = os.environ.get(ENV_SWITCH, "1") != "0"
 # A PyTorch build without oneDNN (or without its Graph fuser) keeps SDPA.
 _BUILT_WITH_ONEDNN_GRAPH = torch.backends.mkldnn.is_available() and hasattr(torch._C, "_jit_set_llga_enabled")
-# (shape, strides, scale) -> the traced, frozen, fused core for inputs laid out so.
+# (shape, strides, scale) -> the scripted, frozen, fused core for inputs laid out so.
 _cores: dict[tuple, torch.jit.ScriptModule] = {}
 _cores_lock = threading.Lock()
 
@@ -71,7 +72,9 @@ def _warmed_core(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     computed unfused, with other roundings, before the fused ones). Scripted, not traced: the op
     may first run inside a compiled graph, where tracing is not allowed."""
     torch.jit.enable_onednn_fusion(True)
-    example = tuple(torch.zeros_like(t) for t in (queries, keys, values))  # same shapes and strides
+    # Zeros with the very same strides (zeros_like would make slices of a wider buffer contiguous), so
+    # that the executor profiles and fuses for the layout the real calls bring.
+    example = tuple(t.new_empty_strided(t.shape, t.stride()).zero_() for t in (queries, keys, values))
     with warnings.catch_warnings(), torch.no_grad():
         # torch.jit is deprecated in favour of torch.compile, which has no path to oneDNN Graph.
         warnings.simplefilter("ignore", FutureWarning)
