@@ -58,8 +58,12 @@ def test_compiled_bfloat16_encoder_keeps_the_fused_cpu_attention(checkpoint, tmp
     eager.encode(image)
     assert cpu_attention._cores, "the eager bfloat16 encoder did not take the fused attention"
     cpu_attention._cores.clear()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     got = compiled.encode(image).tokens
     assert cpu_attention._cores, "the compiled graph did not call the fused attention"
+    assert not counters["graph_break"], dict(counters["graph_break"])  # the op kept whole, inside the graphs
     assert relative_error(got, full.encode(image).tokens) <= 2e-2
 
 

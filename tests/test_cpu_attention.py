@@ -50,7 +50,7 @@ def test_fused_attention_is_sdpa_within_bfloat16_rounding_and_really_fused(shape
         queries, keys, values = (heads(*shape, seed=seed) for seed in range(3))
     scale = shape[-1] ** -0.5
     with torch.inference_mode():
-        got = cpu_attention.cpu_fused_attention(queries, keys, values, scale)
+        got = cpu_attention.attend(queries, keys, values, scale)
         graph = str(torch.jit.last_executed_optimized_graph())
         exact = F.scaled_dot_product_attention(queries.float(), keys.float(), values.float(), scale=scale)
         sdpa = F.scaled_dot_product_attention(queries, keys, values, scale=scale)
@@ -67,7 +67,7 @@ def test_the_first_call_of_a_new_layout_gives_the_later_calls_tokens(layout):
     else:
         queries, keys, values = (heads(2, 23, 4, 16, seed=seed) for seed in range(3))
     with torch.inference_mode():
-        calls = [cpu_attention.cpu_fused_attention(queries, keys, values, 0.25) for _ in range(4)]
+        calls = [cpu_attention.attend(queries, keys, values, 0.25) for _ in range(4)]
     assert all(torch.equal(calls[0], later) for later in calls[1:])
 
 
@@ -107,3 +107,14 @@ def test_the_environment_switch_turns_it_off():
                                    env={**os.environ, cpu_attention.ENV_SWITCH: value}, capture_output=True, text=True,
                                    check=True)
         assert completed.stdout.strip() == expected
+
+
+def test_eager_attention_loads_no_compiler():
+    """The custom op is for compiled graphs: its first call imports torch.compile's machinery (~900
+    modules, a second of every `fila ask`), so eager calls must not go through it."""
+    probe = ("import sys, torch; from fila_cli.vision.model import cpu_attention as c; "
+             "q = torch.randn(1, 5, 2, 8).bfloat16().transpose(1, 2); "
+             "torch.set_grad_enabled(False); assert c.applies(q); c.attend(q, q, q, 0.35); "
+             "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)")
+    completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert completed.stdout.split() == ["False", "False"]

@@ -101,7 +101,7 @@ class CLIPAttention(nn.Module):
         keys = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         values = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         if cpu_attention.applies(queries):
-            attn_output = cpu_attention.cpu_fused_attention(queries, keys, values, self.scale)
+            attn_output = cpu_attention.attend(queries, keys, values, self.scale)
         else:
             attn_output = F.scaled_dot_product_attention(queries, keys, values, attn_mask=None, dropout_p=0.0,
                                                          scale=self.scale, is_causal=False)

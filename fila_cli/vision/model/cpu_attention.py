@@ -95,9 +95,20 @@ def _fused_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return core(queries, keys, values).contiguous()
 
 
+def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """[n, heads, t, head_dim] x3 -> contiguous [n, heads, t, head_dim]: softmax(q·kᵀ·scale)·v.
+
+    Eager calls go straight to the fused core: the custom op's first call imports torch.compile's
+    machinery (~900 modules, a second of a `fila ask`). Only a graph being compiled records the op.
+    """
+    if torch.compiler.is_compiling():
+        return cpu_fused_attention(queries, keys, values, scale)
+    return _fused_attention(queries, keys, values, scale)
+
+
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def cpu_fused_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """[n, heads, t, head_dim] x3 -> contiguous [n, heads, t, head_dim]: softmax(q·kᵀ·scale)·v."""
+    """``attend`` as an op that ``torch.compile`` keeps whole (opaque to its tracing)."""
     return _fused_attention(queries, keys, values, scale)
 
 
