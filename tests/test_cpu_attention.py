@@ -118,3 +118,17 @@ def test_eager_attention_loads_no_compiler():
              "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)")
     completed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert completed.stdout.split() == ["False", "False"]
+
+
+def test_a_torch_that_cannot_fuse_falls_back_to_sdpa(monkeypatch):
+    def no_onednn_graph(enabled):
+        raise RuntimeError("oneDNN Graph is not compiled in")
+
+    monkeypatch.setattr(torch.jit, "enable_onednn_fusion", no_onednn_graph)
+    monkeypatch.setattr(cpu_attention, "_cores", {})
+    monkeypatch.setattr(cpu_attention, "_onednn_graph_works", True)
+    queries, keys, values = (heads(2, 9, 2, 8, seed=seed) for seed in range(3))
+    with torch.inference_mode():
+        got = cpu_attention.attend(queries, keys, values, 0.3)
+        assert torch.equal(got, F.scaled_dot_product_attention(queries, keys, values, scale=0.3))
+        assert not cpu_attention.applies(queries)  # and SDPA from then on

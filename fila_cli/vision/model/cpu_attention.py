@@ -17,20 +17,24 @@ turns it off (SDPA everywhere), for a CPU or a PyTorch build where oneDNN Graph 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import warnings
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+_log = logging.getLogger(__name__)
 
 ENV_SWITCH = "FILA_FUSED_CPU_ATTENTION"
 OP_NAME = "fila::cpu_fused_attention"
 
 _enabled = os.environ.get(ENV_SWITCH, "1") != "0"
-# A PyTorch build without oneDNN (or without its Graph fuser) keeps SDPA.
-_BUILT_WITH_ONEDNN_GRAPH = torch.backends.mkldnn.is_available() and hasattr(torch._C, "_jit_set_llga_enabled")
+# A PyTorch build without oneDNN (or whose TorchScript cannot fuse with it) keeps SDPA.
+_onednn_graph_works = torch.backends.mkldnn.is_available() and hasattr(torch._C, "_jit_set_llga_enabled")
 # (shape, strides, scale) -> the scripted, frozen, fused core for inputs laid out so.
 _cores: dict[tuple, torch.jit.ScriptModule] = {}
 _cores_lock = threading.Lock()
@@ -52,7 +56,7 @@ class _AttentionCore(nn.Module):
 def applies(queries: torch.Tensor) -> bool:
     """Whether attention over ``queries`` goes through the fused kernel."""
     return (_enabled and queries.device.type == "cpu" and queries.dtype == torch.bfloat16 and not torch.is_grad_enabled()
-            and _BUILT_WITH_ONEDNN_GRAPH)
+            and _onednn_graph_works)
 
 
 @contextlib.contextmanager
@@ -85,13 +89,20 @@ def _warmed_core(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
 
 
 def _fused_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    global _onednn_graph_works
     key = (tuple(queries.shape), queries.stride(), keys.stride(), values.stride(), scale)
     core = _cores.get(key)
     if core is None:
         with _cores_lock:
             core = _cores.get(key)
             if core is None:
-                core = _cores[key] = _warmed_core(queries, keys, values, scale)
+                try:
+                    core = _cores[key] = _warmed_core(queries, keys, values, scale)
+                except RuntimeError as error:
+                    # A build whose TorchScript cannot fuse (no oneDNN Graph compiled in): SDPA from now on.
+                    _log.debug("oneDNN Graph attention unavailable (%s); using SDPA", error)
+                    _onednn_graph_works = False
+                    return F.scaled_dot_product_attention(queries, keys, values, scale=scale).contiguous()
     return core(queries, keys, values).contiguous()
 
 
