@@ -12,13 +12,13 @@ import math
 import llama_cpp
 import numpy as np
 import pytest
-from gguf import GGUFReader, GGUFWriter
+from gguf import GGUFWriter
 
 from fila_cli.errors import ExitCode, ModelError
 from fila_cli.llm import ContextOverflowError, LlamaBackend, SamplingParams
 from fila_cli.llm.backend import IMAGE_PLACEHOLDER_ID
 from fila_cli.llm.sampling import TextStream
-from tiny_llm import BOS_ID, EOS_ID, build_tiny_llm
+from tiny_llm import BOS_ID, EOS_ID, build_tiny_llm, gguf_token_embeddings
 
 N_CTX = 512
 N_EMBD = 64
@@ -39,9 +39,7 @@ def model_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def token_embeddings(model_path) -> np.ndarray:
-    """token_embd.weight [n_vocab, n_embd] as written into the GGUF."""
-    tensor = next(t for t in GGUFReader(str(model_path)).tensors if t.name == "token_embd.weight")
-    return np.asarray(tensor.data, dtype=np.float32)
+    return gguf_token_embeddings(model_path)
 
 
 @pytest.fixture(scope="module")

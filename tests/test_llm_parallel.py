@@ -9,10 +9,9 @@ import dataclasses
 
 import numpy as np
 import pytest
-from gguf import GGUFReader
 
 from fila_cli.llm import ContextOverflowError, LlamaBackend, LlamaSettings, SamplingParams, StateRefusedError
-from tiny_llm import build_tiny_llm
+from tiny_llm import build_tiny_llm, gguf_token_embeddings
 
 N_CTX = 512
 N_EMBD_TINY = 64  # build_tiny_llm's default width
@@ -33,12 +32,6 @@ def model_path(tmp_path_factory):
     return build_tiny_llm(tmp_path_factory.mktemp("llm") / "tiny.gguf", seed=0)
 
 
-def token_embeddings(path) -> np.ndarray:
-    """token_embd.weight [n_vocab, n_embd] as written into the GGUF."""
-    tensor = next(t for t in GGUFReader(str(path)).tensors if t.name == "token_embd.weight")
-    return np.asarray(tensor.data, dtype=np.float32)
-
-
 @pytest.fixture(scope="module")
 def alone(model_path):
     with LlamaBackend(model_path, n_ctx=N_CTX) as backend:
@@ -54,7 +47,7 @@ def together(request, model_path):
 @pytest.fixture(scope="module")
 def prompts(model_path, alone):
     """Three prompts of different lengths: text + embedding rows + text (two) and text alone."""
-    rows = token_embeddings(model_path)
+    rows = gguf_token_embeddings(model_path)
     image = lambda text: rows[alone.tokenize(text)]  # noqa: E731  (embedding rows standing in for an image)
     return [
         ["A chat between a curious human and an assistant. USER: ", image("the chart shows the total value"),
@@ -129,7 +122,7 @@ def test_an_answer_that_fills_its_context_stops_alone_and_the_others_go_on(model
 
 def test_answers_ending_at_eos_after_different_lengths(tmp_path):
     path = build_tiny_llm(tmp_path / "eos.gguf", always_eos=True)
-    rows = token_embeddings(path)
+    rows = gguf_token_embeddings(path)
     params = SamplingParams(max_tokens=MAX_TOKENS)
     with LlamaBackend(path, n_ctx=128) as one, LlamaBackend(path, n_ctx=128, settings=LlamaSettings(n_seq_max=N_SEQ)) as many:
         against_eos = rows[one.tokenize("the chart shows the total value")].copy()

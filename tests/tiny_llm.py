@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from gguf import GGUFWriter, TokenType
+from gguf import GGUFReader, GGUFWriter, TokenType
 
 ARCH = "llama"
 SPM_SPACE = "\u2581"  # "▁": SentencePiece's visible space
@@ -269,3 +269,10 @@ def build_large_llm(path: str | os.PathLike, *, n_embd: int, n_layer: int, n_hea
             writer.write_tensor_data((rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float16))
     writer.close()
     return path
+
+
+def gguf_token_embeddings(path: str | os.PathLike) -> np.ndarray:
+    """token_embd.weight [n_vocab, n_embd] as written into the GGUF: rows to prefill as embeddings
+    that must decode exactly as their token ids do."""
+    tensor = next(t for t in GGUFReader(str(path)).tensors if t.name == "token_embd.weight")
+    return np.asarray(tensor.data, dtype=np.float32)

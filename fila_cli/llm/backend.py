@@ -544,13 +544,7 @@ class LlamaBackend:
             chunk = rows[start : start + self._n_batch]  # contiguous: a slice of C-ordered rows
             n = len(chunk)
             n_past = self._llm.n_tokens
-            positions = np.arange(n_past, n_past + n, dtype=np.int32)
-            ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
-            ctypes.memmove(batch.pos, positions.ctypes.data, positions.nbytes)
-            ctypes.memset(batch.logits, 0, n)
-            if logits_last and start + n == n_rows:
-                batch.logits[n - 1] = 1
-            batch.n_tokens = n
+            self._load_embd_chunk(chunk, n_past, logits_last=logits_last and start + n == n_rows)
             self._remove_kv_from(n_past)
             rc = llama_cpp.llama_decode(self._llm.ctx, batch)
             if rc == DECODE_NO_KV_SLOT:
@@ -560,6 +554,17 @@ class LlamaBackend:
             # Tell the high-level object what now sits at these positions (see module docstring).
             self._llm.input_ids[n_past : n_past + n] = IMAGE_PLACEHOLDER_ID
             self._llm.n_tokens = n_past + n
+
+    def _load_embd_chunk(self, chunk: np.ndarray, n_past: int, *, logits_last: bool) -> None:
+        """Put embedding rows [n <= n_batch, n_embd] into the embedding batch at positions n_past..,
+        logits for the last row only when ``logits_last``."""
+        batch, n = self._embd_batch, len(chunk)
+        positions = np.arange(n_past, n_past + n, dtype=np.int32)
+        ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
+        ctypes.memmove(batch.pos, positions.ctypes.data, positions.nbytes)
+        ctypes.memset(batch.logits, 0, n)
+        batch.logits[n - 1] = logits_last
+        batch.n_tokens = n
 
     def _remove_kv_from(self, position: int) -> None:
         memory = llama_cpp.llama_get_memory(self._llm.ctx)
@@ -711,20 +716,13 @@ class LlamaBackend:
                 last_chunk = i == len(sequence.pieces) - 1 and start + len(chunk) == len(piece)
                 if is_embedding:
                     self._set_embd_batch_sequence(sequence.seq)
+                    self._load_embd_chunk(chunk, sequence.n_past, logits_last=last_chunk)
                     batch = self._embd_batch
-                    ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
-                    ctypes.memset(batch.logits, 0, len(chunk))
-                    batch.logits[len(chunk) - 1] = last_chunk
                 else:
                     batch = self._token_batch
-                    for row, token in enumerate(chunk.tolist()):
-                        batch.token[row] = token
-                        batch.n_seq_id[row] = 1
-                        batch.seq_id[row][0] = sequence.seq
-                        batch.logits[row] = row == len(chunk) - 1  # as Llama.eval asks
-                positions = np.arange(sequence.n_past, sequence.n_past + len(chunk), dtype=np.int32)
-                ctypes.memmove(batch.pos, positions.ctypes.data, positions.nbytes)
-                batch.n_tokens = len(chunk)
+                    for row, token in enumerate(chunk.tolist()):  # logits for the last row, as Llama.eval asks
+                        self._set_token_row(row, token, sequence.n_past + row, sequence.seq, logits=row == len(chunk) - 1)
+                    batch.n_tokens = len(chunk)
                 self._decode_batch(batch, "the prompt")
                 sequence.n_past += len(chunk)
             if is_embedding:
@@ -736,17 +734,20 @@ class LlamaBackend:
 
     def _decode_step(self, unfinished: Sequence[_Answering]) -> None:
         """One llama_decode: row i holds the last sampled token of ``unfinished[i]`` at its position."""
-        batch = self._token_batch
         for row, sequence in enumerate(unfinished):
-            batch.token[row] = sequence.tokens[-1]
-            batch.pos[row] = sequence.n_past
-            batch.n_seq_id[row] = 1
-            batch.seq_id[row][0] = sequence.seq
-            batch.logits[row] = True
-        batch.n_tokens = len(unfinished)
-        self._decode_batch(batch, "the answers")
+            self._set_token_row(row, sequence.tokens[-1], sequence.n_past, sequence.seq, logits=True)
+        self._token_batch.n_tokens = len(unfinished)
+        self._decode_batch(self._token_batch, "the answers")
         for sequence in unfinished:
             sequence.n_past += 1
+
+    def _set_token_row(self, row: int, token: int, position: int, seq: int, *, logits: bool) -> None:
+        batch = self._token_batch
+        batch.token[row] = token
+        batch.pos[row] = position
+        batch.n_seq_id[row] = 1
+        batch.seq_id[row][0] = seq
+        batch.logits[row] = logits
 
     def _decode_batch(self, batch: llama_cpp.llama_batch, what: str) -> None:
         rc = llama_cpp.llama_decode(self._llm.ctx, batch)

@@ -496,11 +496,10 @@ class Asker:
         prompts = [self.one_prompt(asked, options) for asked in questions]
         generations = self.backend.generate_many(prompts, options.sampling)
         answers = []
-        for asked, prompt, generation in zip(questions, prompts, generations):
+        for asked, generation in zip(questions, generations):
             if len(asked.pages) > 1:
-                n_visual = sum(len(segment) for segment in prompt if not isinstance(segment, str))
-                answers.append(self._together_answer(asked.file, asked.question, asked.pages, generation, n_visual,
-                                                     asked.reason, asked.timings, asked.method))
+                answers.append(self._together_answer(asked.file, asked.question, asked.pages, generation,
+                                                     generation.n_visual_tokens, asked.reason, asked.timings, asked.method))
             else:
                 page = _page_answer(asked.pages[0], generation, asked.timings)
                 answers.append(self._best_answer(asked.file, asked.question, [page], ReadNotices().merged(page.notices),
