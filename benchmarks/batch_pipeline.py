@@ -45,14 +45,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
+import torch
+from bad_documents import make_good_pdf
+from caches import write_benchmark_bundle
 
-from bad_documents import make_good_pdf  # noqa: E402  (test-time builders, reused)
-from caches import write_benchmark_bundle  # noqa: E402
-from fila_cli.bundles.bundle import resolve_bundle  # noqa: E402
-from fila_cli.llm import LlamaBackend, LlamaSettings, SamplingParams  # noqa: E402
-from fila_cli.qa.ask import Asker, AskOptions  # noqa: E402
-from fila_cli.qa.batch import RecordSink, run_batch  # noqa: E402
+from fila_cli.bundles.bundle import resolve_bundle
+from fila_cli.llm import LlamaBackend, LlamaSettings, SamplingParams
+from fila_cli.qa.ask import Asker, AskOptions
+from fila_cli.qa.batch import RecordSink, run_batch
 
 QUESTION = "What is the total due?"
 SECONDS_PER_MINUTE = 60.0

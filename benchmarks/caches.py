@@ -22,17 +22,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import torch  # noqa: E402
-from transformers import CLIPVisionConfig, CLIPVisionModel  # noqa: E402
+import torch
+from bad_documents import make_good_pdf
+from mmproj_writer import write_mmproj_gguf
+from tiny_llm import build_tiny_llm
+from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from bad_documents import make_good_pdf  # noqa: E402  (test-time builders, reused)
-from fila_cli.qa.ask import Asker, AskOptions  # noqa: E402
-from fila_cli.bundles.bundle import resolve_bundle  # noqa: E402
-from fila_cli.vision.token_cache import TokenCache  # noqa: E402
-from fila_cli.config import DEFAULT_GRID_PINPOINTS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
-from fila_cli.llm import SamplingParams  # noqa: E402
-from mmproj_writer import write_mmproj_gguf  # noqa: E402
-from tiny_llm import build_tiny_llm  # noqa: E402
+from fila_cli.bundles.bundle import resolve_bundle
+from fila_cli.config import DEFAULT_GRID_PINPOINTS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from fila_cli.llm import SamplingParams
+from fila_cli.qa.ask import Asker, AskOptions
+from fila_cli.vision.token_cache import TokenCache
 
 
 def write_full_size_mmproj(path: Path, llm_width: int) -> None:

@@ -37,10 +37,16 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+)
 
-from fila_cli.vision.anyres import preprocess
 from fila_cli.config import AnyresConfig, FusionConfig
+from fila_cli.vision.anyres import preprocess
 from fila_cli.vision.model.compiled import compile_for_inference
 from fila_cli.vision.model.cpu_attention import fused_cpu_attention
 from fila_cli.vision.model.encoder import HybridEncoder
@@ -212,13 +218,13 @@ def main() -> None:
         processor = LlavaNextImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
         inputs = processor(image, return_tensors="pt")
 
-        def run_hf():
-            hf.model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
+        def run_hf(model=hf.model):  # bound now: `hf` is deleted below
+            model.get_image_features(pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"],
                                         vision_feature_layer=-2, vision_feature_select_strategy="default")
 
         run_hf()
         rows.append(Row("HF LLaVA-NeXT get_image_features", torch.float32, timed(run_hf, args.repeats), count_flops(run_hf)))
-        del hf
+        del run_hf, hf
 
         # (name, fusion, dtype, compiled); every bfloat16 row with both attention kernels.
         variants = [("fila, fusion off", False, torch.float32, False), ("fila, fusion off", False, torch.bfloat16, False),

@@ -56,15 +56,15 @@ from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fila_cli.config import DEFAULT_GRID_PINPOINTS, AnyresConfig, ConvNeXtConfig, FusionConfig, save_json  # noqa: E402
-from fila_cli.documents.canvas import CanvasGeometry, plan_canvas  # noqa: E402
-from fila_cli.eval.fragmentation import crops_touched  # noqa: E402
-from fila_cli.train.base import load_tokenizer  # noqa: E402
-from fila_cli.train.chat import IGNORE_INDEX, ChatRenderer  # noqa: E402
-from fila_cli.train.config import TrainConfig  # noqa: E402
-from fila_cli.train.loop import train  # noqa: E402
-from fila_cli.train.model import TrainModel  # noqa: E402
-from fila_cli.train.prepare import load_sample_image, prepare_data  # noqa: E402
+from fila_cli.config import DEFAULT_GRID_PINPOINTS, AnyresConfig, ConvNeXtConfig, FusionConfig, save_json
+from fila_cli.documents.canvas import CanvasGeometry, plan_canvas
+from fila_cli.eval.fragmentation import crops_touched
+from fila_cli.train.base import load_tokenizer
+from fila_cli.train.chat import IGNORE_INDEX, ChatRenderer
+from fila_cli.train.config import TrainConfig
+from fila_cli.train.loop import train
+from fila_cli.train.model import TrainModel
+from fila_cli.train.prepare import load_sample_image, prepare_data
 
 FULL_CROP_SIZE = 336  # the paper's crop; the pinpoints scale with CROP_SIZE / FULL_CROP_SIZE
 PLACEMENTS = ("inside", "straddling")
@@ -162,7 +162,7 @@ class Budget:
 def build_base(directory: Path, scale: Scale, seed: int) -> Path:
     """A randomly initialised LLaVA-NeXT checkpoint (transformers' own initialisation) with a
     character tokenizer: what ``fila train --base`` reads."""
-    from tiny_train import MISTRAL_TEMPLATE, VOCAB_SIZE, IMAGE_TOKEN_INDEX, char_tokenizer
+    from tiny_train import IMAGE_TOKEN_INDEX, MISTRAL_TEMPLATE, VOCAB_SIZE, char_tokenizer
     from tiny_vision import save_llava_next_checkpoint
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
@@ -217,7 +217,7 @@ def _overlaps(a, b, pad: float) -> bool:
 def _place_answer(size: tuple[int, int], ink: tuple[float, float], placement: str, geometry: CanvasGeometry,
                   rng: random.Random) -> tuple[float, float, str | None]:
     """(x0, y0) of the answer's ink box on the page (page pixels), and the cut."""
-    page_h, page_w = size
+    _, page_w = size
     ink_w, ink_h = ink
     to_page = page_w / geometry.resized_size[1]  # page pixels per canvas pixel (square pixels)
     crop = geometry.crop_size * to_page

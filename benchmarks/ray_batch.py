@@ -38,13 +38,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bad_documents import make_good_pdf  # noqa: E402  (test-time builders, reused)
-from batch_pipeline import QUESTION, SECONDS_PER_MINUTE, TimedSink  # noqa: E402
-from caches import write_benchmark_bundle  # noqa: E402
-from fila_cli.documents.document import file_sha256  # noqa: E402
-from fila_cli.llm import SamplingParams  # noqa: E402
-from fila_cli.qa.options import AskOptions, ModelOptions  # noqa: E402
-from fila_cli.qa.ray_batch import WorkItem, run_batch_on_ray  # noqa: E402
+from bad_documents import make_good_pdf
+from batch_pipeline import QUESTION, SECONDS_PER_MINUTE, TimedSink
+from caches import write_benchmark_bundle
+
+from fila_cli.documents.document import file_sha256
+from fila_cli.llm import SamplingParams
+from fila_cli.qa.options import AskOptions, ModelOptions
+from fila_cli.qa.ray_batch import WorkItem, run_batch_on_ray
 
 MODEL_NAME = "benchmark"
 DEPTHS = {"off": 0, "on": 1}

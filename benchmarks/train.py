@@ -31,15 +31,15 @@ from transformers import AutoModelForCausalLM, CLIPVisionConfig, MistralConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fila_cli.config import AnyresConfig, FusionConfig  # noqa: E402
-from fila_cli.train.build import add_lora, trainable_groups  # noqa: E402
-from fila_cli.train.chat import IGNORE_INDEX, TokenizedConversation  # noqa: E402
-from fila_cli.train.config import TrainConfig  # noqa: E402
-from fila_cli.train.data import Conversation, ImageRef  # noqa: E402
-from fila_cli.train.loop import make_accelerator, make_optimizer, run_step  # noqa: E402
-from fila_cli.train.model import PreparedSample, TrainModel  # noqa: E402
-from fila_cli.vision.anyres import preprocess  # noqa: E402
-from fila_cli.vision.model.encoder import HybridEncoder  # noqa: E402
+from fila_cli.config import AnyresConfig, FusionConfig
+from fila_cli.train.build import add_lora, trainable_groups
+from fila_cli.train.chat import IGNORE_INDEX, TokenizedConversation
+from fila_cli.train.config import TrainConfig
+from fila_cli.train.data import Conversation, ImageRef
+from fila_cli.train.loop import make_accelerator, make_optimizer, run_step
+from fila_cli.train.model import PreparedSample, TrainModel
+from fila_cli.vision.anyres import preprocess
+from fila_cli.vision.model.encoder import HybridEncoder
 
 # NVIDIA H100 SXM dense bf16 tensor-core peak (the datasheet's 1979 TFLOP/s is with sparsity).
 H100_BF16_PEAK_FLOPS = 989e12

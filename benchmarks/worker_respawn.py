@@ -22,9 +22,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from bad_documents import make_good_pdf  # noqa: E402  (test-time builder, reused)
-from fila_cli.config import AnyresConfig  # noqa: E402
-from fila_cli.qa import isolation  # noqa: E402
+from bad_documents import make_good_pdf
+
+from fila_cli.config import AnyresConfig
+from fila_cli.qa import isolation
 
 _serve_documents_only = isolation._serve
 

@@ -46,7 +46,7 @@ def require_gguf(path: Path, role: str, hint: str) -> None:
         raise ModelError(f"{path}: not a GGUF file; {hint}")
 
 
-def open_gguf(path: Path, role: str = "GGUF", hint: str = "download or convert it again") -> "GGUFReader":
+def open_gguf(path: Path, role: str = "GGUF", hint: str = "download or convert it again") -> GGUFReader:
     """A memory-mapped reader (tensor data is read only when touched); a bad file is a ModelError naming it."""
     from gguf import GGUFReader
 
@@ -73,7 +73,7 @@ class GGUFHeader:
         return self.type == ADAPTER_TYPE
 
 
-def gguf_header(reader: "GGUFReader", path: Path) -> GGUFHeader:
+def gguf_header(reader: GGUFReader, path: Path) -> GGUFHeader:
     """The header keys fila decides on, from an open reader."""
 
     def value(key: str):

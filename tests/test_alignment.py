@@ -10,8 +10,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from fila_cli.documents.canvas import plan_canvas, scale_geometry
 from fila_cli.config import AnyresConfig, ConvNeXtConfig
+from fila_cli.documents.canvas import plan_canvas, scale_geometry
 from fila_cli.vision.model.alignment import align_stage
 
 GRID = 24

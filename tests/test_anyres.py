@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_vision import PAGE_SHAPES, page_image
 from transformers import LlavaNextImageProcessor
 
-from fila_cli.vision.anyres import plan_canvas, preprocess, select_best_resolution
 from fila_cli.config import AnyresConfig
-from tiny_vision import PAGE_SHAPES, page_image
+from fila_cli.vision.anyres import plan_canvas, preprocess, select_best_resolution
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_padding_is_centred_and_crops_tile_the_canvas():
     image = page_image(1800, 300)
     page = preprocess(image, AnyresConfig())
     geometry = page.geometry
-    left, top, right, bottom = geometry.image_box_on_canvas()
+    left, _top, right, _bottom = geometry.image_box_on_canvas()
     canvas_w = geometry.canvas_size[1]
     assert abs(left - (canvas_w - right)) <= 1
     rows, cols = geometry.grid

@@ -12,14 +12,14 @@ import time
 from collections import Counter
 
 import pytest
-from typer.testing import CliRunner
-
 from bad_documents import BOMB_SIDE, _bomb_deflate, _bomb_pdf, make_good_pdf
-from fila_cli.qa.batch import collect_documents, load_done
-from fila_cli.cli.app import app
-from fila_cli.errors import ExitCode
 from tiny_bundle import LLM_FILE, MMPROJ_FILE, build_tiny_bundle
 from tiny_vision import page_image
+from typer.testing import CliRunner
+
+from fila_cli.cli.app import app
+from fila_cli.errors import ExitCode
+from fila_cli.qa.batch import collect_documents, load_done
 
 QUESTIONS = ["What is the total due?", "Who signed the letter?"]
 

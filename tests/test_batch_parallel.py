@@ -11,18 +11,18 @@ import sys
 from collections import Counter
 
 import pytest
+from bad_documents import make_good_pdf
+from test_batch import read_records
+from test_batch_pipeline import PORTRAIT, WIDE, kill_twice_then_resume, shaped_pdf
+from tiny_bundle import build_tiny_bundle
 from typer.testing import CliRunner
 
-from bad_documents import make_good_pdf
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.cli.app import app
 from fila_cli.errors import ExitCode
 from fila_cli.llm import LlamaSettings, SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.qa.batch import RecordSink, run_batch
-from test_batch import read_records
-from test_batch_pipeline import PORTRAIT, WIDE, kill_twice_then_resume, shaped_pdf
-from tiny_bundle import build_tiny_bundle
 
 N = 3
 QUESTIONS = ["What is the total due?", "Who signed the letter?"]

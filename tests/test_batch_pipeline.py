@@ -15,8 +15,10 @@ from collections import Counter
 
 import pymupdf
 import pytest
-
 from bad_documents import make_good_pdf
+from test_batch import batch_command, read_records, wait_for_lines
+from tiny_bundle import build_tiny_bundle
+
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.errors import ExitCode
 from fila_cli.qa.ask import Asker, AskOptions
@@ -24,8 +26,6 @@ from fila_cli.qa.batch import RecordSink, answer_document, run_batch, sha256_or_
 from fila_cli.qa.document_pipeline import DocumentPipeline
 from fila_cli.qa.isolation import DocumentWorker
 from fila_cli.qa.pipeline import RunAhead
-from tiny_bundle import build_tiny_bundle
-from test_batch import batch_command, read_records, wait_for_lines
 
 QUESTIONS = ["What is the total due?", "Who signed the letter?"]
 # Page shapes (points) whose renders make different numbers of visual tokens with the tiny bundle:

@@ -4,17 +4,17 @@ timed); prefix reuse gives the same answers as decoding everything; `fila cache 
 from __future__ import annotations
 
 import pytest
+from bad_documents import make_good_pdf
+from tiny_bundle import build_tiny_bundle
 from typer.testing import CliRunner
 
-from bad_documents import make_good_pdf
-from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.bundles.bundle import resolve_bundle
-from fila_cli.vision.token_cache import TokenCache
 from fila_cli.cli.app import app
 from fila_cli.documents.document import DEFAULT_MAX_PIXELS, Document
 from fila_cli.llm import SamplingParams
+from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.vision.model.encoder import HybridEncoder
-from tiny_bundle import build_tiny_bundle
+from fila_cli.vision.token_cache import TokenCache
 
 OPTIONS = AskOptions(sampling=SamplingParams(max_tokens=6))
 

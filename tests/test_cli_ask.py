@@ -9,12 +9,11 @@ import sys
 
 import pymupdf
 import pytest
-from PIL import Image
-
 from bad_documents import make_good_pdf
-from fila_cli.errors import ExitCode
 from tiny_bundle import LLM_FILE, MMPROJ_FILE, build_tiny_bundle
 from tiny_vision import page_image
+
+from fila_cli.errors import ExitCode
 
 DOCUMENTED_KEYS = {"file", "question", "answer", "pages", "confidence", "model", "timings", "tokens", "page_choice",
                    "warnings"}

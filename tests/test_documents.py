@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pymupdf
 import pytest
-from PIL import Image
-
 from bad_documents import (
     HUGE_PAGE_POINTS,
     MANY_PAGES,
@@ -25,6 +23,8 @@ from bad_documents import (
     text_pdf_bytes,
     write_corpus,
 )
+from PIL import Image
+
 from fila_cli.documents.document import (
     DEFAULT_MAX_PIXELS,
     file_sha256,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_vision import PAGE_SHAPES, page_image, save_llava_next_checkpoint, tiny_llava_next
 from transformers import LlavaNextImageProcessor
 
 from fila_cli.vision.anyres import preprocess
 from fila_cli.vision.load import load_encoder
-from tiny_vision import PAGE_SHAPES, page_image, save_llava_next_checkpoint, tiny_llava_next
 
 MAX_RELATIVE_ERROR = 1e-5
 

@@ -15,6 +15,7 @@ from collections import Counter
 
 import pymupdf
 import pytest
+from tiny_bundle import build_tiny_bundle
 
 from fila_cli.config import AnyresConfig
 from fila_cli.documents.canvas import plan_canvas
@@ -22,7 +23,6 @@ from fila_cli.documents.document import open_document
 from fila_cli.documents.render import render_for_canvas
 from fila_cli.errors import ExitCode, UsageError
 from fila_cli.eval.fragmentation import DATA_FILE, generator_config, make_fragmentation, read_rows
-from tiny_bundle import build_tiny_bundle
 
 SAMPLE = 24
 

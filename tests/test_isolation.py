@@ -10,8 +10,8 @@ import textwrap
 import time
 
 import pytest
-
 from bad_documents import make_good_pdf
+
 from fila_cli.config import AnyresConfig
 from fila_cli.errors import DocumentError, UsageError
 from fila_cli.qa.isolation import DocumentWorker, WorkerFailure

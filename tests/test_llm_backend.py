@@ -13,12 +13,12 @@ import llama_cpp
 import numpy as np
 import pytest
 from gguf import GGUFWriter
+from tiny_llm import BOS_ID, EOS_ID, build_tiny_llm, gguf_token_embeddings
 
 from fila_cli.errors import ExitCode, ModelError
 from fila_cli.llm import ContextOverflowError, LlamaBackend, SamplingParams
 from fila_cli.llm.backend import IMAGE_PLACEHOLDER_ID
 from fila_cli.llm.sampling import TextStream
-from tiny_llm import BOS_ID, EOS_ID, build_tiny_llm, gguf_token_embeddings
 
 N_CTX = 512
 N_EMBD = 64

@@ -9,9 +9,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+from tiny_llm import build_tiny_llm, gguf_token_embeddings
 
 from fila_cli.llm import ContextOverflowError, LlamaBackend, LlamaSettings, SamplingParams, StateRefusedError
-from tiny_llm import build_tiny_llm, gguf_token_embeddings
 
 N_CTX = 512
 N_EMBD_TINY = 64  # build_tiny_llm's default width

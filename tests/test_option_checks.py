@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from bad_documents import make_good_pdf
+
 from fila_cli.errors import ExitCode
 
 

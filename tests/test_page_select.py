@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from bad_documents import make_good_pdf
+
 from fila_cli.documents.document import open_document
 from fila_cli.documents.page_select import PageChoice, choose_pages, query_terms, rank_pages_by_text, tokenize
 

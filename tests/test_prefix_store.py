@@ -10,12 +10,12 @@ import textwrap
 
 import numpy as np
 import pytest
+from tiny_bundle import LLM_FILE, build_tiny_bundle
+from tiny_vision import TINY_LLM_WIDTH
 
 from fila_cli.llm import LlamaBackend, SamplingParams
 from fila_cli.llm.prefix_store import PrefixStore, prefix_cache_key
 from fila_cli.llm.templates import FAMILIES
-from tiny_bundle import LLM_FILE, build_tiny_bundle
-from tiny_vision import TINY_LLM_WIDTH
 
 N_VISUAL = 300  # image rows: more than one n_batch chunk of the tiny model's prefill
 GREEDY = SamplingParams(max_tokens=10)
@@ -187,7 +187,8 @@ def test_a_stored_state_llama_cpp_refuses_is_decoded_again(bundle, tmp_path, mon
     """A state on disk that passes the store's checks but that llama.cpp will not restore (here,
     saved by a context without flash attention) is dropped and the prefix decoded again."""
     from bad_documents import make_good_pdf
-    from fila_cli import AskOptions, Asker, ModelOptions
+
+    from fila_cli import Asker, AskOptions, ModelOptions
     from fila_cli.llm import LlamaSettings, StateRefusedError
 
     monkeypatch.setenv("FILA_CACHE_DIR", str(tmp_path / "cache"))

@@ -16,12 +16,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from bad_documents import make_good_pdf
-from fila_cli.errors import ExitCode
 from test_batch_pipeline import PORTRAIT, WIDE, shaped_pdf
 from tiny_bundle import build_tiny_bundle
 from tiny_vision import page_image
+
+from fila_cli.errors import ExitCode
 
 pytest.importorskip("ray")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from tiny_llm import BOS_ID, build_tiny_llm, tiny_llm_tokens
 
 from fila_cli.errors import ModelError
 from fila_cli.llm import LlamaBackend
@@ -13,7 +14,6 @@ from fila_cli.llm.templates import (
     select_template,
     template_from_chat_template,
 )
-from tiny_llm import BOS_ID, build_tiny_llm, tiny_llm_tokens
 
 QUESTION = "What is the total {amount}?"  # braces must survive rendering
 

@@ -4,6 +4,7 @@ trained for real (transformers LLM, fila's Hybrid Encoder, timm ConvNeXt), nothi
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -13,6 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_train import (
+    CHATML_TEMPLATE,
+    MISTRAL_TEMPLATE,
+    build_tiny_base,
+    char_tokenizer,
+    write_fusion_config,
+    write_samples,
+)
 
 from fila_cli.train.build import build_model
 from fila_cli.train.chat import IGNORE_INDEX, ChatRenderer
@@ -22,7 +31,6 @@ from fila_cli.train.data import parse_conversation
 from fila_cli.train.loop import lr_factor, train
 from fila_cli.train.model import group_of
 from fila_cli.train.prepare import load_sample_image, prepare_data
-from tiny_train import CHATML_TEMPLATE, MISTRAL_TEMPLATE, build_tiny_base, char_tokenizer, write_fusion_config, write_samples
 
 TWO_TURNS = {"id": "two", "image": "p.png", "conversations": [
     {"from": "human", "value": "<image>\nwhat is the total?"}, {"from": "gpt", "value": "12 EUR"},
@@ -84,7 +92,7 @@ def test_bad_samples_are_skipped_and_counted(workspace, tmp_path):
 def test_lr_schedule_warms_up_then_decays():
     factors = [lr_factor(step, 100, 3) for step in range(100)]
     assert factors[:3] == [1 / 3, 2 / 3, 1.0]
-    assert all(a >= b for a, b in zip(factors[2:], factors[3:]))
+    assert all(a >= b for a, b in itertools.pairwise(factors[2:]))
     assert factors[-1] < 1e-3
 
 

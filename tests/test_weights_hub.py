@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFWriter
+from hub_server import HubServer
 from huggingface_hub import constants as hf_constants
 from typer.testing import CliRunner
 
@@ -27,7 +28,6 @@ from fila_cli.bundles import hub
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.cli.weights import weights_app
 from fila_cli.errors import ExitCode, ModelError
-from hub_server import HubServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "fila-test/tiny-bundle"

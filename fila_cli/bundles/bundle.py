@@ -26,8 +26,8 @@ from typing import Any
 
 from fila_cli.config import AnyresConfig, fusion_config_path
 from fila_cli.errors import ModelError
-from fila_cli.vision.token_count import max_visual_tokens
 from fila_cli.gguf_files import GGUFHeader, read_gguf_header  # noqa: F401  (GGUFHeader: re-exported)
+from fila_cli.vision.token_count import max_visual_tokens
 
 # Bundle used when neither --model nor $FILA_MODEL names one.
 DEFAULT_MODEL = "llava-1.6-mistral-7b"

@@ -29,9 +29,9 @@ from rich.progress import (
 
 from fila_cli.bundles.bundle import (
     FUSION,
-    LORA,
     GGUF_SUFFIX,
     LLM,
+    LORA,
     VISION,
     Bundle,
     FileSpec,
@@ -172,7 +172,7 @@ def pull(name: str, *, force: bool = False, progress: bool = True) -> Bundle:
     if force and _offline():
         raise ModelError(f"cannot re-download {name} with --force while HF_HUB_OFFLINE is set")
     with ByteProgress(progress) as bars:
-        for role, spec in manifest.file_specs().items():
+        for spec in manifest.file_specs().values():
             path = _download(manifest, spec, force=force, bars=bars)
             problem = _check_file(path, spec, bars)
             if problem:

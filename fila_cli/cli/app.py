@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
 
 from fila_cli.cli.options import (
-    DeviceOption, DtypeOption, FusionOption, GpuLayersOption, LlmOption, MaxTokensOption, MmprojOption, ModelOption,
-    CacheMaxGbOption, CompileOption, NoCacheOption, PasswordOption, SeedOption, TemperatureOption, TextLayerOption, TopPOption, ask_options,
+    CacheMaxGbOption,
+    CompileOption,
+    DeviceOption,
+    DtypeOption,
+    FusionOption,
+    GpuLayersOption,
+    LlmOption,
+    MaxTokensOption,
+    MmprojOption,
+    ModelOption,
+    NoCacheOption,
+    PasswordOption,
+    SeedOption,
+    TemperatureOption,
+    TextLayerOption,
+    TopPOption,
+    ask_options,
     model_options,
 )
 from fila_cli.cli.support import EXIT_CODES_HELP, VerboseOption, handle_errors, stderr
@@ -108,8 +123,8 @@ def encode(
     with handle_errors(verbose):
         from fila_cli.vision.devices import pick_device, pick_dtype
         from fila_cli.vision.encode import check_output_path, encode_page, save_visual_tokens, token_metadata
-        from fila_cli.vision.loaders.identity import file_identity
         from fila_cli.vision.load import load_encoder
+        from fila_cli.vision.loaders.identity import file_identity
 
         check_output_path(output)  # a bad -o fails now, not after loading and encoding
         torch_device = pick_device(device)
@@ -143,7 +158,7 @@ def crops(
     file: Annotated[Path, typer.Argument(help="A PDF, or an image (PNG, JPEG, WebP, TIFF).", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the picture (.png).", show_default=False)],
     page: Annotated[int, typer.Option("--page", "-p", help="Page of a PDF, 1-based.")] = 1,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Take the canvases (and fusion weights, if any) from this bundle (default: the paper's five canvases, as LLaVA-1.6).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Take the canvases (and fusion weights, if any) from this bundle (default: the paper's five canvases, as LLaVA-1.6).")] = None,
     mmproj: MmprojOption = None,
     fusion: FusionOption = None,
     password: PasswordOption = None,
@@ -157,12 +172,12 @@ def crops(
     both resolutions are stated.
     """
     with handle_errors(verbose):
-        from fila_cli.documents.canvas import plan_canvas, scale_geometry
-        from fila_cli.config import AnyresConfig
         from fila_cli.cli.crops_view import describe_resolutions, draw_crops
+        from fila_cli.config import AnyresConfig
+        from fila_cli.documents.canvas import plan_canvas, scale_geometry
         from fila_cli.documents.document import open_document, page_index_from_user
-        from fila_cli.errors import UsageError
         from fila_cli.documents.render import render_for_canvas
+        from fila_cli.errors import UsageError
 
         if output.suffix.lower() != ".png":
             raise UsageError(f"{output}: the picture is written as PNG; name it *.png")
@@ -206,7 +221,7 @@ def ask(
     llm: LlmOption = None,
     mmproj: MmprojOption = None,
     fusion: FusionOption = None,
-    pages: Annotated[Optional[str], typer.Option("--pages", help="Pages to read, 1-based, e.g. 1,3-5. Default: fila chooses (by the text layer, else the most confident page).")] = None,
+    pages: Annotated[str | None, typer.Option("--pages", help="Pages to read, 1-based, e.g. 1,3-5. Default: fila chooses (by the text layer, else the most confident page).")] = None,
     password: PasswordOption = None,
     text_layer: TextLayerOption = False,
     together: Annotated[bool, typer.Option("--together", help="Read the --pages in one prompt, each introduced by its page number (for questions across pages), when the model's context holds them.")] = False,
@@ -245,7 +260,7 @@ def ask(
 @app.command(epilog=EXIT_CODES_HELP)
 def chat(
     file: Annotated[Path, typer.Argument(help="A PDF, or an image (PNG, JPEG, WebP, TIFF).", show_default=False)],
-    pages: Annotated[Optional[str], typer.Option("--pages", help="Pages in the conversation, 1-based, e.g. 2 or 2,9 (several: together in one prompt). Default: page 1; /page N moves.")] = None,
+    pages: Annotated[str | None, typer.Option("--pages", help="Pages in the conversation, 1-based, e.g. 2 or 2,9 (several: together in one prompt). Default: page 1; /page N moves.")] = None,
     model: ModelOption = None,
     llm: LlmOption = None,
     mmproj: MmprojOption = None,
@@ -286,17 +301,17 @@ def chat(
 @app.command(epilog=EXIT_CODES_HELP)
 def batch(
     paths: Annotated[list[str], typer.Argument(help="Documents: files, folders (their PDFs and images) and globs.", show_default=False)],
-    question: Annotated[list[str], typer.Option("--question", "-q", help="A question; repeat for several.")] = [],
-    questions_file: Annotated[Optional[Path], typer.Option("--questions", help="A file of questions, one per line.")] = None,
+    question: Annotated[list[str], typer.Option("--question", "-q", help="A question; repeat for several.")] = [],  # noqa: B006 (typer copies it)
+    questions_file: Annotated[Path | None, typer.Option("--questions", help="A file of questions, one per line.")] = None,
     recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write JSON lines to this file (default: stdout).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write JSON lines to this file (default: stdout).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue OUTPUT: skip the (document, question, model) records it already holds.")] = False,
-    pages: Annotated[Optional[str], typer.Option("--pages", help="Pages to read in every document, 1-based (default: fila chooses).")] = None,
+    pages: Annotated[str | None, typer.Option("--pages", help="Pages to read in every document, 1-based (default: fila chooses).")] = None,
     together: Annotated[bool, typer.Option("--together", help="Read each document's --pages in one prompt, each introduced by its page number (one record per document and question, listing every page); a document whose pages the context cannot hold is a failed record (kind model), with the numbers.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds the document worker may spend on one document (opening, choosing pages, rendering, text extraction; the model's time between pages does not count) before it is recorded as a timeout.")] = 120.0,
-    ray: Annotated[Optional[str], typer.Option("--ray", help="Run across a Ray cluster: 'auto' joins the running one (or starts a local one), 'local' starts a private one on this machine, or give its address (ray://host:10001, host:6379). Needs `pip install \"fila-cli[ray]\"`; the documents' paths must be visible on every node.", show_default=False)] = None,
+    ray: Annotated[str | None, typer.Option("--ray", help="Run across a Ray cluster: 'auto' joins the running one (or starts a local one), 'local' starts a private one on this machine, or give its address (ray://host:10001, host:6379). Needs `pip install \"fila-cli[ray]\"`; the documents' paths must be visible on every node.", show_default=False)] = None,
     ray_cpus: Annotated[float, typer.Option("--ray-cpus", help="With --ray on CPU-only nodes: CPUs per worker (one model each). On GPU nodes each worker takes one GPU.")] = 2.0,
-    pipeline_depth: Annotated[Optional[int], typer.Option("--pipeline-depth", help=f"Pages rendered and encoded ahead while the LLM answers the current one (with --ray, in each worker; each holds one page's visual tokens in memory); 0 does one stage at a time. Default: {DEFAULT_PIPELINE_DEPTH}, or --parallel's N.", show_default=False)] = None,
+    pipeline_depth: Annotated[int | None, typer.Option("--pipeline-depth", help=f"Pages rendered and encoded ahead while the LLM answers the current one (with --ray, in each worker; each holds one page's visual tokens in memory); 0 does one stage at a time. Default: {DEFAULT_PIPELINE_DEPTH}, or --parallel's N.", show_default=False)] = None,
     parallel: Annotated[int, typer.Option("--parallel", help="Answer up to N documents' questions side by side in one LLM context (each answer decoded in the same step). Costs N KV caches of the model's context in memory (~0.5 GB each for Mistral-7B at 4096 tokens). Meant for a GPU, where a step costs about as much for N answers as for one; on a CPU the prefill dominates and the gain is small. Records come out in the same order, with the same answers but where two candidate tokens are nearly tied (README).")] = 1,
     compile_encoder: CompileOption = False,
     model: ModelOption = None,

@@ -9,11 +9,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fila_cli.cli.options import load_asker
 from fila_cli.cli.support import stderr, warning_line
 from fila_cli.errors import ExitCode, UsageError
-from fila_cli.qa.ray_batch import import_ray
 from fila_cli.qa.batch import (
-    BatchSummary, RecordSink, check_parallel, collect_documents, load_done, read_questions, run_batch, sha256_or_none,
+    BatchSummary,
+    RecordSink,
+    check_parallel,
+    collect_documents,
+    load_done,
+    read_questions,
+    run_batch,
+    sha256_or_none,
 )
 from fila_cli.qa.options import AskOptions, ModelOptions
+from fila_cli.qa.ray_batch import import_ray
 
 
 def run_batch_command(paths: list[str], *, questions: list[str], questions_file: Path | None, recursive: bool,

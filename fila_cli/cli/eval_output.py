@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -16,7 +16,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fila_cli.cli.options import (
-    CompileOption, DeviceOption, DtypeOption, FusionOption, GpuLayersOption, LlmOption, MmprojOption, ModelOption, SeedOption, TemperatureOption, TopPOption, ask_options, load_asker, model_options,
+    CompileOption,
+    DeviceOption,
+    DtypeOption,
+    FusionOption,
+    GpuLayersOption,
+    LlmOption,
+    MmprojOption,
+    ModelOption,
+    SeedOption,
+    TemperatureOption,
+    TopPOption,
+    load_asker,
+    model_options,
 )
 from fila_cli.cli.support import EXIT_CODES_HELP, VerboseOption, handle_errors, stderr
 from fila_cli.errors import ExitCode, UsageError
@@ -34,8 +46,8 @@ eval_app = typer.Typer(
     add_completion=False,
 )
 
-TaskOption = Annotated[Optional[str], typer.Option("--task", "-t", help="docvqa, infovqa, textvqa, chartqa or fragmentation.", show_default=False)]
-DataOption = Annotated[Optional[Path], typer.Option("--data", "-d", help="The split: a parquet file, a folder of lmms-eval parquet shards, or a JSON/JSONL file.", show_default=False)]
+TaskOption = Annotated[str | None, typer.Option("--task", "-t", help="docvqa, infovqa, textvqa, chartqa or fragmentation.", show_default=False)]
+DataOption = Annotated[Path | None, typer.Option("--data", "-d", help="The split: a parquet file, a folder of lmms-eval parquet shards, or a JSON/JSONL file.", show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object on stdout instead of a table.")]
 
 
@@ -44,8 +56,8 @@ def eval_command(
     ctx: typer.Context,
     task: TaskOption = None,
     data: DataOption = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="Only the first N rows of the data.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write one prediction per question to this JSON-lines file.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", help="Only the first N rows of the data.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write one prediction per question to this JSON-lines file.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue OUTPUT: skip the questions it already answered for this model.")] = False,
     as_json: JsonOption = False,
     model: ModelOption = None,
@@ -158,8 +170,8 @@ def _check_fragmentation_canvases(data_file: Path, anyres) -> None:
 def score_command(
     task: TaskOption = None,
     data: DataOption = None,
-    predictions: Annotated[Optional[Path], typer.Option("--predictions", "-p", help="JSON lines with question_id and answer.", show_default=False)] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", "-n", help="Only the first N rows of the data.")] = None,
+    predictions: Annotated[Path | None, typer.Option("--predictions", "-p", help="JSON lines with question_id and answer.", show_default=False)] = None,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", help="Only the first N rows of the data.")] = None,
     as_json: JsonOption = False,
     verbose: VerboseOption = False,
 ) -> None:
@@ -214,7 +226,7 @@ def make_fragmentation_command(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the pages and fragmentation.jsonl into.", show_default=False)],
     n: Annotated[int, typer.Option("--n", help="Pages to make, one question each, inside and straddling alternating.")] = DEFAULT_FRAGMENTATION_PAGES,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed makes the same pages.")] = 0,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Take the canvases from this bundle's vision weights (default: the paper's five canvases, as LLaVA-1.6).")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Take the canvases from this bundle's vision weights (default: the paper's five canvases, as LLaVA-1.6).")] = None,
     mmproj: MmprojOption = None,
     verbose: VerboseOption = False,
 ) -> None:

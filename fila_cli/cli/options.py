@@ -7,7 +7,7 @@ the CLI and a Python caller agree on each of them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -23,11 +23,11 @@ DtypeOption = Annotated[
                                       "(float16 on older ones) and on CPUs with AMX/AVX512-BF16, float16 on Apple MPS, float32 on other "
                                       "CPUs; the choice is printed on stderr.")
 ]
-PasswordOption = Annotated[Optional[str], typer.Option("--password", help="Password of an encrypted PDF.")]
-ModelOption = Annotated[Optional[str], typer.Option("--model", "-m", help="Model bundle: a known name (see `fila weights list`) or a directory. Default: $FILA_MODEL or llava-1.6-mistral-7b.")]
-LlmOption = Annotated[Optional[Path], typer.Option("--llm", help="LLM GGUF file (explicit form, with --mmproj).")]
-MmprojOption = Annotated[Optional[Path], typer.Option("--mmproj", help="Vision weights: mmproj GGUF or LLaVA-NeXT safetensors (explicit form, with --llm).")]
-FusionOption = Annotated[Optional[Path], typer.Option("--fusion", help="FILA fusion weights (.safetensors + .json). Without them fusion is off.")]
+PasswordOption = Annotated[str | None, typer.Option("--password", help="Password of an encrypted PDF.")]
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model bundle: a known name (see `fila weights list`) or a directory. Default: $FILA_MODEL or llava-1.6-mistral-7b.")]
+LlmOption = Annotated[Path | None, typer.Option("--llm", help="LLM GGUF file (explicit form, with --mmproj).")]
+MmprojOption = Annotated[Path | None, typer.Option("--mmproj", help="Vision weights: mmproj GGUF or LLaVA-NeXT safetensors (explicit form, with --llm).")]
+FusionOption = Annotated[Path | None, typer.Option("--fusion", help="FILA fusion weights (.safetensors + .json). Without them fusion is off.")]
 TextLayerOption = Annotated[bool, typer.Option("--text-layer", help="Add the page's text layer to the prompt (off by default: the paper's model reads pixels only).")]
 TemperatureOption = Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy (deterministic).")]
 TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (with --temperature > 0).")]
@@ -35,7 +35,7 @@ SeedOption = Annotated[int, typer.Option("--seed", help="Random seed for samplin
 MaxTokensOption = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate per answer.")]
 NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the caches: visual tokens and LLM prefix states (see `fila cache`).")]
 CacheMaxGbOption = Annotated[float, typer.Option("--cache-max-gb", help="Size cap of fila's cache on disk, in GB: visual tokens and LLM prefix states together; the least recently used entries go first.")]
-GpuLayersOption = Annotated[Optional[int], typer.Option("--gpu-layers", help="LLM layers on the GPU (default: all when llama.cpp was built with CUDA or Metal, else 0).")]
+GpuLayersOption = Annotated[int | None, typer.Option("--gpu-layers", help="LLM layers on the GPU (default: all when llama.cpp was built with CUDA or Metal, else 0).")]
 
 
 def model_options(*, model: str | None, llm: Path | None, mmproj: Path | None, fusion: Path | None, device: str,

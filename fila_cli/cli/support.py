@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import traceback
-from typing import Annotated, Iterator
+from collections.abc import Iterator
+from typing import Annotated
 
 import typer
 from rich.console import Console

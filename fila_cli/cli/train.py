@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -57,22 +57,22 @@ class _Progress:
 @train_app.callback(invoke_without_command=True, epilog=EXIT_CODES_HELP)
 def train(
     ctx: typer.Context,
-    stage: Annotated[Optional[int], typer.Option(help="1: CVFM + projector train, the rest frozen. 2: the LLM trains too.", show_default=False)] = None,
-    data: Annotated[Optional[Path], typer.Option(help="LLaVA conversation data, .json (a list) or .jsonl.", show_default=False)] = None,
-    images: Annotated[Optional[Path], typer.Option(help="Folder the samples' image paths are relative to.", show_default=False)] = None,
-    base: Annotated[Optional[Path], typer.Option(help="HF LLaVA-NeXT checkpoint directory to start from.", show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory: checkpoints, metrics, the exported bundle.", show_default=False)] = None,
-    fusion_config: Annotated[Optional[Path], typer.Option(help="FusionConfig JSON (variant, layers, ConvNeXt). Default: the paper's.", show_default=False)] = None,
-    convnext: Annotated[Optional[Path], typer.Option(help="timm ConvNeXt safetensors to start the branch from.", show_default=False)] = None,
-    init: Annotated[Optional[Path], typer.Option(help="Start from an earlier run's directory (stage 2 from stage 1).", show_default=False)] = None,
-    llm_gguf: Annotated[Optional[Path], typer.Option(help="The base LLM as GGUF; named in RUN_DIR/bundle.json so `fila ask --model RUN_DIR` runs.", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate. Default: 1e-3 (stage 1), 2e-5 (stage 2).", show_default=False)] = None,
-    llm_lr: Annotated[Optional[float], typer.Option(help="Stage 2: the LLM's learning rate (default: --lr).", show_default=False)] = None,
+    stage: Annotated[int | None, typer.Option(help="1: CVFM + projector train, the rest frozen. 2: the LLM trains too.", show_default=False)] = None,
+    data: Annotated[Path | None, typer.Option(help="LLaVA conversation data, .json (a list) or .jsonl.", show_default=False)] = None,
+    images: Annotated[Path | None, typer.Option(help="Folder the samples' image paths are relative to.", show_default=False)] = None,
+    base: Annotated[Path | None, typer.Option(help="HF LLaVA-NeXT checkpoint directory to start from.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory: checkpoints, metrics, the exported bundle.", show_default=False)] = None,
+    fusion_config: Annotated[Path | None, typer.Option(help="FusionConfig JSON (variant, layers, ConvNeXt). Default: the paper's.", show_default=False)] = None,
+    convnext: Annotated[Path | None, typer.Option(help="timm ConvNeXt safetensors to start the branch from.", show_default=False)] = None,
+    init: Annotated[Path | None, typer.Option(help="Start from an earlier run's directory (stage 2 from stage 1).", show_default=False)] = None,
+    llm_gguf: Annotated[Path | None, typer.Option(help="The base LLM as GGUF; named in RUN_DIR/bundle.json so `fila ask --model RUN_DIR` runs.", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: 1e-3 (stage 1), 2e-5 (stage 2).", show_default=False)] = None,
+    llm_lr: Annotated[float | None, typer.Option(help="Stage 2: the LLM's learning rate (default: --lr).", show_default=False)] = None,
     warmup_ratio: Annotated[float, typer.Option(help="Share of the steps warming up linearly before the cosine decay.")] = 0.03,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Samples per device per micro-step.")] = 1,
     grad_accum: Annotated[int, typer.Option(help="Micro-steps per optimiser step.")] = 1,
-    max_steps: Annotated[Optional[int], typer.Option(help="Stop the schedule after this many optimiser steps.", show_default=False)] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Stop the schedule after this many optimiser steps.", show_default=False)] = None,
     seed: Annotated[int, typer.Option(help="Seed of the data order and initialisation.")] = 0,
     max_length: Annotated[int, typer.Option(help="Samples longer than this (text + visual tokens) are skipped.")] = 4096,
     save_every: Annotated[int, typer.Option(help="Checkpoint every N optimiser steps (and at the end).")] = 500,
@@ -85,7 +85,7 @@ def train(
     quantization: Annotated[str, typer.Option(help="--full-llm: llama.cpp quantisation of the exported GGUF (Q4_K_M, Q8_0, F16...).")] = DEFAULT_QUANTIZATION,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[bool, typer.Option(help="Go on from the latest checkpoint in --out (its settings are reused).")] = False,
-    stop_after: Annotated[Optional[int], typer.Option(help="Train this many steps of the schedule, checkpoint and stop; --resume goes on.", show_default=False)] = None,
+    stop_after: Annotated[int | None, typer.Option(help="Train this many steps of the schedule, checkpoint and stop; --resume goes on.", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(help="Print the trainable parameters per group and a memory estimate, then exit.")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run's summary as one JSON object on stdout.")] = False,
     verbose: VerboseOption = False,
@@ -95,7 +95,9 @@ def train(
         return
     with handle_errors(verbose):
         from fila_cli.train.config import TrainConfig
-        from fila_cli.train.loop import dry_run as plan, load_config, train as run
+        from fila_cli.train.loop import dry_run as plan
+        from fila_cli.train.loop import load_config
+        from fila_cli.train.loop import train as run
 
         if resume:
             if out is None:
@@ -134,7 +136,7 @@ def train(
 @train_app.command("export", epilog=EXIT_CODES_HELP)
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A fila train run directory.", show_default=False)],
-    checkpoint: Annotated[Optional[Path], typer.Option(help="A checkpoint folder of the run (default: the latest).", show_default=False)] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint folder of the run (default: the latest).", show_default=False)] = None,
     verbose: VerboseOption = False,
 ) -> None:
     """Redo the export (fusion weights, bundle.json) from a checkpoint."""

@@ -22,9 +22,9 @@ import hashlib
 import math
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from types import TracebackType
 from typing import Literal
 

@@ -17,8 +17,8 @@ from fractions import Fraction
 
 from PIL import Image
 
-from fila_cli.documents.canvas import select_best_resolution
 from fila_cli.config import AnyresConfig
+from fila_cli.documents.canvas import select_best_resolution
 from fila_cli.documents.document import DEFAULT_MAX_PIXELS, Document
 from fila_cli.documents.notices import ReadNotices
 

@@ -43,7 +43,7 @@ class EvalExample:
     image_path: Path | None  # a file (an image, or a PDF for the fragmentation benchmark)
     group: str | None = None  # the task's group column (ChartQA's type, fragmentation's placement)
 
-    def without_image(self) -> "EvalExample":
+    def without_image(self) -> EvalExample:
         return EvalExample(self.question_id, self.question, self.answers, None, self.image_path, self.group)
 
 

@@ -131,7 +131,7 @@ def crops_touched(box_on_canvas: tuple[float, float, float, float], canvas: Canv
             if x0 < right and left < x1 and y0 < bottom and top < y1]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _font(name: str) -> pymupdf.Font:
     return pymupdf.Font(name)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fila_cli.errors import FilaError
 from fila_cli.documents.notices import ReadNotices
+from fila_cli.errors import FilaError
 from fila_cli.eval.datasets import EvalExample
 from fila_cli.eval.scores import Prediction
 from fila_cli.eval.tasks import TaskSpec

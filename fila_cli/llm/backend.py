@@ -27,25 +27,26 @@ import os
 import sys
 import time
 import weakref
-from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import llama_cpp
 import numpy as np
 
 from fila_cli.errors import ModelError
+from fila_cli.gguf_files import CLIP_ARCHITECTURE, GGUFHeader, read_gguf_header, require_gguf
+from fila_cli.llm.sampling import SamplingParams, TextCallback, TextStream, log_softmax_at
 
 
 class StateRefusedError(ModelError):
     """llama.cpp would not restore a saved state (saved by another build or context settings)."""
-from fila_cli.gguf_files import CLIP_ARCHITECTURE, GGUFHeader, read_gguf_header, require_gguf
-from fila_cli.llm.sampling import SamplingParams, TextCallback, TextStream, log_softmax_at
+
 
 # One prompt segment: text, or embedding rows [n, n_embd] (float32).
-Segment = Union[str, np.ndarray]
+Segment = str | np.ndarray
 StopReason = Literal["eos", "max_tokens", "context_full"]
 
 # ``input_ids`` entry for a position filled from embeddings. Never a real token id, so the
@@ -844,7 +845,7 @@ class LlamaBackend:
         self._free_token_batch()
         self._llm.close()
 
-    def __enter__(self) -> "LlamaBackend":
+    def __enter__(self) -> LlamaBackend:
         return self
 
     def __exit__(self, *exc: object) -> None:

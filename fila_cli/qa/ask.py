@@ -13,28 +13,34 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from fila_cli.bundles.bundle import Bundle
-from fila_cli.vision.token_cache import TokenCache, default_cache_dir, token_cache_key
-from fila_cli.documents.document import DEFAULT_MAX_PIXELS, Document, open_document
 from fila_cli.disk_cache import BYTES_PER_GB, CacheBudget
+from fila_cli.documents.document import DEFAULT_MAX_PIXELS, Document, open_document
 from fila_cli.documents.notices import ReadNotices, document_warnings, page_notices
-from fila_cli.errors import ModelError
-from fila_cli.llm import (
-    ContextOverflowError, Generation, LlamaBackend, LlamaSettings, PrefixState, StateRefusedError,
-)
-from fila_cli.llm.prefix_store import PREFIX_DIR_NAME, PrefixStore, prefix_cache_key
-from fila_cli.vision.loaders.identity import file_identity
-from fila_cli.llm.templates import PromptTemplate, select_template
-from fila_cli.vision.model.encoder import EncodedPage, HybridEncoder
 from fila_cli.documents.page_select import METHOD_ALL, plan_pages
 from fila_cli.documents.render import RenderedPage, render_for_canvas
+from fila_cli.errors import ModelError
+from fila_cli.llm import (
+    ContextOverflowError,
+    Generation,
+    LlamaBackend,
+    LlamaSettings,
+    PrefixState,
+    StateRefusedError,
+)
+from fila_cli.llm.prefix_store import PREFIX_DIR_NAME, PrefixStore, prefix_cache_key
+from fila_cli.llm.templates import PromptTemplate, select_template
 from fila_cli.qa.options import AskOptions, ModelOptions
+from fila_cli.vision.loaders.identity import file_identity
+from fila_cli.vision.model.encoder import EncodedPage, HybridEncoder
+from fila_cli.vision.token_cache import TokenCache, default_cache_dir, token_cache_key
 
 TextCallback = Callable[[str], None]
 # Called with (pages done, pages in all) while several pages are read one after another.
@@ -175,7 +181,7 @@ class Asker:
         prefix_store: PrefixStore | None = None,
         llama_settings: LlamaSettings | None = None,
         compile_encoder: bool = False,
-    ) -> "Asker":
+    ) -> Asker:
         """llama_settings: how llama.cpp runs the LLM (default ``LlamaSettings()``); its n_seq_max is
         how many questions ``answer_many`` may answer side by side (each holds a KV cache of the
         bundle's n_ctx). compile_encoder: ``compile_for_inference`` the encoder, which pays off over
@@ -197,7 +203,7 @@ class Asker:
 
     @classmethod
     def from_options(cls, options: ModelOptions, bundle: Bundle | None = None, *, reuse_prefix: bool = False,
-                     n_seq_max: int = 1) -> "Asker":
+                     n_seq_max: int = 1) -> Asker:
         """Load the model ``options`` name (or ``bundle``, when already resolved) as they say, able
         to answer ``n_seq_max`` questions side by side."""
         token_cache, prefix_store = None, None

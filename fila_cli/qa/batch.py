@@ -24,15 +24,16 @@ import json
 import os
 import signal
 import sys
-from functools import partial
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Union
+from typing import Any
 
-from fila_cli.qa.ask import Answer, Asker, AskOptions, OnePromptQuestion, PageSource, PreparedPage, new_timings
 from fila_cli.documents.document import file_sha256
 from fila_cli.documents.notices import ReadNotices, warning_lines
 from fila_cli.errors import DocumentError, FilaError, UsageError
+from fila_cli.qa.ask import Answer, Asker, AskOptions, OnePromptQuestion, PageSource, PreparedPage, new_timings
 from fila_cli.qa.isolation import DocumentPlan, DocumentWorker, WorkerFailure
 from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH
 from fila_cli.qa.pipeline import RunAhead
@@ -237,7 +238,7 @@ class UnitFailed:
     error: Exception
 
 
-PreparedItem = Union[Skipped, PageReady, UnitFailed]
+PreparedItem = Skipped | PageReady | UnitFailed
 
 
 def prepare_units(asker: Asker, worker: DocumentWorker, documents: Iterable[tuple[Path, str | None, str | None]],
@@ -279,7 +280,7 @@ def _prepare_unit(asker: Asker, worker: DocumentWorker, unit: Unit, options: Ask
         yield UnitFailed(unit, error)
 
 
-Outcome = tuple[Unit, Union[dict[str, Any], None]]  # a unit and its record (None: skipped)
+Outcome = tuple[Unit, dict[str, Any] | None]  # a unit and its record (None: skipped)
 
 
 def answer_units(asker: Asker, items: Iterator[PreparedItem], options: AskOptions, *,
@@ -335,7 +336,7 @@ class _Lookahead:
         self._items = items
         self._back: PreparedItem | None = None
 
-    def __iter__(self) -> "_Lookahead":
+    def __iter__(self) -> _Lookahead:
         return self
 
     def __next__(self) -> PreparedItem:
@@ -513,7 +514,7 @@ def run_batch(asker: Asker, documents: list[Path], questions: list[str], options
             group = next(groups, None)
             if group is None:
                 break
-            for unit, record in group:  # the records in flight: written whole, even after a Ctrl-C
+            for _unit, record in group:  # the records in flight: written whole, even after a Ctrl-C
                 if record is None:
                     summary.skipped += 1
                 else:

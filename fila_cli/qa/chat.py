@@ -31,9 +31,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fila_cli.documents.document import Document, page_index_from_user, parse_page_spec
 from fila_cli.documents.notices import ReadNotices, document_warnings

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.qa.batch import PreparedItem, answer_units, prepare_units

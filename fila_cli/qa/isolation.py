@@ -28,10 +28,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from fila_cli.config import AnyresConfig
 from fila_cli.documents.notices import ReadNotices
 from fila_cli.documents.page_select import METHOD_ALL, plan_pages
 from fila_cli.documents.render import RenderedPage
-from fila_cli.config import AnyresConfig
 from fila_cli.errors import FilaError, error_from_kind
 
 # Spawned, not forked: the parent holds llama.cpp and torch state that must not be duplicated.

@@ -77,7 +77,7 @@ class RunAhead(Generic[Item]):
                 return not self._closing.is_set()
         return False
 
-    def __iter__(self) -> "RunAhead[Item]":
+    def __iter__(self) -> RunAhead[Item]:
         return self
 
     def __next__(self) -> Item:
@@ -102,7 +102,7 @@ class RunAhead(Generic[Item]):
         self._thread.join()
         self._finished = True
 
-    def __enter__(self) -> "RunAhead[Item]":
+    def __enter__(self) -> RunAhead[Item]:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -47,9 +47,10 @@ import signal
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from fila_cli.errors import FilaError, UsageError
 from fila_cli.qa.batch import BatchSummary, RecordSink, StopFlag, WarningReporter, answer_document, failed_record
@@ -66,7 +67,7 @@ def import_ray():
     """``ray`` and ``ray.data``, or a usage error that names the install command."""
     try:
         import ray
-        import ray.data  # noqa: F401  (the actor pool lives there)
+        import ray.data
     except ImportError:
         raise UsageError(f"--ray needs Ray: {RAY_EXTRA_INSTALL}") from None
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # fila draws the progress and the summary

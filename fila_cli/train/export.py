@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fila_cli.bundles.bundle import BUNDLE_FILE, FUSION_STEM, SAFETENSORS_SUFFIX
 from fila_cli.config import fusion_config_path
 from fila_cli.errors import UsageError
-from fila_cli.bundles.bundle import BUNDLE_FILE, FUSION_STEM, SAFETENSORS_SUFFIX
 from fila_cli.train.config import TrainConfig
 from fila_cli.vision.loaders.fusion_weights import save_fusion_weights
 from fila_cli.vision.model.encoder import HybridEncoder

@@ -28,8 +28,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fila_cli.config import AnyresConfig
+
 # The canvas arithmetic lives with the documents (rendering needs it without torch); re-exported here.
-from fila_cli.documents.canvas import CanvasGeometry, plan_canvas, resized_size_on_canvas, scale_geometry, select_best_resolution
+from fila_cli.documents.canvas import (
+    CanvasGeometry,
+    plan_canvas,
+    scale_geometry,
+)
 
 _RESAMPLE = "bicubic"
 _RESCALE_FACTOR = 1.0 / 255.0  # uint8 -> [0, 1]

@@ -14,9 +14,9 @@ from safetensors.torch import save_file
 
 from fila_cli.config import AnyresConfig
 from fila_cli.documents.document import open_document, page_index_from_user
+from fila_cli.documents.render import render_for_canvas
 from fila_cli.errors import UsageError
 from fila_cli.vision.model.encoder import EncodedPage, HybridEncoder
-from fila_cli.documents.render import render_for_canvas
 
 VISUAL_TOKENS_KEY = "visual_tokens"
 OUTPUT_SUFFIX = ".safetensors"

@@ -13,8 +13,8 @@ import torch
 
 from fila_cli.config import AnyresConfig, FusionConfig
 from fila_cli.errors import ModelError
-from fila_cli.vision.loaders.fusion_weights import load_fusion_weights
 from fila_cli.gguf_files import is_gguf
+from fila_cli.vision.loaders.fusion_weights import load_fusion_weights
 from fila_cli.vision.loaders.hf_safetensors import load_hf_vision
 from fila_cli.vision.loaders.vision_weights import VisionWeights
 from fila_cli.vision.model.encoder import HybridEncoder, feature_layer_number

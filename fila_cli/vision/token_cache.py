@@ -20,7 +20,6 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open

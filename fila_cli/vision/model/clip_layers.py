@@ -12,7 +12,7 @@ bfloat16's rounding, ~3× faster there).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,6 @@ from torch import nn
 
 from fila_cli.config import ClipVisionConfig
 from fila_cli.vision.model import cpu_attention
-
 
 QUICK_GELU_SCALE = 1.702  # CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x)
 

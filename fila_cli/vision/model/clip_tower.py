@@ -7,11 +7,12 @@ computing layers nobody reads.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
 from fila_cli.config import ClipVisionConfig
 from fila_cli.vision.model.clip_layers import CLIPEncoderLayer, CLIPVisionEmbeddings
 

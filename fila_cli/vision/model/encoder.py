@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from fila_cli.config import AnyresConfig, ClipVisionConfig, FusionConfig
 from fila_cli.documents.canvas import CanvasGeometry
 from fila_cli.vision.anyres import AnyresImage, preprocess
-from fila_cli.config import AnyresConfig, ClipVisionConfig, FusionConfig
 from fila_cli.vision.model.alignment import align_stage
 from fila_cli.vision.model.clip_tower import CLIPTower
 from fila_cli.vision.model.convnext_branch import ConvNeXtBranch
