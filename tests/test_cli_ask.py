@@ -15,8 +15,9 @@ from tiny_vision import page_image
 
 from fila_cli.errors import ExitCode
 
+# The one record shape (fila_cli/qa/records.py): "error" is null in an answer's record.
 DOCUMENTED_KEYS = {"file", "question", "answer", "pages", "confidence", "model", "timings", "tokens", "page_choice",
-                   "warnings"}
+                   "warnings", "error"}
 TIMING_KEYS = {"render_s", "encode_s", "prefill_s", "generate_s"}
 TOKEN_KEYS = {"visual", "prompt", "generated"}
 QUESTION = "What is the total due?"

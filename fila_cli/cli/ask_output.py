@@ -27,8 +27,8 @@ def _citation(answer: Answer) -> str:
     pages = ", ".join(str(p) for p in answer.pages)
     confidence = "" if answer.confidence is None else f" · confidence {answer.confidence:.2f}"
     t = answer.timings
-    return (f"page {pages} · {answer.model}{confidence} · render {t['render_s']:.1f}s encode {t['encode_s']:.1f}s "
-            f"prefill {t['prefill_s']:.1f}s generate {t['generate_s']:.1f}s")
+    return (f"page {pages} · {answer.model}{confidence} · render {t.render_s:.1f}s encode {t.encode_s:.1f}s "
+            f"prefill {t.prefill_s:.1f}s generate {t.generate_s:.1f}s")
 
 
 def _page_progress(progress: Progress):

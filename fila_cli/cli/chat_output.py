@@ -73,8 +73,7 @@ def _piped(session: ChatSession) -> int:
         except FilaError as error:
             failed += 1
             error_line(str(error))
-            record = {"file": session.file, "question": line, "answer": None, "model": session.asker.model_name,
-                      "error": {"kind": error.kind, "message": str(error)}}
+            record = session.failed_record(line, error)
         print(json.dumps(record, ensure_ascii=False), flush=True)
     return int(ExitCode.FAILURE) if failed else int(ExitCode.OK)
 
@@ -139,8 +138,8 @@ def _turn_footer(session: ChatSession, turn: Turn) -> str:
     confidence = "" if turn.confidence is None else f" · confidence {turn.confidence:.2f}"
     stopped = " · stopped" if turn.interrupted else ""
     return (f"page {', '.join(map(str, turn.pages))}{confidence}{stopped} · {turn.tokens['prompt']} new prompt tokens, "
-            f"{turn.tokens['generated']} generated · prefill {turn.timings['prefill_s']:.1f}s generate "
-            f"{turn.timings['generate_s']:.1f}s · context {session.context_used}/{session.backend.n_ctx}")
+            f"{turn.tokens['generated']} generated · prefill {turn.timings.prefill_s:.1f}s generate "
+            f"{turn.timings.generate_s:.1f}s · context {session.context_used}/{session.backend.n_ctx}")
 
 
 # -- slash commands --------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ def answer_example(asker: Asker, task: TaskSpec, example: EvalExample, options: 
         return {**record, **_no_answer(), "error": {"kind": "error", "message": message}}
     return {**record, "answer": answer.answer, "score": round(task.metric(answer.answer, example.answers), 6),
             "confidence": None if answer.confidence is None else round(answer.confidence, 6),
-            "timings": {k: round(v, 4) for k, v in answer.timings.items()}, "error": None}
+            "timings": {k: round(v, 4) for k, v in answer.timings.to_json().items()}, "error": None}
 
 
 def _no_answer() -> dict[str, Any]:
