@@ -150,14 +150,32 @@ class Asker:
     def token_cache(self) -> TokenCache | None:
         return self.pages.token_cache
 
+    @token_cache.setter
+    def token_cache(self, cache: TokenCache | None) -> None:  # e.g. eval's in-memory RecentPages
+        self.pages.token_cache = cache
+
     @property
     def prefix_store(self) -> PrefixStore | None:
         return self.prefix.store
+
+    @prefix_store.setter
+    def prefix_store(self, store: PrefixStore | None) -> None:
+        self.prefix.store = store
 
     @property
     def caches_on(self) -> bool:
         """Whether anything is keyed by the document's hash (else it need not be computed)."""
         return self.token_cache is not None or self.prefix_store is not None or self.prefix.reuse_prefix
+
+    def close(self) -> None:
+        """Free the LLM's memory (llama.cpp's context and weights)."""
+        self.backend.close()
+
+    def __enter__(self) -> Asker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     # -- a document, all in this process --
 

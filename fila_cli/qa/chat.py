@@ -87,9 +87,11 @@ class ChatSession:
     """A loaded model talking about one open document."""
 
     def __init__(self, asker: Asker, document: Document, options: AskOptions | None = None, *,
-                 on_notice: Notice | None = None):
+                 on_notice: Notice | None = None, owns_document: bool = False):
+        """``owns_document``: ``close`` closes the document too (else its opener does)."""
         self.asker = asker
         self.document = document
+        self._owns_document = owns_document
         self.options = options or AskOptions()
         self.file = str(document.path)
         self.on_notice = on_notice or (lambda message: None)
@@ -331,6 +333,16 @@ class ChatSession:
         """The ``--json`` line of a question that got no answer: a failed record, as batch writes it."""
         return chat_record(failed_record(self.file, question, self.asker.model_name, error.kind, str(error)),
                            None, None, None)
+
+    def close(self) -> None:
+        if self._owns_document:
+            self.document.close()
+
+    def __enter__(self) -> ChatSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def transcript(self) -> dict[str, Any]:
         return {"file": self.file, "model": self.asker.model_name, "pages": self.page_numbers,
