@@ -243,7 +243,8 @@ def ask(
     On a terminal the answer is shown in a panel, streamed as it is generated. Piped, or with --json,
     stdout holds exactly one JSON object: {"file", "question", "answer", "pages", "confidence", "model",
     "timings": {"render_s", "encode_s", "prefill_s", "generate_s"}, "tokens": {"visual", "prompt", "generated"},
-    "page_choice": {"method", "detail"}, "warnings": [...]}. A damaged document is answered with a
+    "page_choice": {"method", "detail"}, "warnings": [...], "error": null}; when it fails, the same keys
+    with "error": {"kind", "message"} and the others null. A damaged document is answered with a
     `fila: warning: ...` line on stderr.
     """
     from fila_cli.cli.ask_output import failed_record_on_stdout, json_output, run_ask

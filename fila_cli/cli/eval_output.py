@@ -82,7 +82,7 @@ def eval_command(
     ({"task", "question_id", "question", "model", "group", "answer", "score", "confidence", "timings",
     "error"}), and prints the scores: ANLS (docvqa, infovqa), VQA accuracy (textvqa), relaxed accuracy
     (chartqa), exact match per placement (fragmentation). Exit 0 when every question was answered, 1 when
-    some failed, 130 on Ctrl-C (`--resume` continues).
+    some failed, 130 on Ctrl-C, 143 on SIGTERM (`--resume` continues).
     """
     if ctx.invoked_subcommand is not None:
         return
