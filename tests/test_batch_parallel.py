@@ -23,6 +23,7 @@ from fila_cli.errors import ExitCode
 from fila_cli.llm import LlamaSettings, SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.qa.batch import RecordSink, run_batch
+from fila_cli.qa.options import BatchOptions
 
 N = 3
 QUESTIONS = ["What is the total due?", "Who signed the letter?"]
@@ -78,7 +79,7 @@ def batch_records(asker, documents, options, tmp_path, name, **kwargs):
     out = tmp_path / f"{name}.jsonl"
     sink = RecordSink(out)
     try:
-        summary = run_batch(asker, documents, QUESTIONS, options, sink, timeout_s=120, **kwargs)
+        summary = run_batch(asker, documents, QUESTIONS, options, sink, BatchOptions(**kwargs))
     finally:
         sink.close()
     assert not summary.interrupted

@@ -25,6 +25,7 @@ from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.qa.batch import RecordSink, answer_document, run_batch, sha256_or_none
 from fila_cli.qa.document_pipeline import DocumentPipeline
 from fila_cli.qa.isolation import DocumentWorker
+from fila_cli.qa.options import BatchOptions
 from fila_cli.qa.pipeline import RunAhead
 
 QUESTIONS = ["What is the total due?", "Who signed the letter?"]
@@ -147,7 +148,7 @@ def batch_records(asker, documents, options, depth, tmp_path):
     out = tmp_path / f"depth{depth}.jsonl"
     sink = RecordSink(out)
     try:
-        summary = run_batch(asker, documents, QUESTIONS, options, sink, timeout_s=120, pipeline_depth=depth)
+        summary = run_batch(asker, documents, QUESTIONS, options, sink, BatchOptions(pipeline_depth=depth))
     finally:
         sink.close()
     assert not summary.interrupted

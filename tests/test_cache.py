@@ -49,7 +49,7 @@ def test_second_question_on_a_cached_page_skips_render_and_encode(bundle, counte
     assert counted == {"render": 1, "encode": 1}
     second = asker.ask(pdf, "Who signed?", OPTIONS)
     assert counted == {"render": 1, "encode": 1}, "the cached page was rendered or encoded again"
-    assert second.timings["render_s"] == 0 and second.timings["encode_s"] == 0
+    assert second.timings.render_s == 0 and second.timings.encode_s == 0
     assert second.tokens["visual"] == first.tokens["visual"]
     # Same answer from cached tokens as from fresh ones.
     fresh = Asker(asker.encoder, asker.backend, asker.template, bundle).ask(pdf, "Who signed?", OPTIONS)
@@ -102,7 +102,7 @@ def test_tokens_encoded_in_another_precision_are_not_served(bundle, counted, tmp
     with open_document(pdf) as document:
         sha256, image = document.content_hash(), render_for_canvas(document, 0, fp32.encoder.anyres)
     fresh = fp32.encoder.encode(image).tokens
-    cached = {dtype: cache.get(token_cache_key(sha256, 0, fp32.encoder.anyres, DEFAULT_MAX_PIXELS, *fp32._weights_identity,
+    cached = {dtype: cache.get(token_cache_key(sha256, 0, fp32.encoder.anyres, DEFAULT_MAX_PIXELS, *fp32.pages._weights_identity,
                                                dtype=dtype, device="cpu")).page.tokens for dtype in ("float32", "bfloat16")}
     assert torch.equal(cached["float32"], fresh)
     assert not torch.equal(cached["bfloat16"], fresh)

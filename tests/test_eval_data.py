@@ -123,9 +123,15 @@ def test_prompts_carry_the_short_answer_suffix():
     assert task_spec("textvqa").prompt("what brand is the TV?").startswith("What brand is the tv?\n")  # as lmms-eval
 
 
-def test_the_eval_api_is_importable_from_the_top():
+def test_the_eval_api_is_importable_from_its_modules_not_the_front_door():
+    import importlib
+
     import fila_cli
 
-    for name in ("anls", "vqa_accuracy", "relaxed_accuracy", "task_spec", "data_files", "read_examples", "run_eval",
-                 "score_predictions", "read_predictions", "make_fragmentation"):
-        assert callable(getattr(fila_cli, name)) and name in fila_cli.__all__
+    # fila_cli exports what a user asking questions needs; benchmarks have their own modules.
+    for module, name in (("anls", "anls"), ("vqa_accuracy", "vqa_accuracy"), ("relaxed_accuracy", "relaxed_accuracy"),
+                         ("tasks", "task_spec"), ("datasets", "data_files"), ("datasets", "read_examples"),
+                         ("run", "run_eval"), ("scores", "score_predictions"), ("scores", "read_predictions"),
+                         ("fragmentation", "make_fragmentation")):
+        assert callable(getattr(importlib.import_module(f"fila_cli.eval.{module}"), name))
+        assert name not in fila_cli.__all__

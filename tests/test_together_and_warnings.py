@@ -93,7 +93,9 @@ def test_together_is_refused_with_the_numbers_when_the_context_is_too_small(bund
     completed = subprocess.run([sys.executable, "-m", "fila_cli", "ask", report, QUESTION, "--model", bundle, "--pages",
                                 "1,3", "--together", "--json"], capture_output=True, text=True, timeout=300)
     # The bundle's context, 4,096: a limit of the model (exit 4), as every context overflow.
-    assert completed.returncode == ExitCode.MODEL and completed.stdout == ""
+    assert completed.returncode == ExitCode.MODEL
+    failed = json.loads(completed.stdout)  # the one record, failed (issue 24: stdout is never empty with --json)
+    assert failed["error"]["kind"] == "model" and failed["answer"] is None and failed["pages"] is None
     assert "2 pages together need" in completed.stderr and "(4896 visual + " in completed.stderr
     errors = [line for line in completed.stderr.splitlines() if line.startswith("fila: error: ")]
     assert len(errors) == 1 and "context holds 4096" in errors[0] and "Traceback" not in completed.stderr
@@ -124,7 +126,9 @@ def test_a_truncated_pdf_is_answered_with_a_warning(bundle, corpus):
 
 def test_a_pdf_with_nothing_readable_exits_3(bundle, corpus):
     completed = ask_json(bundle, corpus / "truncated_head.pdf")
-    assert completed.returncode == ExitCode.DOCUMENT and completed.stdout == ""
+    assert completed.returncode == ExitCode.DOCUMENT
+    failed = json.loads(completed.stdout)
+    assert failed["error"]["kind"] == "document" and failed["answer"] is None and failed["warnings"] is None
     assert completed.stderr.startswith("fila: error: ") and len(completed.stderr.strip().splitlines()) == 1
 
 

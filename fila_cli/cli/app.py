@@ -31,7 +31,7 @@ from fila_cli.cli.options import (
 )
 from fila_cli.cli.support import EXIT_CODES_HELP, VerboseOption, handle_errors, stderr
 from fila_cli.llm.sampling import SamplingParams
-from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, ModelOptions
+from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, DEFAULT_RAY_CPUS, DEFAULT_TIMEOUT_S, BatchOptions, ModelOptions
 
 # The main job first, then the tools around it.
 COMMAND_ORDER = ("ask", "chat", "batch", "sample", "crops", "encode", "eval", "train", "weights", "cache")
@@ -243,13 +243,17 @@ def ask(
     On a terminal the answer is shown in a panel, streamed as it is generated. Piped, or with --json,
     stdout holds exactly one JSON object: {"file", "question", "answer", "pages", "confidence", "model",
     "timings": {"render_s", "encode_s", "prefill_s", "generate_s"}, "tokens": {"visual", "prompt", "generated"},
-    "page_choice": {"method", "detail"}, "warnings": [...]}. A damaged document is answered with a
+    "page_choice": {"method", "detail"}, "warnings": [...], "error": null}; when it fails, the same keys
+    with "error": {"kind", "message"} and the others null. A damaged document is answered with a
     `fila: warning: ...` line on stderr.
     """
-    with handle_errors(verbose):
-        from fila_cli.cli.ask_output import run_ask
+    from fila_cli.cli.ask_output import failed_record_on_stdout, json_output, run_ask
 
-        run_ask(file, _read_question(question),
+    as_json = json_output(as_json)
+    asked: list[str] = [question]  # the question as read (from stdin for "-"), for a failed record
+    with handle_errors(verbose), failed_record_on_stdout(file, lambda: asked[-1], model, as_json):
+        asked.append(_read_question(question))
+        run_ask(file, asked[-1],
                 model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
                               gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
                 ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature,
@@ -308,9 +312,9 @@ def batch(
     resume: Annotated[bool, typer.Option("--resume", help="Continue OUTPUT: skip the (document, question, model) records it already holds.")] = False,
     pages: Annotated[str | None, typer.Option("--pages", help="Pages to read in every document, 1-based (default: fila chooses).")] = None,
     together: Annotated[bool, typer.Option("--together", help="Read each document's --pages in one prompt, each introduced by its page number (one record per document and question, listing every page); a document whose pages the context cannot hold is a failed record (kind model), with the numbers.")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds the document worker may spend on one document (opening, choosing pages, rendering, text extraction; the model's time between pages does not count) before it is recorded as a timeout.")] = 120.0,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds the document worker may spend on one document (opening, choosing pages, rendering, text extraction; the model's time between pages does not count) before it is recorded as a timeout.")] = DEFAULT_TIMEOUT_S,
     ray: Annotated[str | None, typer.Option("--ray", help="Run across a Ray cluster: 'auto' joins the running one (or starts a local one), 'local' starts a private one on this machine, or give its address (ray://host:10001, host:6379). Needs `pip install \"fila-cli[ray]\"`; the documents' paths must be visible on every node.", show_default=False)] = None,
-    ray_cpus: Annotated[float, typer.Option("--ray-cpus", help="With --ray on CPU-only nodes: CPUs per worker (one model each). On GPU nodes each worker takes one GPU.")] = 2.0,
+    ray_cpus: Annotated[float, typer.Option("--ray-cpus", help="With --ray on CPU-only nodes: CPUs per worker (one model each). On GPU nodes each worker takes one GPU.")] = DEFAULT_RAY_CPUS,
     pipeline_depth: Annotated[int | None, typer.Option("--pipeline-depth", help=f"Pages rendered and encoded ahead while the LLM answers the current one (with --ray, in each worker; each holds one page's visual tokens in memory); 0 does one stage at a time. Default: {DEFAULT_PIPELINE_DEPTH}, or --parallel's N.", show_default=False)] = None,
     parallel: Annotated[int, typer.Option("--parallel", help="Answer up to N documents' questions side by side in one LLM context (each answer decoded in the same step). Costs N KV caches of the model's context in memory (~0.5 GB each for Mistral-7B at 4096 tokens). Meant for a GPU, where a step costs about as much for N answers as for one; on a CPU the prefill dominates and the gain is small. Records come out in the same order, with the same answers but where two candidate tokens are nearly tied (README).")] = 1,
     compile_encoder: CompileOption = False,
@@ -336,15 +340,16 @@ def batch(
     Each record has the `fila ask --json` keys plus "sha256" (of the document) and "error" (null, or
     {"kind", "message"} with kind document, model, timeout, crash, usage or error). Records are written
     and flushed one by one, so an interrupted batch loses at most the record in flight; `--resume`
-    continues it. Exit 0 when every record succeeded, 1 when some failed, 130 on Ctrl-C.
+    continues it. Exit 0 when every record succeeded, 1 when some failed, 130 on Ctrl-C, 143 on SIGTERM.
     """
     with handle_errors(verbose):
         from fila_cli.cli.batch_output import run_batch_command
 
         raise typer.Exit(run_batch_command(
             paths, questions=question, questions_file=questions_file, recursive=recursive, output=output,
-            resume=resume, timeout=timeout, ray_address=ray, ray_cpus=ray_cpus, pipeline_depth=pipeline_depth,
-            parallel=parallel,
+            resume=resume,
+            batch=BatchOptions(timeout_s=timeout, pipeline_depth=pipeline_depth, parallel=parallel, ray_address=ray,
+                               ray_cpus=ray_cpus),
             model=model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
                                 gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb,
                                 compile_encoder=compile_encoder),

@@ -82,7 +82,7 @@ def eval_command(
     ({"task", "question_id", "question", "model", "group", "answer", "score", "confidence", "timings",
     "error"}), and prints the scores: ANLS (docvqa, infovqa), VQA accuracy (textvqa), relaxed accuracy
     (chartqa), exact match per placement (fragmentation). Exit 0 when every question was answered, 1 when
-    some failed, 130 on Ctrl-C (`--resume` continues).
+    some failed, 130 on Ctrl-C, 143 on SIGTERM (`--resume` continues).
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -113,8 +113,9 @@ def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path |
     files = data_files(data)
     total = count_rows(files) if limit is None else min(limit, count_rows(files))
     # The model code (torch, llama.cpp) loads only once the command line is known to be good.
+    from fila_cli.cli.stopping import stop_signals
     from fila_cli.eval.run import RecentPages, prediction_key, run_eval
-    from fila_cli.qa.batch import RecordSink, load_done
+    from fila_cli.qa.run import RecordSink, load_done
 
     asker = load_asker(model)
     # No LLM prefix states on disk for a benchmark: thousands of pages asked about once each would write
@@ -134,10 +135,10 @@ def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path |
     progress = Progress(TextColumn(f"{spec.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("eta"), TimeRemainingColumn(), console=stderr, transient=True)
     try:
-        with progress:
+        with progress, stop_signals() as stop:  # Ctrl-C or SIGTERM: the question in flight, the scores, then exit
             bar = progress.add_task("eval", total=total)
             run = run_eval(asker, spec, examples, sink, AskOptions(sampling=sampling), done=done,
-                           on_record=lambda: progress.advance(bar))
+                           on_record=lambda: progress.advance(bar), should_stop=stop.requested)
             progress.update(bar, completed=total)
     finally:
         if sink is not None:
@@ -151,7 +152,7 @@ def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path |
     stderr.print(f"fila eval: {'interrupted: ' if run.interrupted else ''}{summary}", highlight=False, soft_wrap=True)
     print_scores(scores, as_json)
     if run.interrupted:
-        return int(ExitCode.INTERRUPTED)
+        return stop.exit_code
     return int(ExitCode.FAILURE) if run.failed else int(ExitCode.OK)
 
 

@@ -3,12 +3,12 @@
 Records are written and flushed one by one (``RecordSink``, as ``fila batch``): a kill loses at
 most the record in flight, and ``--resume`` skips the (task, question id, model) triples the file
 already answered, retrying failed ones, without writing a duplicate. Ctrl-C stops after the
-question in flight.
+question in flight: the caller's ``should_stop`` says when (the CLI sets it on Ctrl-C or SIGTERM);
+the run installs no signal handler, so it runs in any thread.
 """
 
 from __future__ import annotations
 
-import signal
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -22,8 +22,9 @@ from fila_cli.eval.datasets import EvalExample
 from fila_cli.eval.scores import Prediction
 from fila_cli.eval.tasks import TaskSpec
 from fila_cli.qa.ask import Asker
-from fila_cli.qa.batch import RecordSink, StopFlag
 from fila_cli.qa.options import AskOptions
+from fila_cli.qa.records import rounded_confidence
+from fila_cli.qa.run import RecordSink, StopCheck, never_stop
 from fila_cli.vision.token_cache import CachedPage
 
 if TYPE_CHECKING:
@@ -75,36 +76,32 @@ class EvalRun:
 
 def run_eval(asker: Asker, task: TaskSpec, examples: Iterable[EvalExample], sink: RecordSink | None,
              options: AskOptions, *, done: dict[str, Prediction] | None = None,
-             on_record: Callable[[], None] | None = None) -> EvalRun:
-    """Answer each example not in ``done`` (question id -> prediction already recorded)."""
+             on_record: Callable[[], None] | None = None, should_stop: StopCheck = never_stop) -> EvalRun:
+    """Answer each example not in ``done`` (question id -> prediction already recorded), until
+    ``should_stop`` says so (checked between questions)."""
     run = EvalRun()
     done = done or {}
-    stop = StopFlag()
-    previous_handler = signal.signal(signal.SIGINT, stop)
-    try:
-        with tempfile.TemporaryDirectory(prefix="fila-eval-") as scratch:
-            for example in examples:
-                if stop.requested:
-                    run.interrupted = True
-                    break
-                run.examples.append(example.without_image())
-                if example.question_id in done:
-                    run.skipped += 1
-                    run.predictions[example.question_id] = done[example.question_id]
+    with tempfile.TemporaryDirectory(prefix="fila-eval-") as scratch:
+        for example in examples:
+            if should_stop():
+                run.interrupted = True
+                break
+            run.examples.append(example.without_image())
+            if example.question_id in done:
+                run.skipped += 1
+                run.predictions[example.question_id] = done[example.question_id]
+            else:
+                record = answer_example(asker, task, example, options, Path(scratch))
+                if sink is not None:
+                    sink.write(record)
+                if record["error"] is None:
+                    run.answered += 1
+                    run.predictions[example.question_id] = Prediction(record["answer"])
                 else:
-                    record = answer_example(asker, task, example, options, Path(scratch))
-                    if sink is not None:
-                        sink.write(record)
-                    if record["error"] is None:
-                        run.answered += 1
-                        run.predictions[example.question_id] = Prediction(record["answer"])
-                    else:
-                        run.failed += 1
-                        run.predictions[example.question_id] = Prediction(None, record["error"]["message"])
-                if on_record is not None:
-                    on_record()
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
+                    run.failed += 1
+                    run.predictions[example.question_id] = Prediction(None, record["error"]["message"])
+            if on_record is not None:
+                on_record()
     return run
 
 
@@ -120,8 +117,8 @@ def answer_example(asker: Asker, task: TaskSpec, example: EvalExample, options: 
         message = _named(example, f"unexpected {type(error).__name__}: {error}")
         return {**record, **_no_answer(), "error": {"kind": "error", "message": message}}
     return {**record, "answer": answer.answer, "score": round(task.metric(answer.answer, example.answers), 6),
-            "confidence": None if answer.confidence is None else round(answer.confidence, 6),
-            "timings": {k: round(v, 4) for k, v in answer.timings.items()}, "error": None}
+            "confidence": rounded_confidence(answer.confidence),
+            "timings": {k: round(v, 4) for k, v in answer.timings.to_json().items()}, "error": None}
 
 
 def _no_answer() -> dict[str, Any]:

@@ -53,8 +53,10 @@ from pathlib import Path
 from typing import Any
 
 from fila_cli.errors import FilaError, UsageError
-from fila_cli.qa.batch import BatchSummary, RecordSink, StopFlag, WarningReporter, answer_document, failed_record
-from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, AskOptions, ModelOptions
+from fila_cli.qa.batch import answer_document
+from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, AskOptions, BatchOptions, ModelOptions
+from fila_cli.qa.records import failed_record
+from fila_cli.qa.run import BatchSummary, RecordSink, StopCheck, WarningReporter, never_stop
 
 RAY_EXTRA_INSTALL = 'pip install "fila-cli[ray]"'
 # A document is retried once after the worker process handling it died; a second death is its crash.
@@ -178,20 +180,24 @@ class ClusterProgress:
         return 60.0 * self.pages / elapsed
 
 
-def run_batch_on_ray(items: list[WorkItem], model: ModelOptions, options: AskOptions, sink: RecordSink, *,
-                     address: str, model_name: str, timeout_s: float, actors: int | None, cpus_per_actor: float,
-                     pipeline_depth: int = DEFAULT_PIPELINE_DEPTH,
+def run_batch_on_ray(items: list[WorkItem], model: ModelOptions, options: AskOptions, sink: RecordSink,
+                     batch: BatchOptions, *, model_name: str,
                      on_record: Callable[[ClusterProgress], None] | None = None,
                      on_message: Callable[[str], None] = lambda message: None,
-                     on_warning: Callable[[str], None] = lambda warning: None) -> BatchSummary:
-    """Answer ``items`` on the cluster at ``address``; write each record to ``sink`` as it arrives.
-    ``pipeline_depth``: pages each worker renders and encodes ahead of its LLM (0: one stage at a
-    time). ``on_warning``: each damaged document's warnings, once, as a local batch says them."""
+                     on_warning: Callable[[str], None] = lambda warning: None,
+                     should_stop: StopCheck = never_stop) -> BatchSummary:
+    """Answer ``items`` on the cluster at ``batch.ray_address``; write each record to ``sink`` as it
+    arrives. ``batch.depth``: pages each worker renders and encodes ahead of its LLM (0: one stage
+    at a time). ``on_warning``: each damaged document's warnings, once, as a local batch says them.
+    ``should_stop``: checked after each record; True stops the run there (no signal handler is
+    installed: the caller owns the signals)."""
+    if batch.ray_address is None:
+        raise UsageError("run_batch_on_ray needs BatchOptions.ray_address (auto, local, or the cluster's address)")
+    address, timeout_s, pipeline_depth = batch.ray_address, batch.timeout_s, batch.depth
+    actors, cpus_per_actor = batch.ray_actors, batch.ray_cpus
     ray = import_ray()
     on_message(f"ray: {connect(ray, address)}")
     summary = BatchSummary()
-    stop = StopFlag()
-    previous_handler = signal.signal(signal.SIGINT, stop)
     progress = ClusterProgress(started=time.monotonic())
     model_errors_reported: set[str] = set()
     report_warnings = WarningReporter(on_warning)
@@ -224,24 +230,24 @@ def run_batch_on_ray(items: list[WorkItem], model: ModelOptions, options: AskOpt
             record = {**record, "model": record["model"] or model_name}
             sink.write(record)
             report_warnings(record)
-            _count(summary, record)
+            summary.count(record)
             progress.add(record, row["worker"], row["restarted"], row["finished_at"])
             if on_record is not None:
                 on_record(progress)
-            if stop.requested:
+            if should_stop():
                 summary.interrupted = True
                 return summary
         for item in items:  # documents whose block failed twice: they killed their workers
             for question in item.questions:
                 if (item.file, question) in pending:
-                    record = failed_record(Path(item.name or item.file), question, model_name, item.sha256, "crash",
-                                           f"{item.file}: a fila worker died twice on it (killed, out of memory, or a crash)")
+                    record = failed_record(Path(item.name or item.file), question, model_name, "crash",
+                                           f"{item.file}: a fila worker died twice on it (killed, out of memory, or a crash)",
+                                           sha256=item.sha256)
                     sink.write(record)
-                    _count(summary, record)
+                    summary.count(record)
         summary.restarted_workers = len(progress.restarted_workers or ())
         return summary
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
         ray.shutdown()
 
 
@@ -288,11 +294,3 @@ def _report_model_error_once(message: str, reported: set[str], on_message: Calla
         reported.add(message)
         on_message(f"fila: error: the model cannot load {message}")
 
-
-def _count(summary: BatchSummary, record: dict[str, Any]) -> None:
-    if record["error"] is None:
-        summary.answered += 1
-        return
-    summary.failed += 1
-    kind = record["error"]["kind"]
-    summary.failures[kind] = summary.failures.get(kind, 0) + 1
