@@ -9,7 +9,7 @@ The package follows the path a page takes; each layer imports only the layers ab
     qa/          ask, batch: documents + vision + llm put together (train/, eval/ beside it)
     cli/         the ``fila`` command: options in, output out
 
-``config``, ``errors``, ``gguf_files`` and ``disk_cache`` (one size cap over the caches) sit below them all. The CLI is a thin layer over this
+``config``, ``errors``, ``gguf_files``, ``atomic_files`` and ``caches`` (the cache folder, its layout and cap) sit below them all. The CLI is a thin layer over this
 API, importable directly::
 
     from fila_cli import Asker, AskOptions, ChatSession, ModelOptions, resolve_bundle, load_encoder, preprocess

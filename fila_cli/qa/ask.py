@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 
 from fila_cli.bundles.bundle import Bundle
-from fila_cli.disk_cache import BYTES_PER_GB, CacheBudget
+from fila_cli.caches.budget import BYTES_PER_GB
+from fila_cli.caches.folder import CacheFolder
 from fila_cli.documents.document import DEFAULT_MAX_PIXELS, Document, open_document
 from fila_cli.documents.notices import ReadNotices, document_warnings, page_notices
 from fila_cli.documents.page_select import METHOD_ALL, plan_pages
@@ -35,12 +36,12 @@ from fila_cli.llm import (
     PrefixState,
     StateRefusedError,
 )
-from fila_cli.llm.prefix_store import PREFIX_DIR_NAME, PrefixStore, prefix_cache_key
+from fila_cli.llm.prefix_store import PrefixStore, prefix_cache_key
 from fila_cli.llm.templates import PromptTemplate, select_template
 from fila_cli.qa.options import AskOptions, ModelOptions
 from fila_cli.vision.loaders.identity import file_identity
 from fila_cli.vision.model.encoder import EncodedPage, HybridEncoder
-from fila_cli.vision.token_cache import TokenCache, default_cache_dir, token_cache_key
+from fila_cli.vision.token_cache import CachedPage, TokenCache, token_cache_key
 
 TextCallback = Callable[[str], None]
 # Called with (pages done, pages in all) while several pages are read one after another.
@@ -166,6 +167,7 @@ class Asker:
         self._prefix: tuple[tuple, PrefixState] | None = None  # (key, state) of the last page
         self._weights_identity = (file_identity(bundle.vision), file_identity(bundle.fusion) if bundle.fusion else None)
         self._llm_identity = file_identity(bundle.llm) if prefix_store is not None else None
+        self._lora_identity = file_identity(bundle.lora) if prefix_store is not None and bundle.lora else None
 
     @classmethod
     def load(
@@ -209,9 +211,8 @@ class Asker:
         token_cache, prefix_store = None, None
         if options.use_cache:
             # One cap over both stores: the least recently used entry goes first, whichever store holds it.
-            budget = CacheBudget(default_cache_dir(), int(options.cache_max_gb * BYTES_PER_GB))
-            token_cache = TokenCache(budget.root, budget)
-            prefix_store = PrefixStore(budget.root / PREFIX_DIR_NAME, budget=budget)
+            folder = CacheFolder(max_bytes=int(options.cache_max_gb * BYTES_PER_GB))
+            token_cache, prefix_store = TokenCache(folder), PrefixStore(folder)
         return cls.load(bundle or options.bundle(), device=options.device, dtype=options.dtype,
                         n_gpu_layers=options.gpu_layers, verbose=options.verbose,
                         token_cache=token_cache, reuse_prefix=reuse_prefix, prefix_store=prefix_store,
@@ -376,7 +377,7 @@ class Asker:
         encoded = self.encoder.encode(rendered.image)
         timings["encode_s"] += time.perf_counter() - started
         if self.token_cache is not None and key is not None:
-            self.token_cache.put(key, encoded, rendered.notices)
+            self.token_cache.put(key, CachedPage(encoded, rendered.notices))
         return encoded, rendered.text, rendered.notices
 
     def with_text_layer(self, question: str, pages: Sequence[PreparedPage]) -> str:
@@ -520,7 +521,7 @@ class Asker:
             return None
         return prefix_cache_key(self._llm_identity, self.backend.n_ctx, [p.visual_key for p in prepared],
                                 [s for s in prefix if isinstance(s, str)], flash_attn=self.backend.settings.flash_attn,
-                                n_seq_max=self.backend.n_seq_max)
+                                n_seq_max=self.backend.n_seq_max, lora_identity=self._lora_identity)
 
     def prefix_state(self, prefix: Sequence, prepared: Sequence[PreparedPage], *,
                      persist: bool = True) -> tuple[PrefixState, float]:
@@ -534,7 +535,7 @@ class Asker:
         disk_key = self.prefix_key(prefix, prepared)
         state = None
         if disk_key is not None and self.prefix_store is not None:
-            state = self.prefix_store.get(disk_key, self.backend)
+            state = self.prefix_store.get(disk_key)
         if state is None:
             self.backend.prefill(prefix)
             state = self.backend.save_state()
@@ -571,7 +572,7 @@ class Asker:
         if not self.reuse_prefix and not persist:  # nothing to keep: use a stored state, else decode it all
             started = time.perf_counter()
             key = self.prefix_key(prefix, prepared)
-            state = self.prefix_store.get(key, self.backend) if key is not None and self.prefix_store else None
+            state = self.prefix_store.get(key) if key is not None and self.prefix_store else None
             load_s = time.perf_counter() - started
             if state is None:
                 return self.backend.generate([*prefix, after], options.sampling, on_text=on_text)
