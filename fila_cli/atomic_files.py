@@ -41,7 +41,7 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """``with atomic_path(path) as temporary: writer.save(temporary)``: for writers that open a file by name."""
     path = Path(path)
-    with _temporary_beside(path) as (fd, temporary):
+    with _temporary_beside(path) as (_fd, temporary):
         yield temporary
         _publish(temporary, path)
 
