@@ -176,7 +176,9 @@ def test_a_full_disk_costs_a_warning_not_the_answer(bundle, pdf, tmp_path):
     if not mount_tmpfs(cache, "size=64k"):  # a real file system with no space: ENOSPC
         pytest.skip("needs root to mount a tiny tmpfs; the file-size-limit test covers the same path")
     try:
-        assert_answered_with_one_warning(ask(bundle, pdf, cache=cache))
+        completed = ask(bundle, pdf, cache=cache)
+        assert_answered_with_one_warning(completed)
+        assert "No space left on device" in completed.stderr, completed.stderr
         assert no_partial_files(cache), files_under(cache)
     finally:
         subprocess.run(["umount", str(cache)], check=False)

@@ -135,5 +135,5 @@ class CacheFolder:
 def _reason(error: Exception) -> str:
     if isinstance(error, OSError):
         return error.strerror or str(error)
-    said = re.search(r'message: "([^"]+)"', str(error))  # safetensors' Rust I/O error
+    said = re.search(r"I/O error: (.+?) \(os error \d+\)", str(error))  # safetensors' I/O error
     return said[1] if said else str(error)
