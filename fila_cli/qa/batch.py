@@ -30,6 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from fila_cli.atomic_files import write_bytes_atomically
 from fila_cli.documents.document import file_sha256
 from fila_cli.documents.notices import ReadNotices, warning_lines
 from fila_cli.errors import DocumentError, FilaError, UsageError
@@ -104,17 +105,7 @@ def load_done(out: Path, key: Callable[[dict[str, Any]], tuple] = record_key) ->
 
 def _replace_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` beside ``path`` and rename it over ``path``: a kill leaves the old or the new file."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(partial, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
+    write_bytes_atomically(path, data)
 
 
 class RecordSink:
