@@ -253,3 +253,56 @@ def test_a_stored_state_llama_cpp_refuses_is_decoded_again(bundle, tmp_path, mon
         pdf, "What is the total due?", options)
     assert again.answer == first.answer and again.confidence == pytest.approx(first.confidence, abs=1e-6)
     assert asker.prefix_store.get(stored_key) is not None  # decoded again and stored again
+
+
+def write_tiny_lora(path, *, rank: int = 4, seed: int = 1):
+    """A LoRA adapter GGUF for the tiny LLM (q and v projections of each layer), large enough to move its answers."""
+    from gguf import GGUFType, GGUFWriter, Keys
+
+    rng = np.random.default_rng(seed)
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_type(GGUFType.ADAPTER)
+    writer.add_string(Keys.Adapter.TYPE, "lora")
+    writer.add_float32(Keys.Adapter.LORA_ALPHA, float(rank))
+    for layer in range(2):
+        for projection in ("attn_q", "attn_v"):
+            name = f"blk.{layer}.{projection}.weight"
+            writer.add_tensor(f"{name}.lora_a", rng.normal(0, 0.5, (rank, TINY_LLM_WIDTH)).astype(np.float32))
+            writer.add_tensor(f"{name}.lora_b", rng.normal(0, 0.5, (TINY_LLM_WIDTH, rank)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_bundle_adding_a_lora_to_the_same_llm_does_not_restore_the_base_models_state(bundle, tmp_path, monkeypatch):
+    """Same LLM file, same page, same prompt; one bundle adds a LoRA adapter: its state is its own."""
+    import shutil
+
+    from bad_documents import make_good_pdf
+    from tiny_bundle import MMPROJ_FILE
+
+    from fila_cli import Asker, AskOptions, ModelOptions
+
+    with_lora = tmp_path / "with-lora"
+    with_lora.mkdir()
+    for name in (LLM_FILE, MMPROJ_FILE):  # the very same files (same content identity) as the base bundle's
+        shutil.copy(bundle / name, with_lora / name)
+    write_tiny_lora(with_lora / "lora.gguf")
+    (with_lora / "bundle.json").write_text(json.dumps(
+        {"name": "tiny-lora", "files": {"llm": LLM_FILE, "vision": MMPROJ_FILE, "lora": "lora.gguf"}}))
+    monkeypatch.setenv("FILA_CACHE_DIR", str(tmp_path / "cache"))
+    pdf = make_good_pdf(tmp_path / "invoice.pdf", ["Total due: 42.00 EUR."])
+    options = AskOptions(sampling=SamplingParams(max_tokens=6))
+
+    def ask(model: str, use_cache: bool = True):
+        asker = Asker.from_options(ModelOptions(model=model, device="cpu", dtype="float32", use_cache=use_cache))
+        return asker.ask(pdf, "What is the total due?", options), asker.backend.stats.embedding_rows
+
+    base, _ = ask(str(bundle))  # stores the base model's state after the page
+    fresh, _ = ask(str(with_lora), use_cache=False)
+    assert fresh.confidence != pytest.approx(base.confidence, abs=1e-6), "the adapter does not change the answer"
+    cached, embedding_rows = ask(str(with_lora))
+    assert embedding_rows > 0, "the LoRA bundle restored the base model's stored state"
+    assert cached.answer == fresh.answer and cached.confidence == pytest.approx(fresh.confidence, abs=1e-6)
