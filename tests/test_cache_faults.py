@@ -101,6 +101,7 @@ def test_cache_clear_removes_fila_leftovers_and_an_older_layout_only(bundle, pdf
     leftovers = [token_entry.parent / f".{token_entry.name}.x1y2z3.partial",
                  token_entry.parent / f"{token_entry.name}.4242.partial",
                  cache / "llm-prefix" / f".{key}.llstate.4242.partial",
+                 cache / "llm-prefix" / ".tmpAb12Cd",  # safetensors' own temporary file, its write killed
                  # The layout before this one: tokens in <root>/ab/, prefix states inside the old token root.
                  cache / key[:2] / f"{key}.safetensors", cache / "tokens" / "llm-prefix" / f"{key}.llstate"]
     for path in leftovers:

@@ -34,6 +34,9 @@ MARKER_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
                "# This file is a cache directory tag created by fila: it holds only entries fila wrote and can remove.\n")
 KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
 CHECKSUM_KEY = "fila.crc32"
+# safetensors writes a file through a temporary file of its own beside it (the tempfile crate's
+# name): a kill during that write leaves one in fila's folder.
+SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 # Entries of the sharded stores live in sub-folders named by their key's first characters.
 SHARD_CHARS = 2
 
@@ -185,8 +188,8 @@ class EntryStore:
         if not self.is_marked():
             return []
         pattern = "*/*" if self.sharded else "*"
-        return [path for path in self.directory.glob(pattern) if is_partial(path)
-                and KEY_PATTERN.match(path.name.lstrip("."))]
+        return [path for path in self.directory.glob(pattern)
+                if (is_partial(path) and KEY_PATTERN.match(path.name.lstrip("."))) or SAFETENSORS_TEMPORARY.fullmatch(path.name)]
 
     def info(self) -> StoreInfo:
         entries = self.entries()
