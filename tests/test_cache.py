@@ -124,3 +124,24 @@ def test_cache_key_holds_dtype_device_and_the_highres_scale():
             token_cache_key("1" * 64, *base[1:], dtype="float32", device="cpu"),
             token_cache_key(*base[:5], "fusion-id", dtype="float32", device="cpu")}
     assert len(keys) == 7
+
+
+def test_a_damaged_page_of_tokens_is_recomputed_not_served(bundle, counted, tmp_path):
+    """A flipped byte in the cached tokens, or in their metadata (geometry, notices): the entry is
+    refused, deleted, the page encoded again and stored again."""
+    pdf = make_good_pdf(tmp_path / "one.pdf", ["Total due: 42.00 EUR. Signed by Ada."])
+    cache = TokenCache(CacheFolder(tmp_path / "cache"))
+    asker = Asker.load(bundle, device="cpu", dtype="float32", token_cache=cache)
+    first = asker.ask(pdf, "Who signed?", OPTIONS)
+    (entry,) = cache.directory.glob("*/*.safetensors")
+    good = entry.read_bytes()
+    n_header = int.from_bytes(good[:8], "little")
+    for position in (len(good) - 5, 8 + n_header - 20, good.index(b'"geometry"') + 15):  # tokens, metadata tail, geometry
+        damaged = bytearray(good)
+        damaged[position] ^= 0x01
+        entry.write_bytes(bytes(damaged))
+        encodes = counted["encode"]
+        again = asker.ask(pdf, "Who signed?", OPTIONS)
+        assert counted["encode"] == encodes + 1, f"a page with byte {position} flipped was served from the cache"
+        assert again.answer == first.answer and again.tokens == first.tokens
+        assert cache.get(entry.stem) is not None, "the recomputed page was not stored again"
