@@ -41,10 +41,6 @@ SAFETENSORS_TEMPORARY = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 SHARD_CHARS = 2
 
 
-class CacheWriteError(Exception):
-    """A write to the cache failed; the entry was not stored."""
-
-
 @dataclass(frozen=True)
 class StoreInfo:
     name: str
