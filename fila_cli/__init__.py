@@ -15,9 +15,9 @@ The package follows the path a page takes; each layer imports only the layers ab
     qa/          ask, chat, batch: documents + vision + llm put together (train/, eval/ beside it)
     cli/         the ``fila`` command: options in, output out
 
-``config``, ``errors``, ``gguf_files`` and ``disk_cache`` (one size cap over the caches) sit below
-them all. This module exports what a user of the library needs; the rest (metrics, training, the
-encoder's parts) is imported from its own module, e.g. ``fila_cli.eval.anls``, ``fila_cli.train.config``.
+``config``, ``errors``, ``gguf_files``, ``atomic_files`` and ``caches`` (the cache folder, its layout and
+cap) sit below them all. This module exports what a user of the library needs; the rest (metrics, training,
+the encoder's parts) is imported from its own module, e.g. ``fila_cli.eval.anls``, ``fila_cli.train.config``.
 
 Imports are lazy: ``import fila_cli`` does not load torch, so ``fila --help`` and
 ``fila weights`` start fast.

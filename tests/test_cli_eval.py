@@ -89,12 +89,17 @@ def test_eval_end_to_end_then_resume_exactly_then_rescore(bundle, docvqa, tmp_pa
 
 
 def test_recent_pages_keeps_the_last_few():
+    from fila_cli.documents.notices import ReadNotices
+    from fila_cli.vision.token_cache import CachedPage
+
     pages = RecentPages(capacity=2)
-    pages.put("a", 1)
-    pages.put("b", 2)
+    pages.put("a", CachedPage(1, ReadNotices()))
+    pages.put("b", CachedPage(2, ReadNotices()))
     assert pages.get("a").page == 1  # "a" is now the most recent
-    pages.put("c", 3)
+    pages.put("c", CachedPage(3, ReadNotices()))
     assert [None if cached is None else cached.page for cached in (pages.get("a"), pages.get("b"), pages.get("c"))] == [1, None, 3]
+    pages.discard("c")
+    assert pages.get("c") is None
 
 
 def test_existing_output_needs_resume(bundle, docvqa, tmp_path):

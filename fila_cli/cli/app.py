@@ -380,33 +380,37 @@ app.add_typer(cache_app, name="cache")
 
 
 @cache_app.command("info")
-def cache_info() -> None:
+def cache_info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False) -> None:
     """Where the caches are, how many entries they hold, their size and the cap they share ($FILA_CACHE_DIR overrides the place)."""
     with handle_errors():
-        from fila_cli.disk_cache import BYTES_PER_GB, DEFAULT_CACHE_MAX_GB
-        from fila_cli.llm.prefix_store import PREFIX_DIR_NAME, PrefixStore
-        from fila_cli.vision.token_cache import TokenCache, default_cache_dir
+        import json
 
-        info = TokenCache().info()
-        print(f"{info.path}: {info.entries} pages of visual tokens, {info.bytes / 1e6:.1f} MB")
-        prefix = PrefixStore(default_cache_dir() / PREFIX_DIR_NAME).info()
-        print(f"{prefix.path}: {prefix.entries} LLM prefix states, {prefix.bytes / 1e6:.1f} MB")
-        total = info.bytes + prefix.bytes
-        print(f"total {total / 1e6:.1f} MB ({total / BYTES_PER_GB:.2f} GB) against one cap for both, "
-              f"--cache-max-gb (default {DEFAULT_CACHE_MAX_GB:g} GB): applied at each write, least recently used first")
+        from rich.filesize import decimal
+
+        from fila_cli.caches.budget import BYTES_PER_GB, DEFAULT_CACHE_MAX_GB
+        from fila_cli.caches.folder import CacheFolder
+
+        info = CacheFolder().info()
+        if as_json:
+            print(json.dumps(info.to_json(), indent=2))
+            return
+        kinds = {"tokens": "pages of visual tokens", "llm-prefix": "LLM prefix states"}
+        for store in info.stores:
+            print(f"{store.path}: {store.entries} {kinds.get(store.name, 'entries')}, {decimal(store.bytes)}")
+        print(f"total {decimal(info.bytes)} against one cap for both, --cache-max-gb (default {DEFAULT_CACHE_MAX_GB:g}, "
+              f"{decimal(int(DEFAULT_CACHE_MAX_GB * BYTES_PER_GB))}): applied at each write, least recently used first")
 
 
 @cache_app.command("clear")
 def cache_clear() -> None:
-    """Delete every cached page: visual tokens and LLM prefix states."""
+    """Delete every cached page: visual tokens and LLM prefix states (only the files fila wrote)."""
     with handle_errors():
-        from fila_cli.llm.prefix_store import PREFIX_DIR_NAME, PrefixStore
-        from fila_cli.vision.token_cache import TokenCache, default_cache_dir
+        from fila_cli.caches.folder import CacheFolder
 
-        cache = TokenCache()
-        print(f"{cache.directory}: removed {cache.clear()} files")
-        store = PrefixStore(default_cache_dir() / PREFIX_DIR_NAME)
-        print(f"{store.directory}: removed {store.clear()} prefix states")
+        folder = CacheFolder()
+        removed = folder.clear()
+        print(f"{folder.root}: removed {removed.pop('tokens')} pages of visual tokens, {removed.pop('llm-prefix')} "
+              f"LLM prefix states" + "".join(f", {n} files of an older cache layout" for n in removed.values() if n))
 
 
 # PyMuPDF's optional add-ons, imported by ``import pymupdf`` when installed (PyMuPDF 2 installs

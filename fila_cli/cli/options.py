@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
+from fila_cli.caches.budget import DEFAULT_CACHE_MAX_GB
 from fila_cli.cli.support import stderr
-from fila_cli.disk_cache import DEFAULT_CACHE_MAX_GB
 from fila_cli.llm.sampling import SamplingParams
 from fila_cli.qa.options import AskOptions, ModelOptions
 

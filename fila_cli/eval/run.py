@@ -14,9 +14,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from fila_cli.documents.notices import ReadNotices
 from fila_cli.errors import FilaError
 from fila_cli.eval.datasets import EvalExample
 from fila_cli.eval.scores import Prediction
@@ -27,10 +26,6 @@ from fila_cli.qa.records import rounded_confidence
 from fila_cli.qa.run import RecordSink, StopCheck, never_stop
 from fila_cli.vision.token_cache import CachedPage
 
-if TYPE_CHECKING:
-    from fila_cli.vision.model.encoder import EncodedPage
-
-
 # Pages whose visual tokens a run keeps in memory: benchmarks ask several questions about one image,
 # often close together, and a 7B model's page is ~50 MB of tokens, so a few pages are enough.
 RECENT_PAGES = 4
@@ -38,7 +33,7 @@ RECENT_PAGES = 4
 
 class RecentPages:
     """The visual tokens of the last few pages, in memory: the token cache a benchmark run uses by
-    default (on disk, a split's thousands of pages would take tens of GB). Same get/put as TokenCache."""
+    default (on disk, a split's thousands of pages would take tens of GB). A ``KeyedCache[CachedPage]``, as TokenCache."""
 
     def __init__(self, capacity: int = RECENT_PAGES):
         self.capacity = capacity
@@ -50,11 +45,14 @@ class RecentPages:
             self._pages.move_to_end(key)
         return cached
 
-    def put(self, key: str, page: EncodedPage, notices: ReadNotices | None = None) -> None:
-        self._pages[key] = CachedPage(page, notices or ReadNotices())
+    def put(self, key: str, value: CachedPage) -> None:
+        self._pages[key] = value
         self._pages.move_to_end(key)
         while len(self._pages) > self.capacity:
             self._pages.popitem(last=False)
+
+    def discard(self, key: str) -> None:
+        self._pages.pop(key, None)
 
 
 def prediction_key(record: dict[str, Any]) -> tuple[str, str, str]:

@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fila_cli.bundles.bundle import Bundle
-from fila_cli.disk_cache import BYTES_PER_GB, CacheBudget
+from fila_cli.caches.budget import BYTES_PER_GB
+from fila_cli.caches.folder import CacheFolder
 from fila_cli.documents.document import Document, open_document
 from fila_cli.documents.notices import ReadNotices, document_warnings
 from fila_cli.documents.page_select import METHOD_ALL, plan_pages
 from fila_cli.errors import ModelError
 from fila_cli.llm import Generation, LlamaBackend, LlamaSettings
-from fila_cli.llm.prefix_store import PREFIX_DIR_NAME, PrefixStore
+from fila_cli.llm.prefix_store import PrefixStore
 from fila_cli.llm.templates import PromptTemplate, select_template
 from fila_cli.qa.choice import PageAnswer, best_page, confidence
 from fila_cli.qa.options import AskOptions, ModelOptions
@@ -38,7 +39,7 @@ from fila_cli.qa.prompts import MAX_TEXT_LAYER_CHARS, PromptBuilder, page_label
 from fila_cli.qa.records import Answer
 from fila_cli.qa.timings import Timings
 from fila_cli.vision.model.encoder import HybridEncoder
-from fila_cli.vision.token_cache import TokenCache, default_cache_dir
+from fila_cli.vision.token_cache import TokenCache
 
 __all__ = ["MAX_TEXT_LAYER_CHARS", "Answer", "AskOptions", "Asker", "OnePromptQuestion", "PageSource", "PreparedPage",
            "Timings", "new_timings", "page_label"]
@@ -88,7 +89,7 @@ class Asker:
         self.bundle = bundle
         self.pages = PagePreparer(encoder, bundle, token_cache)
         self.prompts = PromptBuilder(template, backend)
-        self.prefix = PrefixReuse(backend, bundle.llm, prefix_store, reuse_prefix)
+        self.prefix = PrefixReuse(backend, bundle.llm, prefix_store, reuse_prefix, lora_path=bundle.lora)
 
     @classmethod
     def load(
@@ -132,9 +133,8 @@ class Asker:
         token_cache, prefix_store = None, None
         if options.use_cache:
             # One cap over both stores: the least recently used entry goes first, whichever store holds it.
-            budget = CacheBudget(default_cache_dir(), int(options.cache_max_gb * BYTES_PER_GB))
-            token_cache = TokenCache(budget.root, budget)
-            prefix_store = PrefixStore(budget.root / PREFIX_DIR_NAME, budget=budget)
+            folder = CacheFolder(max_bytes=int(options.cache_max_gb * BYTES_PER_GB))
+            token_cache, prefix_store = TokenCache(folder), PrefixStore(folder)
         return cls.load(bundle or options.bundle(), device=options.device, dtype=options.dtype,
                         n_gpu_layers=options.gpu_layers, verbose=options.verbose,
                         token_cache=token_cache, reuse_prefix=reuse_prefix, prefix_store=prefix_store,

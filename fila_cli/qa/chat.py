@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fila_cli.atomic_files import write_bytes_atomically
 from fila_cli.documents.document import Document, page_index_from_user, parse_page_spec
 from fila_cli.documents.notices import ReadNotices, document_warnings
 from fila_cli.documents.page_select import METHOD_GIVEN
@@ -353,11 +353,8 @@ class ChatSession:
         path = Path(path)
         if path.suffix.lower() != ".json":
             raise UsageError(f"{path}: the transcript is JSON; name it *.json")
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
-            partial.write_text(json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-            os.replace(partial, path)
+            write_bytes_atomically(path, (json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n").encode())
         except OSError as error:
-            partial.unlink(missing_ok=True)
             raise UsageError(f"{path}: cannot write the transcript ({error.strerror or error}); check the folder") from None
         return path

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fila_cli.bundles.bundle import Bundle, resolve_bundle
-from fila_cli.disk_cache import DEFAULT_CACHE_MAX_GB
+from fila_cli.caches.budget import DEFAULT_CACHE_MAX_GB
 from fila_cli.llm.sampling import SamplingParams
 
 # ``fila batch --pipeline-depth``: pages rendered and encoded ahead while the LLM answers. One keeps

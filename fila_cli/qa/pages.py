@@ -20,7 +20,7 @@ from fila_cli.errors import ModelError
 from fila_cli.qa.timings import Timings
 from fila_cli.vision.loaders.identity import file_identity
 from fila_cli.vision.model.encoder import EncodedPage, HybridEncoder
-from fila_cli.vision.token_cache import TokenCache, token_cache_key
+from fila_cli.vision.token_cache import CachedPage, TokenCache, token_cache_key
 
 
 @dataclass
@@ -106,5 +106,5 @@ class PagePreparer:
         encoded = self.encoder.encode(rendered.image)
         timings.encode_s += time.perf_counter() - started
         if self.token_cache is not None and key is not None:
-            self.token_cache.put(key, encoded, rendered.notices)
+            self.token_cache.put(key, CachedPage(encoded, rendered.notices))
         return encoded, rendered.text, rendered.notices

@@ -27,14 +27,17 @@ T = TypeVar("T")
 
 
 class PrefixReuse:
-    """The prefix states of one loaded LLM (``backend``, of the file at ``llm_path``)."""
+    """The prefix states of one loaded LLM (``backend``, of the file at ``llm_path``, with the LoRA
+    adapter at ``lora_path`` applied if any: a LoRA changes every state, so it is part of the key)."""
 
-    def __init__(self, backend, llm_path, prefix_store: PrefixStore | None = None, reuse_prefix: bool = False):
+    def __init__(self, backend, llm_path, prefix_store: PrefixStore | None = None, reuse_prefix: bool = False,
+                 lora_path=None):
         self.backend = backend
         self.store = prefix_store
         self.reuse_prefix = reuse_prefix
         self._last: tuple[tuple, PrefixState] | None = None  # (memory key, state) of the last pages
         self._llm_identity = file_identity(llm_path) if prefix_store is not None else None
+        self._lora_identity = file_identity(lora_path) if prefix_store is not None and lora_path else None
 
     def key(self, prefix: Sequence, pages: Sequence[PreparedPage]) -> str | None:
         """The prefix store's key for [prompt start, pages]; None when a page has no cache key."""
@@ -42,7 +45,7 @@ class PrefixReuse:
             return None
         return prefix_cache_key(self._llm_identity, self.backend.n_ctx, [p.visual_key for p in pages],
                                 [s for s in prefix if isinstance(s, str)], flash_attn=self.backend.settings.flash_attn,
-                                n_seq_max=self.backend.n_seq_max)
+                                n_seq_max=self.backend.n_seq_max, lora_identity=self._lora_identity)
 
     def state(self, prefix: Sequence, pages: Sequence[PreparedPage], *, persist: bool = True) -> tuple[PrefixState, float]:
         """The LLM state after ``prefix``, from memory, from disk, or decoded (then kept, on disk only
@@ -55,7 +58,7 @@ class PrefixReuse:
         disk_key = self.key(prefix, pages)
         state = None
         if disk_key is not None and self.store is not None:
-            state = self.store.get(disk_key, self.backend)
+            state = self.store.get(disk_key)
         if state is None:
             self.backend.prefill(prefix)
             state = self.backend.save_state()
@@ -96,7 +99,7 @@ class PrefixReuse:
         if not self.reuse_prefix and not persist:  # nothing to keep: use a stored state, else decode it all
             started = time.perf_counter()
             key = self.key(prefix, pages)
-            state = self.store.get(key, self.backend) if key is not None and self.store is not None else None
+            state = self.store.get(key) if key is not None and self.store is not None else None
             load_s = time.perf_counter() - started
             if state is None:
                 return self.backend.generate([*prefix, after], sampling, on_text=on_text)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fila_cli.atomic_files import write_bytes_atomically
+
 # Checked between records: True asks the run to stop after the record(s) in flight, written whole.
 StopCheck = Callable[[], bool]
 
@@ -52,23 +54,8 @@ def load_done(out: Path, key: Callable[[dict[str, Any]], tuple] = record_key) ->
             kept.append(line)
     rewritten = b"".join(line + b"\n" for line in kept)
     if rewritten != data:
-        _replace_atomically(out, rewritten)
+        write_bytes_atomically(out, rewritten)  # a kill leaves the old or the new file
     return done
-
-
-def _replace_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` beside ``path`` and rename it over ``path``: a kill leaves the old or the new file."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(partial, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
 
 
 class RecordSink:

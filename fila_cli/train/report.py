@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from fila_cli.atomic_files import write_bytes_atomically
+
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 
@@ -24,9 +26,7 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
             continue
         if record.get("step", 0) <= last_step:
             kept.append(line)
-    partial = path.with_suffix(".partial")
-    partial.write_text("".join(line + "\n" for line in kept))
-    partial.replace(path)
+    write_bytes_atomically(path, "".join(line + "\n" for line in kept).encode())
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
