@@ -25,8 +25,10 @@ from typing import Any
 import pymupdf
 
 from fila_cli.config import AnyresConfig
-from fila_cli.documents.canvas import CanvasGeometry, plan_canvas
-from fila_cli.documents.render import canvas_fill_scale
+
+# The page's geometry is the one evidence uses (`fila crops --find`, the answer records): "inside" and
+# "straddling" here mean what they mean there.
+from fila_cli.documents.page_geometry import PageGeometry, page_geometry
 from fila_cli.errors import UsageError
 
 DATA_FILE = "fragmentation.jsonl"
@@ -86,49 +88,6 @@ FILLER_FIELDS = (
 )
 LINE_ITEMS = ("Paper A4", "Toner cartridge", "Cables", "Service hours", "Freight", "Licence", "Support plan", "Binders",
               "Printer stand", "Ink set", "Labels", "Maintenance")
-
-
-@dataclass(frozen=True)
-class PageGeometry:
-    """A PDF page as the model sees it: the render fila makes of it, and that render's canvas."""
-
-    page_size: tuple[float, float]  # (width, height) in points
-    zoom: float  # pixels per point of the render
-    canvas: CanvasGeometry  # original_size is the render's (height, width) in pixels
-
-    def to_canvas(self, x: float, y: float) -> tuple[float, float]:
-        """A point of the page (points) on the canvas (pixels)."""
-        (orig_h, orig_w), (res_h, res_w) = self.canvas.original_size, self.canvas.resized_size
-        return (self.canvas.pad_left + x * self.zoom * res_w / orig_w,
-                self.canvas.pad_top + y * self.zoom * res_h / orig_h)
-
-    def from_canvas(self, cx: float, cy: float) -> tuple[float, float]:
-        x, y = self.canvas.canvas_to_original(cx, cy)
-        return x / self.zoom, y / self.zoom
-
-    def box_to_canvas(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-        x0, y0 = self.to_canvas(box[0], box[1])
-        x1, y1 = self.to_canvas(box[2], box[3])
-        return x0, y0, x1, y1
-
-    def points_per_canvas_pixel(self) -> float:
-        """The larger of the two axes' scales, so a clearance in pixels is at least that on both."""
-        (orig_h, orig_w), (res_h, res_w) = self.canvas.original_size, self.canvas.resized_size
-        return max(orig_w / (res_w * self.zoom), orig_h / (res_h * self.zoom))
-
-
-def page_geometry(page_size: tuple[float, float], config: AnyresConfig) -> PageGeometry:
-    """The render fila makes of a page this size, and the canvas anyres picks for that render."""
-    zoom = canvas_fill_scale(page_size, config)
-    render = (pymupdf.Rect(0, 0, *page_size) * pymupdf.Matrix(zoom, zoom)).irect  # MuPDF's own rounding
-    return PageGeometry(page_size, zoom, plan_canvas((render.height, render.width), config))
-
-
-def crops_touched(box_on_canvas: tuple[float, float, float, float], canvas: CanvasGeometry) -> list[int]:
-    """Row-major indices of the crops a canvas box overlaps (open intervals: touching is not overlapping)."""
-    x0, y0, x1, y1 = box_on_canvas
-    return [i for i, (left, top, right, bottom) in enumerate(canvas.crop_boxes_on_canvas())
-            if x0 < right and left < x1 and y0 < bottom and top < y1]
 
 
 @functools.cache
