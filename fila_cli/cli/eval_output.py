@@ -79,9 +79,11 @@ def eval_command(
 
     `fila eval --task docvqa --data DocVQA/ -o predictions.jsonl` asks each question with the prompt
     suffix "Answer the question using a single word or phrase.", writes one JSON line per question
-    ({"task", "question_id", "question", "model", "group", "answer", "score", "confidence", "timings",
-    "error"}), and prints the scores: ANLS (docvqa, infovqa), VQA accuracy (textvqa), relaxed accuracy
-    (chartqa), exact match per placement (fragmentation). Exit 0 when every question was answered, 1 when
+    ({"task", "question_id", "question", "model", "group", "gold_evidence", "answer", "score", "confidence",
+    "timings", "error"}), and prints the scores: ANLS (docvqa, infovqa), VQA accuracy (textvqa), relaxed accuracy
+    (chartqa), exact match per placement (fragmentation). Every task's score is also split by where the gold
+    answer lies on the page (gold_evidence: "inside" one crop or "straddling" a crop boundary of this model's
+    canvas; located in the text layer, or by OCR when Tesseract is installed). Exit 0 when every question was answered, 1 when
     some failed, 130 on Ctrl-C (`--resume` continues).
     """
     if ctx.invoked_subcommand is not None:
@@ -205,12 +207,20 @@ def print_scores(scores, as_json: bool) -> None:
     table.add_row("all", _percent(scores.score), str(scores.questions))
     for name, group in sorted(scores.groups.items()):
         table.add_row(name, _percent(group.score), str(group.questions))
+    for name, group in sorted(scores.evidence.items()):  # where the gold answer lies on the page
+        table.add_row(EVIDENCE_ROWS.get(name, name), _percent(group.score), str(group.questions))
     console = Console(highlight=False)
     console.print(table)
     notes = [f"{scores.answered} answered", f"{scores.failed} failed", f"{scores.missing} without a prediction"]
+    if scores.evidence:
+        notes.append(f"gold answer not located on {scores.not_located}")
     if scores.bad_rows:
         notes.append("bad rows: " + ", ".join(f"{reason} {n}" for reason, n in sorted(scores.bad_rows.items())))
     console.print("; ".join(notes))
+
+
+# Table rows of the accuracy split by where the gold answer lies (``eval.evidence_split``).
+EVIDENCE_ROWS = {"inside": "gold inside one crop", "straddling": "gold across a crop boundary"}
 
 
 def _percent(value: float | None) -> str:

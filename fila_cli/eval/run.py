@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fila_cli.documents.notices import ReadNotices
 from fila_cli.errors import FilaError
 from fila_cli.eval.datasets import EvalExample
+from fila_cli.eval.evidence_split import gold_placement
 from fila_cli.eval.scores import Prediction
 from fila_cli.eval.tasks import TaskSpec
 from fila_cli.qa.ask import Asker
@@ -97,10 +98,10 @@ def run_eval(asker: Asker, task: TaskSpec, examples: Iterable[EvalExample], sink
                         sink.write(record)
                     if record["error"] is None:
                         run.answered += 1
-                        run.predictions[example.question_id] = Prediction(record["answer"])
+                        run.predictions[example.question_id] = Prediction(record["answer"], evidence=record["gold_evidence"])
                     else:
                         run.failed += 1
-                        run.predictions[example.question_id] = Prediction(None, record["error"]["message"])
+                        run.predictions[example.question_id] = Prediction(None, record["error"]["message"], record["gold_evidence"])
                 if on_record is not None:
                     on_record()
     finally:
@@ -110,10 +111,12 @@ def run_eval(asker: Asker, task: TaskSpec, examples: Iterable[EvalExample], sink
 
 def answer_example(asker: Asker, task: TaskSpec, example: EvalExample, options: AskOptions, scratch: Path) -> dict[str, Any]:
     """One prediction record: the answer and its score, or the error that stopped it."""
+    image = _image_file(example, scratch)
     record: dict[str, Any] = {"task": task.name, "question_id": example.question_id, "question": example.question,
-                              "model": asker.model_name, "group": example.group}
+                              "model": asker.model_name, "group": example.group,
+                              "gold_evidence": gold_placement(image, example.answers, asker.encoder.anyres)}
     try:
-        answer = asker.ask(_image_file(example, scratch), task.prompt(example.question), options)
+        answer = asker.ask(image, task.prompt(example.question), options)
     except FilaError as error:
         return {**record, **_no_answer(), "error": {"kind": error.kind, "message": _named(example, str(error))}}
     except Exception as error:  # one bad image must never end the run
