@@ -100,10 +100,40 @@ def test_make_fragmentation_then_eval_reports_inside_and_straddling(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert made.returncode == ExitCode.OK, made.stderr
     assert "4 questions, 2 inside one crop, 2 straddling" in made.stderr and made.stdout == ""
+    predictions = tmp_path / "predictions.jsonl"
     completed = subprocess.run([sys.executable, "-m", "fila_cli", "eval", "--task", "fragmentation", "--data", str(out),
-                                "--model", str(bundle), "--max-tokens", "3", "--limit", "2", "--json"], capture_output=True, text=True, timeout=600)
+                                "--model", str(bundle), "--max-tokens", "3", "--limit", "2", "--json", "-o", str(predictions)],
+                               capture_output=True, text=True, timeout=600)
     assert completed.returncode == ExitCode.OK, completed.stderr
     assert "warning" not in completed.stderr  # made for the tiny model's canvases (the paper's)
     scores = json.loads(completed.stdout)
     assert scores["metric"] == "exact_match" and scores["questions"] == 2 and scores["answered"] == 2
     assert {name: g["questions"] for name, g in scores["groups"].items()} == {"inside": 1, "straddling": 1}
+    # The gold answer, located on each page with the evidence locator and this model's canvases, lies
+    # where the generator placed it; the accuracy is split by it.
+    rows = {row["question_id"]: row for row in read_rows(out / DATA_FILE)}
+    written = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [r["gold_evidence"] for r in written] == [rows[r["question_id"]]["placement"] for r in written]
+    assert {name: g["questions"] for name, g in scores["evidence"].items()} == {"inside": 1, "straddling": 1}
+    assert scores["evidence_not_located"] == 0
+    for record in written:
+        assert scores["evidence"][record["gold_evidence"]]["score"] == record["score"]
+
+
+def test_eval_score_splits_accuracy_by_where_the_gold_answer_lies(tmp_path):
+    """Predictions right on every straddling question and wrong on every inside one: the split shows it."""
+    out = tmp_path / "frag"
+    make_fragmentation(out, 6, seed=5)
+    predictions = tmp_path / "predictions.jsonl"
+    with predictions.open("w") as handle:
+        for row in read_rows(out / DATA_FILE):
+            answer = row["answers"][0] if row["placement"] == "straddling" else "wrong"
+            handle.write(json.dumps({"question_id": row["question_id"], "answer": answer, "gold_evidence": row["placement"]}) + "\n")
+    scored = subprocess.run([sys.executable, "-m", "fila_cli", "eval", "score", "--task", "fragmentation", "--data", str(out),
+                             "--predictions", str(predictions), "--json"], capture_output=True, text=True, timeout=120)
+    assert scored.returncode == ExitCode.OK, scored.stderr
+    scores = json.loads(scored.stdout)
+    assert scores["evidence"] == {"inside": {"score": 0.0, "questions": 3}, "straddling": {"score": 1.0, "questions": 3}}
+    table = subprocess.run([sys.executable, "-m", "fila_cli", "eval", "score", "--task", "fragmentation", "--data", str(out),
+                            "--predictions", str(predictions)], capture_output=True, text=True, timeout=120)
+    assert "gold across a crop boundary" in table.stdout and "gold inside one crop" in table.stdout

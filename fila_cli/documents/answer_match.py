@@ -81,7 +81,7 @@ def canonical_number(text: str) -> str:
     """Digits with "." as the decimal mark and no grouping, trailing decimal zeros dropped.
 
     The decimal mark is the last separator when both "." and "," appear; a lone separator
-    followed by exactly three digits groups thousands ("2,510", "2.510"), any other marks decimals.
+    followed by exactly three digits groups thousands ("2,510", "2.510", not "0.510"), any other marks decimals.
     """
     sign = "-" if text[0] in "-−" else ""
     body = text.lstrip("+-−")
@@ -90,7 +90,8 @@ def canonical_number(text: str) -> str:
         return sign + body
     last = marks[-1]
     kinds = {body[i] for i in marks}
-    lone_grouping = len(marks) == 1 and len(body) - last - 1 == THOUSANDS_GROUP_DIGITS and last <= THOUSANDS_GROUP_DIGITS
+    lone_grouping = (len(marks) == 1 and len(body) - last - 1 == THOUSANDS_GROUP_DIGITS and last <= THOUSANDS_GROUP_DIGITS
+                     and not body.startswith("0"))  # "0.510" is a fraction
     if (len(kinds) == 1 and len(marks) > 1) or lone_grouping:
         return sign + "".join(c for c in body if c.isdigit())
     whole = "".join(c for c in body[:last] if c.isdigit())

@@ -6,7 +6,8 @@ form-like, with varied page shapes, fonts and sizes) where each question's answe
 amount or a name) is placed, in PDF points, either wholly inside one crop or straddling a crop
 boundary of the canvas fila itself will pick for that page: the same canvas choice
 (``plan_canvas``) at the same render zoom (``canvas_fill_scale``, the integer pixel size MuPDF
-gives) that ``fila ask`` and ``fila eval`` use. Every row records which, and the answer's box.
+gives) that ``fila ask`` and ``fila eval`` use. Every row records which, and the answer's box as
+the evidence locator (``documents.evidence``, ``fila crops --find``) finds it on the written page.
 
     rows = make_fragmentation(Path("frag"), n=200, seed=0)
     # frag/fragmentation.jsonl, frag/pages/0001.pdf ..., frag/generator.json
@@ -28,6 +29,8 @@ from fila_cli.config import AnyresConfig
 
 # The page's geometry is the one evidence uses (`fila crops --find`, the answer records): "inside" and
 # "straddling" here mean what they mean there.
+from fila_cli.documents.document import open_document
+from fila_cli.documents.evidence import locate_answer
 from fila_cli.documents.page_geometry import PageGeometry, page_geometry
 from fila_cli.errors import UsageError
 
@@ -173,12 +176,23 @@ def _make_page(out_dir: Path, index: int, placement: str, rng: random.Random, co
         raise RuntimeError(f"could not place a {placement} answer on a {size_name} page")
     x, baseline, cut = spot
     path = Path(PAGES_DIR) / f"{index + 1:04d}.pdf"
-    box = _write_page(out_dir / path, kind, geometry, style, label, answer, x, baseline, rng)
+    _write_page(out_dir / path, kind, geometry, style, label, answer, x, baseline, rng)
+    box = _located(out_dir / path, answer, placement, config)
     return FragmentationRow(
         question_id=f"frag-{index + 1:04d}", question=question, answers=[answer], image=str(path),
         placement=placement, cut=cut, kind=kind, page_size=list(geometry.page_size), answer_box=[round(v, 3) for v in box],
         answer_box_on_canvas=[round(v, 2) for v in geometry.box_to_canvas(box)], canvas=list(geometry.canvas.canvas_size),
         grid=list(geometry.canvas.grid), font=style.font, font_size=style.size)
+
+
+def _located(path: Path, answer: str, placement: str, config: AnyresConfig) -> Box:
+    """The answer's box as `fila crops --find` (and an answer's evidence) locates it on the written
+    page; its placement must be the one intended."""
+    with open_document(path) as document:
+        evidence = locate_answer(document, [0], answer, config, ocr=False)
+    if len(evidence.boxes) != 1 or evidence.boxes[0].straddles_crop_boundary != (placement == "straddling"):
+        raise RuntimeError(f"{path}: the answer is not located {placement} once ({evidence.to_json()})")  # a bug here
+    return evidence.boxes[0].bbox_pt
 
 
 def _value(kind: str, rng: random.Random) -> str:
