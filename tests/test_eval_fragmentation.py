@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import asdict
 
 import pymupdf
 import pytest
@@ -25,6 +26,7 @@ from fila_cli.errors import ExitCode, UsageError
 from fila_cli.eval.fragmentation import DATA_FILE, generator_config, make_fragmentation, read_rows
 
 SAMPLE = 24
+PNG_DPI = 200  # a scan's usual resolution
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +139,27 @@ def test_eval_score_splits_accuracy_by_where_the_gold_answer_lies(tmp_path):
     table = subprocess.run([sys.executable, "-m", "fila_cli", "eval", "score", "--task", "fragmentation", "--data", str(out),
                             "--predictions", str(predictions)], capture_output=True, text=True, timeout=120)
     assert "gold across a crop boundary" in table.stdout and "gold inside one crop" in table.stdout
+
+
+def test_gold_answers_on_image_pages_are_located_by_ocr(tmp_path):
+    """An image benchmark has no text layer: with --gold-ocr (Tesseract installed) the gold answer is
+    read off the pixels, and lies where the generator placed it."""
+    from fila_cli.documents.page_words import tessdata_folder
+    from fila_cli.eval.evidence_split import gold_placement
+
+    out = tmp_path / "frag"
+    rows = [asdict(row) for row in make_fragmentation(out, 2, seed=9)]
+    config = AnyresConfig()
+    located = []
+    for row in rows:
+        png = tmp_path / f"{row['question_id']}.png"
+        with pymupdf.open(out / row["image"]) as pdf:
+            pdf[0].get_pixmap(dpi=PNG_DPI).save(png)
+        assert gold_placement(png, row["answers"], config) is None  # no text layer, no OCR asked for
+        if tessdata_folder() is not None:
+            placement = gold_placement(png, row["answers"], config, ocr=True)
+            assert placement in (None, row["placement"]), row["question_id"]  # OCR may misread; never misplace
+            located.append(placement)
+    if tessdata_folder() is None:
+        pytest.skip("Tesseract is not installed (apt install tesseract-ocr)")
+    assert sum(p is not None for p in located) >= 1

@@ -4,8 +4,9 @@
 text that its crops cut?) asked of real benchmark data. The gold answer is located on the page
 with the same function as an answer's evidence (``documents.evidence``), on the canvas of the
 model being scored. Only exact and normalised matches count: a partial one is not where the gold
-answer is. Pages without a text layer need Tesseract (OCR); without it their questions are
-counted as "not located".
+answer is. Pages without a text layer (every image benchmark) need OCR: ``fila eval --gold-ocr``
+with Tesseract installed, a second or two per question; without it their questions are counted
+as "not located".
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ STRADDLING = "straddling"
 PLACEMENTS = (INSIDE, STRADDLING)
 
 
-def gold_placement(image_file: Path, golds: Sequence[str], config: AnyresConfig) -> str | None:
+def gold_placement(image_file: Path, golds: Sequence[str], config: AnyresConfig, *, ocr: bool = False) -> str | None:
     """"straddling" when a crop boundary cuts the first gold answer located on the page, "inside"
     when it lies within one crop; None when no gold answer is located (or the file is unreadable)."""
     try:
         with open_document(image_file) as document:
             for gold in golds:
-                evidence = locate_answer(document, range(document.page_count), gold, config)
+                evidence = locate_answer(document, range(document.page_count), gold, config, ocr=ocr)
                 boxes = [box for box in evidence.boxes if box.match != PARTIAL]
                 if boxes:
                     return STRADDLING if any(box.straddles_crop_boundary for box in boxes) else INSIDE

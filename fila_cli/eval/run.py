@@ -76,8 +76,10 @@ class EvalRun:
 
 def run_eval(asker: Asker, task: TaskSpec, examples: Iterable[EvalExample], sink: RecordSink | None,
              options: AskOptions, *, done: dict[str, Prediction] | None = None,
-             on_record: Callable[[], None] | None = None) -> EvalRun:
-    """Answer each example not in ``done`` (question id -> prediction already recorded)."""
+             on_record: Callable[[], None] | None = None, gold_ocr: bool = False) -> EvalRun:
+    """Answer each example not in ``done`` (question id -> prediction already recorded).
+
+    ``gold_ocr``: locate gold answers on pages without a text layer by OCR (``eval.evidence_split``)."""
     run = EvalRun()
     done = done or {}
     stop = StopFlag()
@@ -93,7 +95,7 @@ def run_eval(asker: Asker, task: TaskSpec, examples: Iterable[EvalExample], sink
                     run.skipped += 1
                     run.predictions[example.question_id] = done[example.question_id]
                 else:
-                    record = answer_example(asker, task, example, options, Path(scratch))
+                    record = answer_example(asker, task, example, options, Path(scratch), gold_ocr=gold_ocr)
                     if sink is not None:
                         sink.write(record)
                     if record["error"] is None:
@@ -109,12 +111,13 @@ def run_eval(asker: Asker, task: TaskSpec, examples: Iterable[EvalExample], sink
     return run
 
 
-def answer_example(asker: Asker, task: TaskSpec, example: EvalExample, options: AskOptions, scratch: Path) -> dict[str, Any]:
+def answer_example(asker: Asker, task: TaskSpec, example: EvalExample, options: AskOptions, scratch: Path,
+                   *, gold_ocr: bool = False) -> dict[str, Any]:
     """One prediction record: the answer and its score, or the error that stopped it."""
     image = _image_file(example, scratch)
     record: dict[str, Any] = {"task": task.name, "question_id": example.question_id, "question": example.question,
                               "model": asker.model_name, "group": example.group,
-                              "gold_evidence": gold_placement(image, example.answers, asker.encoder.anyres)}
+                              "gold_evidence": gold_placement(image, example.answers, asker.encoder.anyres, ocr=gold_ocr)}
     try:
         answer = asker.ask(image, task.prompt(example.question), options)
     except FilaError as error:
