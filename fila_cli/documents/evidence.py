@@ -14,7 +14,7 @@ A located string is where that text is on the page, not proof that the model rea
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from fila_cli.config import AnyresConfig
 from fila_cli.documents.answer_match import EXACT, NORMALISED, PARTIAL, AnswerMatch, find_answer
 from fila_cli.documents.document import Document
 from fila_cli.documents.page_geometry import Box, PageGeometry, document_page_geometry
-from fila_cli.documents.page_words import PageWord, page_words, union
+from fila_cli.documents.page_words import PageWord, PageWords, page_words, union
 
 NOT_FOUND = "not found"
 # Boxes reported at most: an answer such as "1" may be on a page dozens of times.
@@ -80,17 +80,20 @@ class Evidence:
 
 
 def locate_answer(document: Document, page_indices: Iterable[int], answer: str, config: AnyresConfig | None = None,
-                  *, ocr: bool = True, max_boxes: int = MAX_EVIDENCE) -> Evidence:
+                  *, ocr: bool = True, max_boxes: int = MAX_EVIDENCE,
+                  words_of: Callable[[int], PageWords] | None = None) -> Evidence:
     """Where ``answer`` is on the pages ``page_indices`` (0-based) of ``document``.
 
     ``config``: the model's anyres settings (its canvases decide where the crop boundaries fall).
     ``ocr``: read pages without a text layer with Tesseract when it is installed.
+    ``words_of``: page index -> its words, for a caller that keeps them (OCR takes seconds a page).
     """
     config = config or AnyresConfig()
+    words_of = words_of or (lambda index: page_words(document, index, ocr=ocr))
     found: list[EvidenceBox] = []
     reasons: list[str] = []
     for index in page_indices:
-        words = page_words(document, index, ocr=ocr)
+        words = words_of(index)
         if not words.words:
             reasons.append(words.reason or NOT_FOUND)
             continue

@@ -73,7 +73,10 @@ def page_words(document: Document, index: int, *, ocr: bool = True) -> PageWords
     tessdata = tessdata_folder()
     if tessdata is None:
         return PageWords([], "none", f"{NO_TEXT_LAYER}; {OCR_HINT}")
-    words = _ocr_pdf_page(page, tessdata) if page is not None else _ocr_image_page(document, index, tessdata)
+    try:
+        words = _ocr_pdf_page(page, tessdata) if page is not None else _ocr_image_page(document, index, tessdata)
+    except (RuntimeError, ValueError, OSError) as error:  # Tesseract's data damaged or incomplete (no "eng")
+        return PageWords([], "none", f"{NO_TEXT_LAYER}; OCR failed ({' '.join(str(error).split())})")
     return PageWords(words, "ocr") if words else PageWords([], "none", f"{NO_TEXT_LAYER}; OCR found no text")
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fila_cli.documents.notices import ReadNotices
 from fila_cli.errors import FilaError
 from fila_cli.eval.datasets import EvalExample
-from fila_cli.eval.evidence_split import gold_placement
+from fila_cli.eval.evidence_split import GoldLocator
 from fila_cli.eval.scores import Prediction
 from fila_cli.eval.tasks import TaskSpec
 from fila_cli.qa.ask import Asker
@@ -82,6 +82,7 @@ def run_eval(asker: Asker, task: TaskSpec, examples: Iterable[EvalExample], sink
     ``gold_ocr``: locate gold answers on pages without a text layer by OCR (``eval.evidence_split``)."""
     run = EvalRun()
     done = done or {}
+    gold = GoldLocator(asker.encoder.anyres, ocr=gold_ocr)
     stop = StopFlag()
     previous_handler = signal.signal(signal.SIGINT, stop)
     try:
@@ -95,7 +96,7 @@ def run_eval(asker: Asker, task: TaskSpec, examples: Iterable[EvalExample], sink
                     run.skipped += 1
                     run.predictions[example.question_id] = done[example.question_id]
                 else:
-                    record = answer_example(asker, task, example, options, Path(scratch), gold_ocr=gold_ocr)
+                    record = answer_example(asker, task, example, options, Path(scratch), gold=gold)
                     if sink is not None:
                         sink.write(record)
                     if record["error"] is None:
@@ -112,12 +113,14 @@ def run_eval(asker: Asker, task: TaskSpec, examples: Iterable[EvalExample], sink
 
 
 def answer_example(asker: Asker, task: TaskSpec, example: EvalExample, options: AskOptions, scratch: Path,
-                   *, gold_ocr: bool = False) -> dict[str, Any]:
-    """One prediction record: the answer and its score, or the error that stopped it."""
+                   *, gold: GoldLocator | None = None) -> dict[str, Any]:
+    """One prediction record: the answer and its score, or the error that stopped it; ``gold_evidence``,
+    where the gold answer lies (``eval.evidence_split``)."""
+    gold = gold or GoldLocator(asker.encoder.anyres)
     image = _image_file(example, scratch)
     record: dict[str, Any] = {"task": task.name, "question_id": example.question_id, "question": example.question,
                               "model": asker.model_name, "group": example.group,
-                              "gold_evidence": gold_placement(image, example.answers, asker.encoder.anyres, ocr=gold_ocr)}
+                              "gold_evidence": gold.placement(image, example.answers)}
     try:
         answer = asker.ask(image, task.prompt(example.question), options)
     except FilaError as error:
