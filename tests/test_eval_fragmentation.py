@@ -163,3 +163,18 @@ def test_gold_answers_on_image_pages_are_located_by_ocr(tmp_path):
     if tessdata_folder() is None:
         pytest.skip("Tesseract is not installed (apt install tesseract-ocr)")
     assert sum(p is not None for p in located) >= 1
+
+
+def test_the_gold_locator_reads_each_page_once(tmp_path, monkeypatch):
+    """Benchmarks ask several questions about one image: its words (OCR: seconds) are read once."""
+    from fila_cli.eval import evidence_split
+
+    out = tmp_path / "frag"
+    [row] = [asdict(row) for row in make_fragmentation(out, 1, seed=2)]
+    reads = []
+    real = evidence_split.page_words
+    monkeypatch.setattr(evidence_split, "page_words", lambda document, index, ocr: reads.append(index) or real(document, index, ocr=ocr))
+    locator = evidence_split.GoldLocator(AnyresConfig())
+    assert locator.placement(out / row["image"], row["answers"]) == row["placement"]
+    assert locator.placement(out / row["image"], ["not on the page", *row["answers"]]) == row["placement"]
+    assert reads == [0]
