@@ -261,3 +261,21 @@ def test_find_without_page_searches_every_page_and_says_when_absent(sample):
     result = CliRunner().invoke(app, ["crops", str(sample), "--find", "no such words"])
     assert result.exit_code == 0 and "not found" in result.stdout
     assert CliRunner().invoke(app, ["crops", str(sample)]).exit_code == 2  # neither --output nor --find
+
+
+@pytest.mark.skipif(tessdata_folder() is None, reason="Tesseract is not installed (apt install tesseract-ocr)")
+def test_a_scan_stored_sideways_and_shown_upright_is_located_where_shown(sample, tmp_path):
+    """Scanners often store a page sideways with /Rotate turning it upright: OCR reads what is shown,
+    and the box is where the upright page shows the text (the same box as on the sample's upright scan)."""
+    from fila_cli.documents.sample import _delivery_note_page, _scanned
+
+    document = pymupdf.open()
+    page = document.new_page(width=792, height=612)
+    page.insert_image(page.rect, pixmap=_scanned(*_delivery_note_page()), rotate=270)
+    page.set_rotation(270)
+    document.save(tmp_path / "sideways.pdf")
+    with open_document(sample) as upright, open_document(tmp_path / "sideways.pdf") as sideways:
+        assert sideways.page_size_points(0) == upright.page_size_points(SCANNED_PAGE) == (612, 792)
+        [expected] = locate_answer(upright, [SCANNED_PAGE], "19 April 2024").boxes
+        [box] = locate_answer(sideways, [0], "19 April 2024").boxes
+    assert box.source == "ocr" and box.bbox_pt == pytest.approx(expected.bbox_pt, abs=1.5)

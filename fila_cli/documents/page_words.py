@@ -13,18 +13,17 @@ Scanned pages and images have no text layer. When Tesseract's language data is i
 from __future__ import annotations
 
 import functools
-import io
 from dataclasses import dataclass
 
 import pymupdf
 
 from fila_cli.documents.document import Document
-from fila_cli.documents.render import POINTS_PER_INCH
 
 Box = tuple[float, float, float, float]
 
 # What PyMuPDF keeps: ligatures and whitespace as written, text clipped to the page; no images.
 TEXT_FLAGS = pymupdf.TEXTFLAGS_RAWDICT & ~pymupdf.TEXT_PRESERVE_IMAGES
+OCR_TEXT_FLAGS = TEXT_FLAGS
 # OCR resolution: Tesseract reads ordinary print best at about 300 dpi.
 OCR_DPI = 300
 OCR_LANGUAGE = "eng"
@@ -132,20 +131,23 @@ def union(boxes: tuple[Box, ...] | list[Box]) -> Box:
 
 
 def _ocr_pdf_page(page: pymupdf.Page, tessdata: str) -> list[PageWord]:
-    # PyMuPDF maps the OCR text back to the unrotated page's coordinates, like its text layer.
-    textpage = page.get_textpage_ocr(flags=TEXT_FLAGS, language=OCR_LANGUAGE, dpi=OCR_DPI, full=True, tessdata=tessdata)
-    return words_of(page, textpage)
+    # The page as shown (rotation applied), so that Tesseract reads it upright and its words come
+    # back in displayed coordinates. (``page.get_textpage_ocr`` maps them back to the unrotated
+    # page and then clips them to the rotated box, which drops most words of a rotated page.)
+    return _ocr_pixmap(page.get_pixmap(dpi=OCR_DPI, colorspace=pymupdf.csRGB, alpha=False), page.rect.width, tessdata)
 
 
 def _ocr_image_page(document: Document, index: int, tessdata: str) -> list[PageWord]:
-    """OCR of an image page, boxes in the image's own pixels (its "points")."""
+    """OCR of an image page at its own resolution (its pixels are all there is), boxes in its pixels."""
     width, _ = document.page_size_points(index)
-    image = document.render_page(index, 1.0)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    with pymupdf.open(stream=buffer.getvalue(), filetype="png") as picture:
-        page = picture[0]
-        # At the image's own resolution: its pixels are all there is to read.
-        native_dpi = round(POINTS_PER_INCH * image.width / page.rect.width)
-        textpage = page.get_textpage_ocr(flags=TEXT_FLAGS, language=OCR_LANGUAGE, dpi=native_dpi, full=True, tessdata=tessdata)
-        return words_of(page, textpage, pymupdf.Matrix(width / page.rect.width, width / page.rect.width))
+    image = document.render_page(index, 1.0).convert("RGB")
+    pixmap = pymupdf.Pixmap(pymupdf.csRGB, image.width, image.height, image.tobytes(), False)
+    return _ocr_pixmap(pixmap, width, tessdata)
+
+
+def _ocr_pixmap(pixmap: pymupdf.Pixmap, shown_width: float, tessdata: str) -> list[PageWord]:
+    """Tesseract's words on a picture of the page shown ``shown_width`` wide (points, or an image's pixels)."""
+    with pymupdf.open(stream=pixmap.pdfocr_tobytes(language=OCR_LANGUAGE, tessdata=tessdata), filetype="pdf") as ocr:
+        page = ocr[0]
+        scale = shown_width / page.rect.width
+        return words_of(page, page.get_textpage(flags=OCR_TEXT_FLAGS), pymupdf.Matrix(scale, scale))
