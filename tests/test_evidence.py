@@ -261,6 +261,7 @@ def test_find_without_page_searches_every_page_and_says_when_absent(sample):
     result = CliRunner().invoke(app, ["crops", str(sample), "--find", "no such words"])
     assert result.exit_code == 0 and "not found" in result.stdout
     assert CliRunner().invoke(app, ["crops", str(sample)]).exit_code == 2  # neither --output nor --find
+    assert CliRunner().invoke(app, ["crops", str(sample), "-o", "x.png", "--json"]).exit_code == 2  # --json without --find
 
 
 @pytest.mark.skipif(tessdata_folder() is None, reason="Tesseract is not installed (apt install tesseract-ocr)")

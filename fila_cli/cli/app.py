@@ -191,6 +191,8 @@ def crops(
             raise UsageError("pass --output FILE.png for the picture (or --find TEXT to locate text)")
         if output is not None and output.suffix.lower() != ".png":
             raise UsageError(f"{output}: the picture is written as PNG; name it *.png")
+        if as_json and find is None:
+            raise UsageError("--json goes with --find TEXT: the picture itself is written with --output")
         if find is not None and not find.strip():
             raise UsageError("--find: the text is empty; pass the text to locate")
         config = AnyresConfig()

@@ -28,6 +28,7 @@ OCR_TEXT_FLAGS = TEXT_FLAGS
 OCR_DPI = 300
 OCR_LANGUAGE = "eng"
 NO_TEXT_LAYER = "no text layer"
+UNREADABLE_TEXT = "text layer unreadable"
 # Two pieces of text are on one line when their heights overlap by half, the second to the right
 # of the first (a little overlap allowed, in heights: kerning and OCR jitter).
 SAME_LINE_OVERLAP = 0.5
@@ -64,7 +65,10 @@ def page_words(document: Document, index: int, *, ocr: bool = True) -> PageWords
     """The words of page ``index`` (0-based): its text layer, else (``ocr``) Tesseract's reading of it."""
     page = document.pdf_page(index)
     if page is not None:
-        words = words_of(page)
+        try:
+            words = words_of(page)
+        except (RuntimeError, ValueError) as error:  # a damaged content stream: the answer still stands
+            return PageWords([], "none", f"{UNREADABLE_TEXT} ({' '.join(str(error).split())})")
         if words:
             return PageWords(words, "text layer")
     if not ocr:
