@@ -280,3 +280,12 @@ def test_a_scan_stored_sideways_and_shown_upright_is_located_where_shown(sample,
         [expected] = locate_answer(upright, [SCANNED_PAGE], "19 April 2024").boxes
         [box] = locate_answer(sideways, [0], "19 April 2024").boxes
     assert box.source == "ocr" and box.bbox_pt == pytest.approx(expected.bbox_pt, abs=1.5)
+
+
+def test_a_text_layer_of_unknown_characters_is_no_text_layer():
+    """Fonts without a Unicode mapping give U+FFFD for every character: such a page is read by OCR."""
+    from fila_cli.documents.page_words import PageWord, _legible
+
+    box = (0.0, 0.0, 1.0, 1.0)
+    assert _legible([PageWord("Total", (box,) * 5, 0), PageWord("2,510.40\ufffd", (box,) * 9, 0)])
+    assert not _legible([PageWord("\ufffd\ufffd\ufffd", (box,) * 3, 0), PageWord("a\ufffd", (box,) * 2, 0)])

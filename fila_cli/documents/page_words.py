@@ -22,13 +22,16 @@ from fila_cli.documents.document import Document
 Box = tuple[float, float, float, float]
 
 # What PyMuPDF keeps: ligatures and whitespace as written, text clipped to the page; no images.
-TEXT_FLAGS = pymupdf.TEXTFLAGS_RAWDICT & ~pymupdf.TEXT_PRESERVE_IMAGES
+TEXT_FLAGS = pymupdf.TEXTFLAGS_RAWDICT & ~pymupdf.TEXT_PRESERVE_IMAGES & ~pymupdf.TEXT_CID_FOR_UNKNOWN_UNICODE
 OCR_TEXT_FLAGS = TEXT_FLAGS
 # OCR resolution: Tesseract reads ordinary print best at about 300 dpi.
 OCR_DPI = 300
 OCR_LANGUAGE = "eng"
 NO_TEXT_LAYER = "no text layer"
 UNREADABLE_TEXT = "text layer unreadable"
+# A text layer with more than this share of characters MuPDF cannot map to Unicode is no text layer.
+UNKNOWN_CHARACTER = "\ufffd"
+ILLEGIBLE_SHARE = 0.5
 # Two pieces of text are on one line when their heights overlap by half, the second to the right
 # of the first (a little overlap allowed, in heights: kerning and OCR jitter).
 SAME_LINE_OVERLAP = 0.5
@@ -69,7 +72,7 @@ def page_words(document: Document, index: int, *, ocr: bool = True) -> PageWords
             words = words_of(page)
         except (RuntimeError, ValueError) as error:  # a damaged content stream: the answer still stands
             return PageWords([], "none", f"{UNREADABLE_TEXT} ({' '.join(str(error).split())})")
-        if words:
+        if words and _legible(words):
             return PageWords(words, "text layer")
     if not ocr:
         return PageWords([], "none", NO_TEXT_LAYER)
@@ -81,6 +84,12 @@ def page_words(document: Document, index: int, *, ocr: bool = True) -> PageWords
     except (RuntimeError, ValueError, OSError) as error:  # Tesseract's data damaged or incomplete (no "eng")
         return PageWords([], "none", f"{NO_TEXT_LAYER}; OCR failed ({' '.join(str(error).split())})")
     return PageWords(words, "ocr") if words else PageWords([], "none", f"{NO_TEXT_LAYER}; OCR found no text")
+
+
+def _legible(words: list[PageWord]) -> bool:
+    """False for a text layer that is mostly U+FFFD: fonts without a Unicode mapping (read it by OCR)."""
+    chars = "".join(word.text for word in words)
+    return chars.count(UNKNOWN_CHARACTER) <= ILLEGIBLE_SHARE * len(chars)
 
 
 def words_of(page: pymupdf.Page, textpage: pymupdf.TextPage | None = None,
