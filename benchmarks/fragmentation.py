@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fila_cli.config import DEFAULT_GRID_PINPOINTS, AnyresConfig, ConvNeXtConfig, FusionConfig, save_json
 from fila_cli.documents.canvas import CanvasGeometry, plan_canvas
-from fila_cli.eval.fragmentation import crops_touched
+from fila_cli.documents.page_geometry import crops_touched
 from fila_cli.train.base import load_tokenizer
 from fila_cli.train.chat import IGNORE_INDEX, ChatRenderer
 from fila_cli.train.config import TrainConfig

@@ -40,6 +40,11 @@ _EXPORTS = {
     "AskOptions": "qa.options",
     "BatchOptions": "qa.options",
     "ModelOptions": "qa.options",
+    # where the answer lies on the page
+    "locate_answer": "documents.evidence",
+    "Evidence": "documents.evidence",
+    "EvidenceBox": "documents.evidence",
+    "crop_boundary_notice": "documents.evidence",
     "SamplingParams": "llm.sampling",
     "BatchSummary": "qa.run",
     # finer control: the loaded model, a batch in your own loop, documents

@@ -156,8 +156,10 @@ def encode(
 @app.command(epilog=EXIT_CODES_HELP)
 def crops(
     file: Annotated[Path, typer.Argument(help="A PDF, or an image (PNG, JPEG, WebP, TIFF).", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the picture (.png).", show_default=False)],
-    page: Annotated[int, typer.Option("--page", "-p", help="Page of a PDF, 1-based.")] = 1,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the picture (.png); optional with --find.", show_default=False)] = None,
+    page: Annotated[int | None, typer.Option("--page", "-p", help="Page of a PDF, 1-based (default: 1, or with --find the first page where TEXT is).", show_default=False)] = None,
+    find: Annotated[str | None, typer.Option("--find", "-f", help="Locate TEXT on the page (exact, normalised or partial match) and say which crops it touches.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With --find: print one JSON object on stdout.")] = False,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Take the canvases (and fusion weights, if any) from this bundle (default: the paper's five canvases, as LLaVA-1.6).")] = None,
     mmproj: MmprojOption = None,
     fusion: FusionOption = None,
@@ -170,17 +172,29 @@ def crops(
     between two crops: the case FILA's whole-page ConvNeXt branch exists for. With fusion weights
     (--fusion, or a bundle that has them) the page is rendered at the ConvNeXt's high resolution and
     both resolutions are stated.
+
+    --find TEXT locates TEXT (no model needed; scanned pages by OCR when Tesseract is installed) and
+    prints where it lies and which crops it touches; the picture outlines it, red where a crop
+    boundary cuts it, green inside one crop. With --json: {"file", "find", "page", "canvas", "grid",
+    "evidence": [{"page", "bbox_pt", "bbox_px", "text", "match", "crops", "straddles_crop_boundary", "source"}],
+    "evidence_reason"}.
     """
     with handle_errors(verbose):
-        from fila_cli.cli.crops_view import describe_resolutions, draw_crops
+        from fila_cli.cli.crops_view import describe_resolutions, draw_crops, draw_evidence
         from fila_cli.config import AnyresConfig
         from fila_cli.documents.canvas import plan_canvas, scale_geometry
         from fila_cli.documents.document import open_document, page_index_from_user
         from fila_cli.documents.render import render_for_canvas
         from fila_cli.errors import UsageError
 
-        if output.suffix.lower() != ".png":
+        if output is None and find is None:
+            raise UsageError("pass --output FILE.png for the picture (or --find TEXT to locate text)")
+        if output is not None and output.suffix.lower() != ".png":
             raise UsageError(f"{output}: the picture is written as PNG; name it *.png")
+        if as_json and find is None:
+            raise UsageError("--json goes with --find TEXT: the picture itself is written with --output")
+        if find is not None and not find.strip():
+            raise UsageError("--find: the text is empty; pass the text to locate")
         config = AnyresConfig()
         if model is not None or mmproj is not None:
             from fila_cli.vision.load import load_vision_weights
@@ -194,12 +208,33 @@ def crops(
 
             highres_scale = load_fusion_config(fusion).convnext.input_scale()
         with open_document(file, password=password) as document:
-            image = render_for_canvas(document, page_index_from_user(page, document.page_count, name=file), config, highres_scale)
+            evidence = None
+            if page is not None:
+                index = page_index_from_user(page, document.page_count, name=file)
+            if find is not None:
+                from fila_cli.documents.evidence import locate_answer
+
+                pages = [index] if page is not None else range(document.page_count)
+                evidence = locate_answer(document, pages, find, config)
+                if page is None:
+                    index = evidence.boxes[0].page - 1 if evidence.boxes else 0
+            elif page is None:
+                index = 0
+            image = render_for_canvas(document, index, config, highres_scale)
+            page_size = document.page_size_points(index)
         geometry = plan_canvas((image.height, image.width), config)
         highres = scale_geometry(geometry, highres_scale) if highres_scale is not None else None
-        draw_crops(image, geometry, highres).save(output)
         rows, cols = geometry.grid
-        stderr.print(f"{output}: page {page}, {image.width}x{image.height} px, {describe_resolutions(geometry, highres)}, {rows}x{cols} crops")
+        if output is not None:
+            if evidence is None:
+                draw_crops(image, geometry, highres).save(output)
+            else:
+                draw_evidence(image, geometry, evidence.on_page(index + 1), page_size, highres).save(output)
+            stderr.print(f"{output}: page {index + 1}, {image.width}x{image.height} px, {describe_resolutions(geometry, highres)}, {rows}x{cols} crops")
+        if evidence is not None:
+            from fila_cli.cli.crops_view import print_found
+
+            print_found(file, find, index + 1, geometry, evidence, as_json)
 
 
 def _read_question(question: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 from fila_cli.errors import FilaError
 from fila_cli.eval.datasets import EvalExample
+from fila_cli.eval.evidence_split import GoldLocator
 from fila_cli.eval.scores import Prediction
 from fila_cli.eval.tasks import TaskSpec
 from fila_cli.qa.ask import Asker
@@ -74,11 +75,15 @@ class EvalRun:
 
 def run_eval(asker: Asker, task: TaskSpec, examples: Iterable[EvalExample], sink: RecordSink | None,
              options: AskOptions, *, done: dict[str, Prediction] | None = None,
-             on_record: Callable[[], None] | None = None, should_stop: StopCheck = never_stop) -> EvalRun:
+             on_record: Callable[[], None] | None = None, should_stop: StopCheck = never_stop,
+             gold_ocr: bool = False) -> EvalRun:
     """Answer each example not in ``done`` (question id -> prediction already recorded), until
-    ``should_stop`` says so (checked between questions)."""
+    ``should_stop`` says so (checked between questions).
+
+    ``gold_ocr``: locate gold answers on pages without a text layer by OCR (``eval.evidence_split``)."""
     run = EvalRun()
     done = done or {}
+    gold = GoldLocator(asker.encoder.anyres, ocr=gold_ocr)
     with tempfile.TemporaryDirectory(prefix="fila-eval-") as scratch:
         for example in examples:
             if should_stop():
@@ -89,26 +94,31 @@ def run_eval(asker: Asker, task: TaskSpec, examples: Iterable[EvalExample], sink
                 run.skipped += 1
                 run.predictions[example.question_id] = done[example.question_id]
             else:
-                record = answer_example(asker, task, example, options, Path(scratch))
+                record = answer_example(asker, task, example, options, Path(scratch), gold=gold)
                 if sink is not None:
                     sink.write(record)
                 if record["error"] is None:
                     run.answered += 1
-                    run.predictions[example.question_id] = Prediction(record["answer"])
+                    run.predictions[example.question_id] = Prediction(record["answer"], evidence=record["gold_evidence"])
                 else:
                     run.failed += 1
-                    run.predictions[example.question_id] = Prediction(None, record["error"]["message"])
+                    run.predictions[example.question_id] = Prediction(None, record["error"]["message"], record["gold_evidence"])
             if on_record is not None:
                 on_record()
     return run
 
 
-def answer_example(asker: Asker, task: TaskSpec, example: EvalExample, options: AskOptions, scratch: Path) -> dict[str, Any]:
-    """One prediction record: the answer and its score, or the error that stopped it."""
+def answer_example(asker: Asker, task: TaskSpec, example: EvalExample, options: AskOptions, scratch: Path,
+                   *, gold: GoldLocator | None = None) -> dict[str, Any]:
+    """One prediction record: the answer and its score, or the error that stopped it; ``gold_evidence``,
+    where the gold answer lies (``eval.evidence_split``)."""
+    gold = gold or GoldLocator(asker.encoder.anyres)
+    image = _image_file(example, scratch)
     record: dict[str, Any] = {"task": task.name, "question_id": example.question_id, "question": example.question,
-                              "model": asker.model_name, "group": example.group}
+                              "model": asker.model_name, "group": example.group,
+                              "gold_evidence": gold.placement(image, example.answers)}
     try:
-        answer = asker.ask(_image_file(example, scratch), task.prompt(example.question), options)
+        answer = asker.ask(image, task.prompt(example.question), options)
     except FilaError as error:
         return {**record, **_no_answer(), "error": {"kind": error.kind, "message": _named(example, str(error))}}
     except Exception as error:  # one bad image must never end the run
