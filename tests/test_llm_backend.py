@@ -414,3 +414,21 @@ def test_the_settings_reach_llama_cpp_and_keep_the_answer(model_path, backend, t
         assert (context.n_threads, context.n_threads_batch) == (1, 1)
         assert other.generate([BEFORE, image, AFTER], params).token_ids == expected
     assert backend.llama.context_params.n_threads == physical_cores() >= 1
+
+
+def test_the_llama_cpp_python_range_pinned_is_the_one_internals_is_written_for():
+    """_internals uses llama-cpp-python's private members: pyproject.toml pins the releases it is
+    tested with, and the installed one is among them."""
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    from fila_cli.llm._internals import TESTED_LLAMA_CPP_PYTHON
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pins = [Requirement(r) for r in pyproject["project"]["dependencies"] if r.startswith("llama-cpp-python")]
+    assert [p.specifier for p in pins] == [SpecifierSet(TESTED_LLAMA_CPP_PYTHON)]
+    assert version("llama-cpp-python") in pins[0].specifier

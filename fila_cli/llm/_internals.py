@@ -25,7 +25,7 @@ import numpy as np
 
 # llama-cpp-python releases whose private members this module was written against (pyproject.toml
 # pins the same range): a release outside it may rename them.
-TESTED_LLAMA_CPP_PYTHON = (">=0.3.2", "<0.4")
+TESTED_LLAMA_CPP_PYTHON = ">=0.3.36,<0.4"
 # llama_decode return code: no KV-cache slot for the batch (context full).
 DECODE_NO_KV_SLOT = 1
 # ``Llama.input_ids`` entry for a position filled from embeddings. Never a real token id, so the
@@ -120,7 +120,7 @@ def _new_context(llm: llama_cpp.Llama, n_ctx: int) -> None:
     context = llama_internals.LlamaContext(model=llm._model, params=llm.context_params, verbose=llm.verbose)
     llm._ctx = llm._stack.enter_context(contextlib.closing(context))
     adapter = getattr(llm, "_lora_adapter", None)
-    if adapter is not None:
+    if adapter is not None:  # as Llama.__init__ sets it
         adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
         scales = (ctypes.c_float * 1)(llm.lora_scale)
         if llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, adapters, 1, scales):
