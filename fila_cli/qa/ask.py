@@ -181,11 +181,14 @@ class Asker:
         prefix_store: PrefixStore | None = None,
         llama_settings: LlamaSettings | None = None,
         compile_encoder: bool = False,
+        ctx_size: int | None = None,
+        template: str | None = None,
     ) -> Asker:
         """llama_settings: how llama.cpp runs the LLM (default ``LlamaSettings()``); its n_seq_max is
         how many questions ``answer_many`` may answer side by side (each holds a KV cache of the
         bundle's n_ctx). compile_encoder: ``compile_for_inference`` the encoder, which pays off over
-        many pages (each new canvas shape compiles once, ~1 min on a 2-core CPU for ViT-L)."""
+        many pages (each new canvas shape compiles once, ~1 min on a 2-core CPU for ViT-L).
+        ctx_size, template: ``ModelOptions``'s (a fixed context; the prompt format's name or jinja file)."""
         from fila_cli.vision.devices import pick_device, pick_dtype
         from fila_cli.vision.load import load_encoder
 
@@ -195,9 +198,10 @@ class Asker:
             from fila_cli.vision.model.compiled import compile_for_inference
 
             compile_for_inference(encoder)
-        backend = LlamaBackend(bundle.llm, n_ctx=bundle.n_ctx, n_gpu_layers=n_gpu_layers, verbose=verbose, lora_path=bundle.lora,
-                               settings=llama_settings)
-        template = select_template(bundle.template, backend.chat_template, backend.model_name)
+        # An explicit ctx_size stays as set; else the bundle's n_ctx, grown as prompts need.
+        backend = LlamaBackend(bundle.llm, n_ctx=ctx_size or bundle.n_ctx, n_gpu_layers=n_gpu_layers, verbose=verbose,
+                               lora_path=bundle.lora, settings=llama_settings, grow=ctx_size is None)
+        template = select_template(bundle.template, backend.chat_template, backend.model_name, user_choice=template)
         return cls(encoder, backend, template, bundle, token_cache=token_cache, reuse_prefix=reuse_prefix,
                    prefix_store=prefix_store)
 
@@ -215,7 +219,8 @@ class Asker:
         return cls.load(bundle or options.bundle(), device=options.device, dtype=options.dtype,
                         n_gpu_layers=options.gpu_layers, verbose=options.verbose,
                         token_cache=token_cache, reuse_prefix=reuse_prefix, prefix_store=prefix_store,
-                        llama_settings=LlamaSettings(n_seq_max=n_seq_max), compile_encoder=options.compile_encoder)
+                        llama_settings=LlamaSettings(n_seq_max=n_seq_max), compile_encoder=options.compile_encoder,
+                        ctx_size=options.ctx_size, template=options.template)
 
     @property
     def model_name(self) -> str:
@@ -416,12 +421,10 @@ class Asker:
         n_text += len(self.backend.tokenize(after))
         n_pages = len(segments) // 2
         what = "the page needs" if n_pages <= 1 else f"{n_pages} pages together need"
-        if n_visual + n_text + 1 > self.backend.n_ctx:  # + 1: room for at least one answer token
-            raise ContextOverflowError(
-                f"{file}: {what} {n_visual + n_text} tokens ({n_visual} visual + {n_text} text) "
-                f"but the model's context holds {self.backend.n_ctx}; ask about fewer pages, or drop --together "
-                "to read them one by one",
-                n_needed=n_visual + n_text + 1, n_ctx=self.backend.n_ctx)
+        if not self.backend.ensure_context(n_visual + n_text + 1):  # + 1: room for at least one answer token
+            advice = "ask about fewer pages, or drop --together to read them one by one" if n_pages > 1 else None
+            raise self.backend.overflow(n_visual + n_text, f"{file}: {what}", f"{n_visual} visual + {n_text} text",
+                                        advice)
         return n_visual, n_text
 
     def _answer_together(self, file: str, question: str, pages: Iterable[PreparedPage], n_pages: int, reason: str,
@@ -488,7 +491,7 @@ class Asker:
             except ContextOverflowError:
                 return False
             return True
-        return self.backend.prompt_size(prompt) <= self.backend.n_ctx
+        return self.backend.ensure_context(self.backend.prompt_size(prompt))
 
     def answer_many(self, questions: Sequence[OnePromptQuestion], options: AskOptions) -> list[Answer]:
         """Answer up to ``backend.n_seq_max`` questions of one prompt each side by side
