@@ -307,10 +307,10 @@ def select_template(
             why_not_gguf = "its GGUF's chat template cannot be used"
     family = guess_family(model_name)
     if family is not None:
-        because = f"from the model name '{model_name}' ({why_not_gguf})"
+        because = f"guessed from the model name '{model_name}': {why_not_gguf}"
     else:
         family = DEFAULT_FAMILY
-        because = f"fila's default: {why_not_gguf} and the model name '{model_name}' does not tell"
+        because = f"fila's default, as {why_not_gguf} and the model name '{model_name}' does not tell"
     return dataclasses.replace(FAMILIES[family], guessed_because=because)
 
 
@@ -318,5 +318,5 @@ def template_note(template: PromptTemplate) -> str | None:
     """One line for the user when the prompt format was guessed, else None."""
     if template.guessed_because is None:
         return None
-    return (f"prompt format: {template.name}, guessed {template.guessed_because}; "
+    return (f"prompt format: {template.name} ({template.guessed_because}); "
             f"choose one with --template ({', '.join(FAMILIES)} or a FILE{TEMPLATE_FILE_SUFFIX})")
