@@ -300,7 +300,7 @@ def test_a_context_memory_cannot_hold_is_refused_naming_memory(model_path, monke
         assert (limit.kind, limit.n_ctx) == ("memory", 512)
         with pytest.raises(ContextOverflowError) as info:
             b.generate(["USER: ", np.zeros((600, N_EMBD), np.float32), "\nhi ASSISTANT:"])
-        assert "memory allows a context of 512 tokens (512 bytes of KV cache a token" in str(info.value)
+        assert "the context holds at most 512 tokens, what memory allows (512 bytes of KV cache a token" in str(info.value)
         assert "free memory" in str(info.value)
         assert b.n_ctx == 64
 

@@ -295,8 +295,7 @@ class LlamaBackend:
             return f"LLM context {self._n_ctx} tokens (--ctx-size)"
         if limit.n_ctx <= self._n_ctx:
             return f"LLM context {self._n_ctx} tokens ({limit.describe()})"
-        return (f"LLM context {self._n_ctx} tokens, grown as prompts need up to {limit.n_ctx}: "
-                f"{limit.describe().removeprefix('the context holds at most ' + str(limit.n_ctx) + ' tokens, ')}")
+        return f"LLM context {self._n_ctx} tokens, grown as prompts need up to {limit.n_ctx}: {limit.why()}"
 
     @property
     def kv_shape(self) -> KVShape:
@@ -346,9 +345,8 @@ class LlamaBackend:
                              "set a smaller one with --ctx-size") from e
         self._n_ctx = self._context_cells(n_ctx)
         self._counts = _PromptCounts()
-        why = limit.describe().removeprefix(f"the context holds at most {limit.n_ctx} tokens, ")
         self.on_context_note(f"LLM context grown from {old} to {self._n_ctx} tokens for a {n_needed}-token prompt "
-                             f"(at most {limit.n_ctx}: {why})")
+                             f"(at most {limit.n_ctx}: {limit.why()})")
 
     def overflow(self, n_needed: int, subject: str, detail: str, advice: str | None = None) -> ContextOverflowError:
         """The refusal of a prompt that cannot fit: ``subject`` needs ``n_needed`` tokens (``detail``),

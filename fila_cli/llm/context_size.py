@@ -121,14 +121,18 @@ class ContextLimit:
     memory: Memory | None = None
     bytes_per_token: int = 0
 
-    def describe(self) -> str:
-        """'… holds at most N tokens: <why>' for messages."""
-        if self.kind == "trained":
-            return f"the context holds at most {self.n_ctx} tokens, what {self.model_name} was trained on"
+    def why(self) -> str:
+        """What sets the limit, for a growing context: 'what M was trained on', 'what memory allows (…)'."""
         if self.kind == "memory":
             assert self.memory is not None
-            return (f"memory allows a context of {self.n_ctx} tokens ({_size(self.bytes_per_token)} of "
-                    f"KV cache a token, {self.memory.available / BYTES_PER_GIB:.1f} GiB of {self.memory.where} available)")
+            return (f"what memory allows ({_size(self.bytes_per_token)} of KV cache a token, "
+                    f"{self.memory.available / BYTES_PER_GIB:.1f} GiB of {self.memory.where} available)")
+        return f"what {self.model_name} was trained on"
+
+    def describe(self) -> str:
+        """'the context holds … tokens: <why>', for refusals."""
+        if self.kind in ("trained", "memory"):
+            return f"the context holds at most {self.n_ctx} tokens, {self.why()}"
         if self.kind == "fixed":
             return f"the context holds {self.n_ctx} tokens (--ctx-size)"
         return (f"the context holds {self.n_ctx} tokens (the bundle's n_ctx: {self.model_name}'s GGUF does not say "
