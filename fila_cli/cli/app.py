@@ -12,6 +12,7 @@ from typer.core import TyperGroup
 from fila_cli.cli.options import (
     CacheMaxGbOption,
     CompileOption,
+    CtxSizeOption,
     DeviceOption,
     DtypeOption,
     FusionOption,
@@ -24,6 +25,7 @@ from fila_cli.cli.options import (
     PasswordOption,
     SeedOption,
     TemperatureOption,
+    TemplateOption,
     TextLayerOption,
     TopPOption,
     ask_options,
@@ -266,6 +268,8 @@ def ask(
     top_p: TopPOption = SamplingParams.top_p,
     seed: SeedOption = SamplingParams.seed,
     max_tokens: MaxTokensOption = SamplingParams.max_tokens,
+    ctx_size: CtxSizeOption = ModelOptions.ctx_size,
+    template: TemplateOption = ModelOptions.template,
     gpu_layers: GpuLayersOption = ModelOptions.gpu_layers,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -290,7 +294,7 @@ def ask(
         asked.append(_read_question(question))
         run_ask(file, asked[-1],
                 model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
-                              gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
+                              gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
                 ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature,
                             top_p=top_p, seed=seed, max_tokens=max_tokens, together=together),
                 as_json=as_json, stream=not no_stream)
@@ -311,6 +315,8 @@ def chat(
     top_p: TopPOption = SamplingParams.top_p,
     seed: SeedOption = SamplingParams.seed,
     max_tokens: MaxTokensOption = SamplingParams.max_tokens,
+    ctx_size: CtxSizeOption = ModelOptions.ctx_size,
+    template: TemplateOption = ModelOptions.template,
     gpu_layers: GpuLayersOption = ModelOptions.gpu_layers,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -331,7 +337,7 @@ def chat(
         raise typer.Exit(run_chat(
             file,
             model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
-                          gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
+                          gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
             ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature, top_p=top_p,
                         seed=seed, max_tokens=max_tokens, together=True),
             as_json=as_json))
@@ -363,6 +369,8 @@ def batch(
     top_p: TopPOption = SamplingParams.top_p,
     seed: SeedOption = SamplingParams.seed,
     max_tokens: MaxTokensOption = SamplingParams.max_tokens,
+    ctx_size: CtxSizeOption = ModelOptions.ctx_size,
+    template: TemplateOption = ModelOptions.template,
     gpu_layers: GpuLayersOption = ModelOptions.gpu_layers,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -386,7 +394,7 @@ def batch(
             batch=BatchOptions(timeout_s=timeout, pipeline_depth=pipeline_depth, parallel=parallel, ray_address=ray,
                                ray_cpus=ray_cpus),
             model=model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
-                                gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb,
+                                gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb,
                                 compile_encoder=compile_encoder),
             ask=ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature,
                             top_p=top_p, seed=seed, max_tokens=max_tokens, together=together)))

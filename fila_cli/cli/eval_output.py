@@ -17,6 +17,7 @@ from rich.table import Table
 
 from fila_cli.cli.options import (
     CompileOption,
+    CtxSizeOption,
     DeviceOption,
     DtypeOption,
     FusionOption,
@@ -26,6 +27,7 @@ from fila_cli.cli.options import (
     ModelOption,
     SeedOption,
     TemperatureOption,
+    TemplateOption,
     TopPOption,
     load_asker,
     model_options,
@@ -68,6 +70,8 @@ def eval_command(
     top_p: TopPOption = SamplingParams.top_p,
     seed: SeedOption = SamplingParams.seed,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate per answer.")] = EVAL_MAX_TOKENS,
+    ctx_size: CtxSizeOption = ModelOptions.ctx_size,
+    template: TemplateOption = ModelOptions.template,
     gpu_layers: GpuLayersOption = ModelOptions.gpu_layers,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -95,7 +99,7 @@ def eval_command(
         raise typer.Exit(run_eval_command(
             task, data, limit=limit, output=output, resume=resume, as_json=as_json,
             model=model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
-                                gpu_layers=gpu_layers, no_cache=not cache, verbose=verbose, compile_encoder=compile_encoder),
+                                gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=not cache, verbose=verbose, compile_encoder=compile_encoder),
             sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens), gold_ocr=gold_ocr))
 
 

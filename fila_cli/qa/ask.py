@@ -105,11 +105,14 @@ class Asker:
         prefix_store: PrefixStore | None = None,
         llama_settings: LlamaSettings | None = None,
         compile_encoder: bool = False,
+        ctx_size: int | None = None,
+        template: str | None = None,
     ) -> Asker:
         """llama_settings: how llama.cpp runs the LLM (default ``LlamaSettings()``); its n_seq_max is
         how many questions ``answer_many`` may answer side by side (each holds a KV cache of the
         bundle's n_ctx). compile_encoder: ``compile_for_inference`` the encoder, which pays off over
-        many pages (each new canvas shape compiles once, ~1 min on a 2-core CPU for ViT-L)."""
+        many pages (each new canvas shape compiles once, ~1 min on a 2-core CPU for ViT-L).
+        ctx_size, template: ``ModelOptions``'s (a fixed context; the prompt format's name or jinja file)."""
         from fila_cli.vision.devices import pick_device, pick_dtype
         from fila_cli.vision.load import load_encoder
 
@@ -119,9 +122,10 @@ class Asker:
             from fila_cli.vision.model.compiled import compile_for_inference
 
             compile_for_inference(encoder)
-        backend = LlamaBackend(bundle.llm, n_ctx=bundle.n_ctx, n_gpu_layers=n_gpu_layers, verbose=verbose, lora_path=bundle.lora,
-                               settings=llama_settings)
-        template = select_template(bundle.template, backend.chat_template, backend.model_name)
+        # An explicit ctx_size stays as set; else the bundle's n_ctx, grown as prompts need.
+        backend = LlamaBackend(bundle.llm, n_ctx=ctx_size or bundle.n_ctx, n_gpu_layers=n_gpu_layers, verbose=verbose,
+                               lora_path=bundle.lora, settings=llama_settings, grow=ctx_size is None)
+        template = select_template(bundle.template, backend.chat_template, backend.model_name, user_choice=template)
         return cls(encoder, backend, template, bundle, token_cache=token_cache, reuse_prefix=reuse_prefix,
                    prefix_store=prefix_store)
 

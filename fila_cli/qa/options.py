@@ -12,11 +12,14 @@ from pathlib import Path
 
 from fila_cli.bundles.bundle import Bundle, resolve_bundle
 from fila_cli.caches.budget import DEFAULT_CACHE_MAX_GB
+from fila_cli.errors import UsageError
 from fila_cli.llm.sampling import SamplingParams
 
 # ``fila batch --pipeline-depth``: pages rendered and encoded ahead while the LLM answers. One keeps
 # the encoder busy meanwhile and costs one page's visual tokens of memory; 0 runs a stage at a time.
 DEFAULT_PIPELINE_DEPTH = 1
+# The smallest --ctx-size: llama.cpp's step of context cells (a context smaller holds no page anyway).
+MIN_CTX_SIZE = 256
 
 
 @dataclass
@@ -63,6 +66,22 @@ class ModelOptions:
     cache_max_gb: float = DEFAULT_CACHE_MAX_GB  # one size cap over both caches (least recently used go first)
     verbose: bool = False  # llama.cpp's own log
     compile_encoder: bool = False  # torch.compile the vision encoder (vision.model.compiled): for long batches
+    # The LLM's context in tokens, fixed (llama.cpp's -c/--ctx-size); None: the bundle's n_ctx, grown
+    # as prompts need up to the model's trained context and what memory allows (llm.context_size).
+    ctx_size: int | None = None
+    # The prompt format: a family name (llm.templates.FAMILIES) or a jinja chat template file; None:
+    # the bundle's, else the GGUF's chat template, else guessed from the model name (and said so).
+    template: str | None = None
+
+    def __post_init__(self) -> None:
+        # Usage errors now, before any model loads.
+        if self.ctx_size is not None and self.ctx_size < MIN_CTX_SIZE:
+            raise UsageError(f"--ctx-size must be at least {MIN_CTX_SIZE} tokens (got {self.ctx_size}); "
+                             "leave it out to let fila size the context")
+        if self.template is not None:
+            from fila_cli.llm.templates import check_template_choice
+
+            check_template_choice(self.template)
 
     def bundle(self) -> Bundle:
         return resolve_bundle(self.model, llm=self.llm, mmproj=self.mmproj, fusion=self.fusion)

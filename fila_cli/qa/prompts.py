@@ -67,11 +67,12 @@ class PromptBuilder:
         n_text += len(self.backend.tokenize(after))
         n_pages = len(segments) // 2
         what = "the page needs" if n_pages <= 1 else f"{n_pages} pages together need"
-        if n_visual + n_text + 1 > self.backend.n_ctx:  # + 1: room for at least one answer token
-            raise ContextOverflowError(
-                f"{file}: {what} {n_visual + n_text} tokens ({n_visual} visual + {n_text} text) "
-                f"but the model's context holds {self.backend.n_ctx}; ask about fewer pages, or {hint}",
-                n_needed=n_visual + n_text + 1, n_ctx=self.backend.n_ctx)
+        # The context grows to fit when it may (up to the trained context and memory); + 1: room for
+        # at least one answer token.
+        if not self.backend.ensure_context(n_visual + n_text + 1):
+            advice = f"ask about fewer pages, or {hint}" if n_pages > 1 else None
+            raise self.backend.overflow(n_visual + n_text, f"{file}: {what}", f"{n_visual} visual + {n_text} text",
+                                        advice)
         return n_visual, n_text
 
     def fits(self, file: str, prefix: list, after: str) -> bool:
@@ -82,7 +83,7 @@ class PromptBuilder:
             except ContextOverflowError:
                 return False
             return True
-        return self.backend.prompt_size([*prefix, after]) <= self.backend.n_ctx
+        return self.backend.ensure_context(self.backend.prompt_size([*prefix, after]))
 
     # -- a chat's turns, after the pages --
 
