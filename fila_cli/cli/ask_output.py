@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from fila_cli.cli.options import load_asker
 from fila_cli.cli.support import stderr, warning_line
 from fila_cli.documents.document import open_document
 from fila_cli.qa.ask import Answer
+from fila_cli.qa.batch import json_line
 from fila_cli.qa.options import AskOptions, ModelOptions
 
 
@@ -57,7 +57,8 @@ def run_ask(file: Path, question: str, model: ModelOptions, options: AskOptions,
         with progress:
             answer = asker.ask(file, question, options, on_page=_page_progress(progress))
         _warn(answer)
-        print(json.dumps(answer.to_json(), ensure_ascii=False), flush=True)
+        sys.stdout.write(json_line(answer.to_json()).decode("utf-8"))  # a non-UTF-8 file name: \udcXX escapes
+        sys.stdout.flush()
         return
 
     console = Console()

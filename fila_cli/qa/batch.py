@@ -62,7 +62,7 @@ def read_questions(questions: list[str], questions_file: Path | None) -> list[st
     all_questions = [q.strip() for q in questions if q.strip()]
     if questions_file is not None:
         try:
-            all_questions += [line.strip() for line in questions_file.read_text().splitlines() if line.strip()]
+            all_questions += [line.strip() for line in questions_file.read_text().split("\n") if line.strip()]
         except OSError as error:
             raise UsageError(f"{questions_file}: cannot read the questions file ({error.strerror})") from None
     if not all_questions:
@@ -70,17 +70,28 @@ def read_questions(questions: list[str], questions_file: Path | None) -> list[st
     return list(dict.fromkeys(all_questions))
 
 
-def record_key(record: dict[str, Any]) -> tuple[str | None, str, str]:
-    return record.get("sha256"), record.get("question", ""), record.get("model", "")
+def record_key(record: dict[str, Any]) -> tuple[str, str | None, str, str]:
+    """A ``fila batch`` record's unit of work, (document as given, question, model), with the
+    document's sha256: the same file name with other bytes is other work (``unit_key``)."""
+    return record.get("file", ""), record.get("sha256"), record.get("question", ""), record.get("model", "")
 
 
-def load_done(out: Path, key: Callable[[dict[str, Any]], tuple] = record_key) -> set[tuple]:
+def unit_key(file: Path, sha256: str | None, question: str, model: str) -> tuple[str, str | None, str, str]:
+    """``record_key`` of the record a unit writes."""
+    return str(file), sha256, question, model
+
+
+def load_done(out: Path, key: Callable[[dict[str, Any]], tuple] = record_key,
+              keep: Callable[[dict[str, Any]], bool] = lambda record: True) -> set[tuple]:
     """Prepare ``out`` for ``--resume``; return the keys of the records it holds that succeeded.
 
-    ``key`` names a record's unit of work (``fila batch``: document sha256, question, model).
+    ``key`` names a record's unit of work (``fila batch``: document as given, its sha256, question,
+    model; two files with equal bytes are two units). ``keep``: False for a record to drop (``fila
+    batch``: its document's bytes changed since, so it is answered again).
 
     A torn last line (a kill in the middle of a write) is cut off. Failed records are removed, so
-    that they are tried again without leaving two records for one (document, question, model).
+    that they are tried again without leaving two records for one unit. Lines end at ``\\n`` only:
+    a record may hold U+2028 and its kin raw.
     """
     if not out.exists():
         return set()
@@ -88,12 +99,13 @@ def load_done(out: Path, key: Callable[[dict[str, Any]], tuple] = record_key) ->
     complete = data[: data.rfind(b"\n") + 1]
     kept: list[bytes] = []
     done = set()
-    for line in complete.splitlines():
+    for line in complete.split(b"\n")[:-1]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # not a record of ours: dropped rather than carried along
-        if isinstance(record, dict) and record.get("error") is None and key(record) not in done:
+        if (isinstance(record, dict) and record.get("error") is None and key(record) not in done
+                and keep(record)):
             done.add(key(record))
             kept.append(line)
     rewritten = b"".join(line + b"\n" for line in kept)
@@ -117,6 +129,13 @@ def _replace_atomically(path: Path, data: bytes) -> None:
         os.close(directory)
 
 
+def json_line(record: dict[str, Any]) -> bytes:
+    """One record as a UTF-8 JSON line. A file name that is not UTF-8 (its bytes held as lone
+    surrogates, Python's ``surrogateescape``) is written with JSON's ``\\udcXX`` escapes, the only
+    characters UTF-8 cannot encode: ``os.fsencode(record["file"])`` gives its bytes back."""
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
+
+
 class RecordSink:
     """JSON lines to stdout or to a file, each flushed (and fsync'd) as soon as it is written.
 
@@ -130,12 +149,11 @@ class RecordSink:
         self._fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if out is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False) + "\n"
+        data = json_line(record)
         if self._fd is None:
-            sys.stdout.write(line)
+            sys.stdout.write(data.decode("utf-8"))
             sys.stdout.flush()
             return
-        data = line.encode("utf-8")
         while data:  # a regular file takes it whole; the loop only guards against a short write
             data = data[os.write(self._fd, data):]
         os.fsync(self._fd)
@@ -243,8 +261,8 @@ PreparedItem = Skipped | PageReady | UnitFailed
 
 def prepare_units(asker: Asker, worker: DocumentWorker, documents: Iterable[tuple[Path, str | None, str | None]],
                   questions: list[str], options: AskOptions, done: set | None = None) -> Iterator[PreparedItem]:
-    """Stages A and B, one item per page: each (document, question) not in ``done`` opened and
-    planned in the worker, its pages rendered there and encoded here, in the batch's order.
+    """Stages A and B, one item per page: each (document, question) not in ``done`` planned in the
+    worker, its pages rendered there and encoded here, in the batch's order.
 
     A unit yields its pages (the last one marked), or ``UnitFailed`` in place of the rest once
     something fails; a unit ``done`` holds yields ``Skipped``. Every unit yields something, so
@@ -252,28 +270,81 @@ def prepare_units(asker: Asker, worker: DocumentWorker, documents: Iterable[tupl
     """
     done = done or set()
     for file, sha256, name in documents:  # name: the path as the user gave it (None: ``file``)
-        for question in questions:
-            unit = Unit(file, sha256, question, name)
-            if (sha256, question, asker.model_name) in done:
-                yield Skipped(unit)
-            else:
-                yield from _prepare_unit(asker, worker, unit, options)
+        units = [Unit(file, sha256, question, name) for question in questions]
+        skipped = [unit_key(file, sha256, question, asker.model_name) in done for question in questions]
+        yield from _prepare_document(asker, worker, units, skipped, options)
 
 
-def _prepare_unit(asker: Asker, worker: DocumentWorker, unit: Unit, options: AskOptions) -> Iterator[PreparedItem]:
+def _prepare_document(asker: Asker, worker: DocumentWorker, units: list[Unit], skipped: list[bool],
+                      options: AskOptions) -> Iterator[PreparedItem]:
+    """One document's units: opened and planned once for all its questions (one ``--timeout``
+    budget), each page rendered and encoded once however many questions read it (up to
+    ``SHARED_PAGES_MAX`` held at a time), and a crash or a timeout the record of every question
+    left, without a second worker or budget spent on it."""
+    todo = [unit for unit, skip in zip(units, skipped) if not skip]
+    failure: Exception | None = None
+    if todo:
+        try:
+            if todo[0].sha256 is None:
+                raise DocumentError(f"{todo[0].file}: no such file or not readable; check the path")
+            plans = worker.open_for(todo[0].file, [unit.question for unit in todo], options.pages, options.password)
+            for unit, plan in zip(todo, plans):
+                unit.plan = plan
+        except Exception as error:  # every question's record says it
+            failure = error
+    shared = _SharedPages([unit.plan.page_indices for unit in todo if unit.plan is not None])
+    for unit, skip in zip(units, skipped):
+        if skip:
+            yield Skipped(unit)
+        elif failure is not None:
+            yield UnitFailed(unit, failure)
+        else:
+            for item in _prepare_unit(asker, worker, unit, options, shared):
+                if isinstance(item, UnitFailed) and isinstance(item.error, WorkerFailure):
+                    failure = item.error  # the document crashed or timed out: not again for the next question
+                yield item
+
+
+# Pages of one document held for its later questions (visual tokens, float32): a scanned document
+# read whole (page_select.MAX_PAGES_WITHOUT_TEXT pages) is encoded once for all its questions.
+SHARED_PAGES_MAX = 20
+
+
+class _SharedPages:
+    """A document's prepared pages that a later question of it reads again, until its last reader."""
+
+    def __init__(self, plans: list[list[int]]):
+        self._readers: dict[int, int] = {}
+        for indices in plans:
+            for index in indices:
+                self._readers[index] = self._readers.get(index, 0) + 1
+        self._pages: dict[int, PreparedPage] = {}
+
+    def take(self, index: int) -> PreparedPage | None:
+        self._readers[index] = self._readers.get(index, 1) - 1
+        return self._pages.get(index) if self._readers[index] > 0 else self._pages.pop(index, None)
+
+    def keep(self, page: PreparedPage) -> None:
+        if self._readers.get(page.index, 0) > 0 and len(self._pages) < SHARED_PAGES_MAX:
+            self._pages[page.index] = page
+
+
+def _prepare_unit(asker: Asker, worker: DocumentWorker, unit: Unit, options: AskOptions,
+                  shared: _SharedPages) -> Iterator[PreparedItem]:
     file = unit.file
     try:
-        if unit.sha256 is None:
-            raise DocumentError(f"{file}: no such file or not readable; check the path")
-        unit.plan = worker.open(file, unit.question, options.pages, options.password)
+        assert unit.plan is not None
         if not unit.plan.page_indices:
             raise DocumentError(f"{file}: no page to read; check --pages")
         anyres, highres_scale = asker.encoder.anyres, asker.encoder.highres_scale
-        sources = [PageSource(index, render=partial(worker.render, file, index, anyres, options.text_layer, highres_scale),
-                              text=partial(worker.text, file, index)) for index in unit.plan.page_indices]
-        pages = asker.prepare_pages(str(file), sources, unit.sha256, unit.timings, options.text_layer)
-        for position, page in enumerate(pages):
-            last = position == len(sources) - 1
+        for position, index in enumerate(unit.plan.page_indices):
+            page = shared.take(index)
+            if page is None:
+                source = PageSource(index, render=partial(worker.render, file, index, anyres, options.text_layer, highres_scale),
+                                    text=partial(worker.text, file, index))
+                page = next(asker.prepare_pages(str(file), [source], unit.sha256, unit.timings, options.text_layer))
+                shared.keep(page)
+            last = position == len(unit.plan.page_indices) - 1
             # After the last render: MuPDF reports broken streams while rendering.
             yield PageReady(unit, page, last, worker.notices(file) if last else ReadNotices())
     except Exception as error:  # the record says what happened; one bad document never ends the batch

@@ -65,7 +65,7 @@ def read_records(path: Path) -> list[object]:
             raise UsageError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}); fix the file or write it as JSON Lines") from None
         return list(records)
     records: list[object] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # \n only: a row may hold U+2028 raw
         if not line.strip():
             continue
         try:
