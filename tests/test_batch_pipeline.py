@@ -185,9 +185,13 @@ def test_overlapped_records_equal_one_stage_at_a_time(bundle, documents, tmp_pat
         assert answered["invoice.pdf"] >= 1
     else:
         assert answered["invoice.pdf"] == answered["shapes.pdf"] == len(QUESTIONS)
+    encoded = Counter()
     for record in reference:
         if record["error"] is None:
-            assert record["timings"]["encode_s"] > 0 and record["timings"]["prefill_s"] > 0
+            assert record["timings"]["prefill_s"] > 0
+            encoded[record["file"]] += record["timings"]["encode_s"] > 0
+    # Without a cache each page is encoded once for all the questions that read it: by the first.
+    assert all(count >= 1 for count in encoded.values()), encoded
 
 
 # -- kill -9 while the stages overlap, then --resume --
