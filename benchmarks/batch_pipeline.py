@@ -52,8 +52,9 @@ from caches import write_benchmark_bundle
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.llm import LlamaBackend, LlamaSettings, SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions
-from fila_cli.qa.batch import RecordSink, run_batch
+from fila_cli.qa.batch import run_batch
 from fila_cli.qa.options import BatchOptions
+from fila_cli.qa.run import RecordSink
 
 QUESTION = "What is the total due?"
 SECONDS_PER_MINUTE = 60.0

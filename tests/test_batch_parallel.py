@@ -21,8 +21,9 @@ from fila_cli.cli.app import app
 from fila_cli.errors import ExitCode
 from fila_cli.llm import LlamaSettings, SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions
-from fila_cli.qa.batch import RecordSink, run_batch
+from fila_cli.qa.batch import run_batch
 from fila_cli.qa.options import BatchOptions
+from fila_cli.qa.run import RecordSink
 
 N = 3
 QUESTIONS = ["What is the total due?", "Who signed the letter?"]

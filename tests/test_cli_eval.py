@@ -190,3 +190,19 @@ def test_eval_help_loads_no_model_code():
             "print(' '.join(sys.modules))")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert not {"torch", "llama_cpp", "timm", "transformers"} & set(completed.stdout.split())
+
+
+def test_resume_counts_a_prediction_holding_a_line_separator_as_done(bundle, docvqa, tmp_path):
+    out = tmp_path / "predictions.jsonl"
+    first = fila(*eval_args(bundle, docvqa, out))
+    assert first.returncode == ExitCode.FAILURE, first.stderr  # the corrupt image fails
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line]
+    for record in written:  # an answer holding U+2028 raw, as fila writes it (legal JSON)
+        if record["question_id"] == "101":
+            record["answer"] = "310\u2028.00"
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in written), encoding="utf-8")
+    resumed = fila(*eval_args(bundle, docvqa, out, "--resume"))
+    assert "3 already done (--resume)" in resumed.stderr, resumed.stderr
+    again = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line]
+    assert sorted(r["question_id"] for r in again) == ["101", "102", "105", "106"], "no question answered twice"
+    assert next(r for r in again if r["question_id"] == "101")["answer"] == "310\u2028.00"

@@ -22,6 +22,7 @@ from fila_cli.errors import FilaError
 from fila_cli.qa.ask import Answer
 from fila_cli.qa.options import AskOptions, ModelOptions
 from fila_cli.qa.records import failed_record
+from fila_cli.qa.run import json_line
 
 
 def _answer_panel(text: str, title: str, subtitle: str | None = None) -> Panel:
@@ -94,7 +95,8 @@ def _ask(file: Path, question: str, asker, options: AskOptions, *, as_json: bool
         with progress:
             answer = asker.ask(file, question, options, on_page=_page_progress(progress))
         _warn(answer)
-        print(json.dumps(answer.to_json(), ensure_ascii=False), flush=True)
+        sys.stdout.write(json_line(answer.to_json()).decode("utf-8"))  # a non-UTF-8 file name: \udcXX escapes
+        sys.stdout.flush()
         return
 
     console = Console()

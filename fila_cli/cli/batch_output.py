@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -13,7 +15,7 @@ from fila_cli.errors import ExitCode, UsageError
 from fila_cli.qa.batch import collect_documents, read_questions, run_batch, sha256_or_none
 from fila_cli.qa.options import AskOptions, BatchOptions, ModelOptions
 from fila_cli.qa.ray_batch import import_ray
-from fila_cli.qa.run import BatchSummary, RecordSink, load_done
+from fila_cli.qa.run import BatchSummary, RecordSink, load_done, unit_key
 
 
 def run_batch_command(paths: list[str], *, questions: list[str], questions_file: Path | None, recursive: bool,
@@ -29,7 +31,7 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
         raise UsageError(f"{output} already holds records: pass --resume to continue it, or choose another file")
     if batch.ray_address is not None:
         import_ray()  # a missing extra is a usage error before anything else happens
-    done = load_done(output) if resume and output is not None else set()
+    done = load_done(output, keep=_unchanged(documents)) if resume and output is not None else set()
     with stop_signals() as stop:  # Ctrl-C or SIGTERM: the records in flight, the summary, then exit
         if batch.ray_address is not None:
             return _run_on_ray(documents, all_questions, output, done, batch, model, ask, stop)
@@ -49,6 +51,26 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
         return _finish(summary, stop)
 
 
+def _unchanged(documents: list[Path]) -> Callable[[dict[str, Any]], bool]:
+    """--resume's test of a record: False when its document, one of this run's, has other bytes
+    now (its records are dropped and it is answered again, with a warning per document)."""
+    given = {str(file): file for file in documents}
+    hashes: dict[str, str | None] = {}
+
+    def keep(record: dict[str, Any]) -> bool:
+        name = record.get("file")
+        if name not in given:
+            return True  # not this run's document: not this run's to judge
+        if name not in hashes:
+            hashes[name] = sha256_or_none(given[name])
+            if hashes[name] is not None and hashes[name] != record.get("sha256"):
+                warning_line(f"{name}: its bytes changed since it was answered; its earlier records are "
+                             f"dropped and it is answered again")
+        return hashes[name] is None or hashes[name] == record.get("sha256")
+
+    return keep
+
+
 def _finish(summary: BatchSummary, stop: StopRequest) -> int:
     stderr.print(f"fila batch: {summary.line()}", highlight=False, soft_wrap=True)  # one line, for scripts
     if summary.interrupted:
@@ -65,7 +87,7 @@ def _run_on_ray(documents: list[Path], questions: list[str], output: Path | None
     items, skipped = [], 0
     for file in documents:
         sha256 = sha256_or_none(file)
-        todo = [q for q in questions if (sha256, q, model_name) not in done]
+        todo = [q for q in questions if unit_key(file, sha256, q, model_name) not in done]
         skipped += len(questions) - len(todo)
         if todo:
             items.append(WorkItem(str(file.resolve()), sha256, todo, name=str(file)))

@@ -24,7 +24,31 @@ DtypeOption = Annotated[
                                       "(float16 on older ones) and on CPUs with AMX/AVX512-BF16, float16 on Apple MPS, float32 on other "
                                       "CPUs; the choice is printed on stderr.")
 ]
-PasswordOption = Annotated[str | None, typer.Option("--password", help="Password of an encrypted PDF.")]
+PASSWORD_ENV = "FILA_PASSWORD"
+
+
+def _password(value: str | None) -> str | None:
+    """``--password -``: asked for without echo on a terminal, else the first line of stdin (a file:
+    ``--password - < secret.txt``). $FILA_PASSWORD or ``-`` keep it out of ``ps`` and shell history."""
+    if value != "-":
+        return value
+    import getpass
+    import sys
+
+    from fila_cli.errors import UsageError
+
+    if sys.stdin.isatty():
+        return getpass.getpass("PDF password: ")
+    line = sys.stdin.readline()
+    if not line:
+        raise UsageError("--password -: stdin is empty; pipe the password in, or set $FILA_PASSWORD")
+    return line.rstrip("\r\n")
+
+
+PasswordOption = Annotated[str | None, typer.Option(
+    "--password", envvar=PASSWORD_ENV, callback=_password, show_envvar=True,
+    help="Password of an encrypted PDF. Safer than in the command line (seen in `ps` and the shell's history): "
+         "$FILA_PASSWORD, or `-` to be asked (on a terminal) or to read it from stdin (`--password - < FILE`).")]
 ModelOption = Annotated[str | None, typer.Option("--model", "-m", help="Model bundle: a known name (see `fila weights list`) or a directory. Default: $FILA_MODEL or llava-1.6-mistral-7b.")]
 LlmOption = Annotated[Path | None, typer.Option("--llm", help="LLM GGUF file (explicit form, with --mmproj).")]
 MmprojOption = Annotated[Path | None, typer.Option("--mmproj", help="Vision weights: mmproj GGUF or LLaVA-NeXT safetensors (explicit form, with --llm).")]

@@ -366,10 +366,20 @@ def _read_head(path: Path) -> bytes:
     return head
 
 
+def _utf8_name(path: Path) -> bool:
+    """False for a name whose bytes are not UTF-8 (a Latin-1 name from an old zip, held by Python
+    as lone surrogates): MuPDF takes names as UTF-8 and fails to open it, so fila reads its bytes."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _open_pdf(path: Path, password: str | None) -> Document:
     pymupdf.TOOLS.reset_mupdf_warnings()
     try:
-        pdf = pymupdf.open(path, filetype="pdf")
+        pdf = pymupdf.open(path, filetype="pdf") if _utf8_name(path) else pymupdf.open(stream=path.read_bytes(), filetype="pdf")
     except Exception as error:  # PyMuPDF raises FileDataError, RuntimeError, ValueError... for bad files
         # MuPDF's first complaint says more than PyMuPDF's "Failed to open file ...".
         complaints = pymupdf.TOOLS.mupdf_warnings(reset=True).splitlines()

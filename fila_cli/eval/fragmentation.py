@@ -393,7 +393,7 @@ def _table_row(cells: tuple[str, str, str], page_w: float, style: TextStyle) -> 
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text().split("\n") if line.strip()]
 
 
 def generator_config(data_file: Path) -> AnyresConfig | None:

@@ -100,7 +100,7 @@ def read_predictions(path: Path, *, model: str | None = None, task: str | None =
     ``model``/``task``: keep only records of that model and task (records without the key are kept).
     """
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # \n only: a record may hold U+2028 raw
     except FileNotFoundError:
         raise UsageError(f"{path}: no such predictions file; check the path") from None
     except (OSError, UnicodeDecodeError) as error:

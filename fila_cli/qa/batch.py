@@ -35,15 +35,7 @@ from fila_cli.qa.isolation import DocumentPlan, DocumentWorker, WorkerFailure
 from fila_cli.qa.options import BatchOptions
 from fila_cli.qa.pipeline import RunAhead
 from fila_cli.qa.records import error_of, failed_record
-from fila_cli.qa.run import (  # noqa: F401 (the run machinery's earlier home: eval and ray_batch import it from here)
-    BatchSummary,
-    RecordSink,
-    StopCheck,
-    WarningReporter,
-    load_done,
-    never_stop,
-    record_key,
-)
+from fila_cli.qa.run import BatchSummary, RecordSink, StopCheck, WarningReporter, never_stop, unit_key
 from fila_cli.qa.timings import Timings
 
 DOCUMENT_SUFFIXES = {".pdf", ".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff"}
@@ -70,7 +62,7 @@ def read_questions(questions: list[str], questions_file: Path | None) -> list[st
     all_questions = [q.strip() for q in questions if q.strip()]
     if questions_file is not None:
         try:
-            all_questions += [line.strip() for line in questions_file.read_text().splitlines() if line.strip()]
+            all_questions += [line.strip() for line in questions_file.read_text().split("\n") if line.strip()]
         except OSError as error:
             raise UsageError(f"{questions_file}: cannot read the questions file ({error.strerror})") from None
     if not all_questions:
@@ -124,8 +116,8 @@ PreparedItem = Skipped | PageReady | UnitFailed
 
 def prepare_units(asker: Asker, worker: DocumentWorker, documents: Iterable[tuple[Path, str | None, str | None]],
                   questions: list[str], options: AskOptions, done: set | None = None) -> Iterator[PreparedItem]:
-    """Stages A and B, one item per page: each (document, question) not in ``done`` opened and
-    planned in the worker, its pages rendered there and encoded here, in the batch's order.
+    """Stages A and B, one item per page: each (document, question) not in ``done`` planned in the
+    worker, its pages rendered there and encoded here, in the batch's order.
 
     A unit yields its pages (the last one marked), or ``UnitFailed`` in place of the rest once
     something fails; a unit ``done`` holds yields ``Skipped``. Every unit yields something, so
@@ -133,28 +125,81 @@ def prepare_units(asker: Asker, worker: DocumentWorker, documents: Iterable[tupl
     """
     done = done or set()
     for file, sha256, name in documents:  # name: the path as the user gave it (None: ``file``)
-        for question in questions:
-            unit = Unit(file, sha256, question, name)
-            if (sha256, question, asker.model_name) in done:
-                yield Skipped(unit)
-            else:
-                yield from _prepare_unit(asker, worker, unit, options)
+        units = [Unit(file, sha256, question, name) for question in questions]
+        skipped = [unit_key(file, sha256, question, asker.model_name) in done for question in questions]
+        yield from _prepare_document(asker, worker, units, skipped, options)
 
 
-def _prepare_unit(asker: Asker, worker: DocumentWorker, unit: Unit, options: AskOptions) -> Iterator[PreparedItem]:
+def _prepare_document(asker: Asker, worker: DocumentWorker, units: list[Unit], skipped: list[bool],
+                      options: AskOptions) -> Iterator[PreparedItem]:
+    """One document's units: opened and planned once for all its questions (one ``--timeout``
+    budget), each page rendered and encoded once however many questions read it (up to
+    ``SHARED_PAGES_MAX`` held at a time), and a crash or a timeout the record of every question
+    left, without a second worker or budget spent on it."""
+    todo = [unit for unit, skip in zip(units, skipped) if not skip]
+    failure: Exception | None = None
+    if todo:
+        try:
+            if todo[0].sha256 is None:
+                raise DocumentError(f"{todo[0].file}: no such file or not readable; check the path")
+            plans = worker.open_for(todo[0].file, [unit.question for unit in todo], options.pages, options.password)
+            for unit, plan in zip(todo, plans):
+                unit.plan = plan
+        except Exception as error:  # every question's record says it
+            failure = error
+    shared = _SharedPages([unit.plan.page_indices for unit in todo if unit.plan is not None])
+    for unit, skip in zip(units, skipped):
+        if skip:
+            yield Skipped(unit)
+        elif failure is not None:
+            yield UnitFailed(unit, failure)
+        else:
+            for item in _prepare_unit(asker, worker, unit, options, shared):
+                if isinstance(item, UnitFailed) and isinstance(item.error, WorkerFailure):
+                    failure = item.error  # the document crashed or timed out: not again for the next question
+                yield item
+
+
+# Pages of one document held for its later questions (visual tokens, float32): a scanned document
+# read whole (page_select.MAX_PAGES_WITHOUT_TEXT pages) is encoded once for all its questions.
+SHARED_PAGES_MAX = 20
+
+
+class _SharedPages:
+    """A document's prepared pages that a later question of it reads again, until its last reader."""
+
+    def __init__(self, plans: list[list[int]]):
+        self._readers: dict[int, int] = {}
+        for indices in plans:
+            for index in indices:
+                self._readers[index] = self._readers.get(index, 0) + 1
+        self._pages: dict[int, PreparedPage] = {}
+
+    def take(self, index: int) -> PreparedPage | None:
+        self._readers[index] = self._readers.get(index, 1) - 1
+        return self._pages.get(index) if self._readers[index] > 0 else self._pages.pop(index, None)
+
+    def keep(self, page: PreparedPage) -> None:
+        if self._readers.get(page.index, 0) > 0 and len(self._pages) < SHARED_PAGES_MAX:
+            self._pages[page.index] = page
+
+
+def _prepare_unit(asker: Asker, worker: DocumentWorker, unit: Unit, options: AskOptions,
+                  shared: _SharedPages) -> Iterator[PreparedItem]:
     file = unit.file
     try:
-        if unit.sha256 is None:
-            raise DocumentError(f"{file}: no such file or not readable; check the path")
-        unit.plan = worker.open(file, unit.question, options.pages, options.password)
+        assert unit.plan is not None
         if not unit.plan.page_indices:
             raise DocumentError(f"{file}: no page to read; check --pages")
         anyres, highres_scale = asker.encoder.anyres, asker.encoder.highres_scale
-        sources = [PageSource(index, render=partial(worker.render, file, index, anyres, options.text_layer, highres_scale),
-                              text=partial(worker.text, file, index)) for index in unit.plan.page_indices]
-        pages = asker.prepare_pages(str(file), sources, unit.sha256, unit.timings, options.text_layer)
-        for position, page in enumerate(pages):
-            last = position == len(sources) - 1
+        for position, index in enumerate(unit.plan.page_indices):
+            page = shared.take(index)
+            if page is None:
+                source = PageSource(index, render=partial(worker.render, file, index, anyres, options.text_layer, highres_scale),
+                                    text=partial(worker.text, file, index))
+                page = next(asker.prepare_pages(str(file), [source], unit.sha256, unit.timings, options.text_layer))
+                shared.keep(page)
+            last = position == len(unit.plan.page_indices) - 1
             # After the last render: MuPDF reports broken streams while rendering.
             yield PageReady(unit, page, last, worker.notices(file) if last else ReadNotices())
     except Exception as error:  # the record says what happened; one bad document never ends the batch

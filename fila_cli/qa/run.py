@@ -26,17 +26,28 @@ def never_stop() -> bool:
     return False
 
 
-def record_key(record: dict[str, Any]) -> tuple[str | None, str, str]:
-    return record.get("sha256"), record.get("question", ""), record.get("model", "")
+def record_key(record: dict[str, Any]) -> tuple[str, str | None, str, str]:
+    """A ``fila batch`` record's unit of work, (document as given, question, model), with the
+    document's sha256: the same file name with other bytes is other work (``unit_key``)."""
+    return record.get("file", ""), record.get("sha256"), record.get("question", ""), record.get("model", "")
 
 
-def load_done(out: Path, key: Callable[[dict[str, Any]], tuple] = record_key) -> set[tuple]:
+def unit_key(file: Path, sha256: str | None, question: str, model: str) -> tuple[str, str | None, str, str]:
+    """``record_key`` of the record a unit writes."""
+    return str(file), sha256, question, model
+
+
+def load_done(out: Path, key: Callable[[dict[str, Any]], tuple] = record_key,
+              keep: Callable[[dict[str, Any]], bool] = lambda record: True) -> set[tuple]:
     """Prepare ``out`` for ``--resume``; return the keys of the records it holds that succeeded.
 
-    ``key`` names a record's unit of work (``fila batch``: document sha256, question, model).
+    ``key`` names a record's unit of work (``fila batch``: document as given, its sha256, question,
+    model; two files with equal bytes are two units). ``keep``: False for a record to drop (``fila
+    batch``: its document's bytes changed since, so it is answered again).
 
     A torn last line (a kill in the middle of a write) is cut off. Failed records are removed, so
-    that they are tried again without leaving two records for one (document, question, model).
+    that they are tried again without leaving two records for one unit. Lines end at ``\n`` only:
+    a record may hold U+2028 and its kin raw.
     """
     if not out.exists():
         return set()
@@ -44,18 +55,26 @@ def load_done(out: Path, key: Callable[[dict[str, Any]], tuple] = record_key) ->
     complete = data[: data.rfind(b"\n") + 1]
     kept: list[bytes] = []
     done = set()
-    for line in complete.splitlines():
+    for line in complete.split(b"\n")[:-1]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # not a record of ours: dropped rather than carried along
-        if isinstance(record, dict) and record.get("error") is None and key(record) not in done:
+        if (isinstance(record, dict) and record.get("error") is None and key(record) not in done
+                and keep(record)):
             done.add(key(record))
             kept.append(line)
     rewritten = b"".join(line + b"\n" for line in kept)
     if rewritten != data:
         write_bytes_atomically(out, rewritten)  # a kill leaves the old or the new file
     return done
+
+
+def json_line(record: dict[str, Any]) -> bytes:
+    """One record as a UTF-8 JSON line. A file name that is not UTF-8 (its bytes held as lone
+    surrogates, Python's ``surrogateescape``) is written with JSON's ``\\udcXX`` escapes, the only
+    characters UTF-8 cannot encode: ``os.fsencode(record["file"])`` gives its bytes back."""
+    return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
 
 
 class RecordSink:
@@ -71,12 +90,11 @@ class RecordSink:
         self._fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if out is not None else None
 
     def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False) + "\n"
+        data = json_line(record)
         if self._fd is None:
-            sys.stdout.write(line)
+            sys.stdout.write(data.decode("utf-8"))
             sys.stdout.flush()
             return
-        data = line.encode("utf-8")
         while data:  # a regular file takes it whole; the loop only guards against a short write
             data = data[os.write(self._fd, data):]
         os.fsync(self._fd)

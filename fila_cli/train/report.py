@@ -19,7 +19,7 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().split("\n"):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -40,7 +40,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
 
 def plot_loss(run_dir: Path) -> Path | None:
