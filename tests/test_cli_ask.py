@@ -169,11 +169,12 @@ def test_a_page_past_the_models_trained_context_is_a_model_limit(tmp_path):
     mmproj = write_tiny_mmproj(tmp_path / MMPROJ_FILE)
     page = make_good_pdf(tmp_path / "letter.pdf", ["Dear customer, the total due is 310.00 EUR."])
     completed = fila("ask", page, QUESTION, "--llm", llm, "--mmproj", mmproj, "--max-tokens", 4, "--device", "cpu", "--json")
-    assert_fails(completed, ExitCode.MODEL, "short-context.gguf", f"holds {trained}", "longer context")
+    assert_fails(completed, ExitCode.MODEL, "short-context.gguf", f"holds at most {trained}", "longer context")
     # The bundle's default context (4096) was capped at the model's training, and fila said so.
     assert f"trained on a {trained}-token context" in completed.stderr and "4096 asked" in completed.stderr
-    needed = int(completed.stderr.split("the prompt needs ")[1].split()[0])
-    visual = int(completed.stderr.split("tokens (")[1].split()[0])
+    refusal = completed.stderr.split("the prompt needs ")[1]
+    needed = int(refusal.split()[0])
+    visual = int(refusal.split("tokens (")[1].split()[0])
     assert visual > 2000 and needed > visual > trained  # a Letter page: ~2,300 visual tokens
     # The precision --dtype auto chose is on stderr (bfloat16 or float32 on a CPU, by its features).
     import torch

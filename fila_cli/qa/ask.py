@@ -142,7 +142,8 @@ class Asker:
         return cls.load(bundle or options.bundle(), device=options.device, dtype=options.dtype,
                         n_gpu_layers=options.gpu_layers, verbose=options.verbose,
                         token_cache=token_cache, reuse_prefix=reuse_prefix, prefix_store=prefix_store,
-                        llama_settings=LlamaSettings(n_seq_max=n_seq_max), compile_encoder=options.compile_encoder)
+                        llama_settings=LlamaSettings(n_seq_max=n_seq_max), compile_encoder=options.compile_encoder,
+                        ctx_size=options.ctx_size, template=options.template)
 
     # -- facts --
 
