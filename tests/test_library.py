@@ -43,6 +43,11 @@ def documents(tmp_path_factory):
             for n in range(1, 5)]
 
 
+def test_the_readme_shows_this_example_word_for_word():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    assert f"```python\n{README_EXAMPLE}```" in readme
+
+
 def test_the_readme_example_runs_as_written(bundle, tmp_path):
     from fila_cli.documents.sample import write_sample_invoice
 

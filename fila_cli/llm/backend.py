@@ -75,7 +75,7 @@ class LlamaSettings:
     """How llama.cpp runs the model: batch sizes, attention kernel, threads.
 
     The defaults are for a page's ~2,300 visual tokens on a 7B model (``benchmarks/llm_prefill.py``
-    measures them; docs/speed.md has the figures)."""
+    measures them; docs/speed-and-benchmarks.md, "LLM settings", has the figures)."""
 
     # Rows fila hands llama_decode at once (the logical batch: a whole page in one call) and rows
     # per compute graph (the physical batch).

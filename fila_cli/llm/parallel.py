@@ -14,7 +14,7 @@ Sampling: each sequence has its own sampler chain, built as ``generate`` builds 
 log-probability are exactly ``generate``'s. Later steps compute a sequence's row in a several-token
 batch, which llama.cpp may compute with other kernels than a one-token step: the logits then agree
 to rounding, or (flash attention on a CPU) drift slightly with the context, so a greedy answer
-differs only where two candidates are that close (docs/speed.md has the measured drift).
+differs only where two candidates are that close (docs/speed-and-benchmarks.md has the measured drift).
 
 Times, as ``generate``'s fields hold them: ``prefill_s`` is this prompt's own prefill (the prefills
 run one after another, so they add up to the group's); ``first_token_s`` the sampling of its first

@@ -1,5 +1,5 @@
 """The output record: the one JSON shape ``fila ask --json``, ``fila batch`` and ``fila chat --json``
-write, for an answer and for a failure (README: "The JSON record").
+write, for an answer and for a failure (README: "The JSON contract").
 
 Every record holds the same keys::
 
