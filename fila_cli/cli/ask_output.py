@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from fila_cli.cli.options import load_asker
+from fila_cli.cli.serve import remote_asker
 from fila_cli.cli.support import stderr, warning_line
 from fila_cli.documents.document import open_document
 from fila_cli.qa.ask import Answer
@@ -45,11 +46,12 @@ def _page_progress(progress: Progress):
     return update
 
 
-def run_ask(file: Path, question: str, model: ModelOptions, options: AskOptions, *, as_json: bool, stream: bool) -> None:
+def run_ask(file: Path, question: str, model: ModelOptions, options: AskOptions, *, as_json: bool, stream: bool,
+            server: str | None = None, keep_alive: str | None = None) -> None:
     # Check the document before loading gigabytes of model: a typo fails in milliseconds.
     with open_document(file, password=options.password):
         pass
-    asker = load_asker(model)
+    asker = remote_asker(model, server, keep_alive) if server or keep_alive else load_asker(model)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=stderr, transient=True)

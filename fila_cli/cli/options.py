@@ -35,6 +35,7 @@ SeedOption = Annotated[int, typer.Option("--seed", help="Random seed for samplin
 MaxTokensOption = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate per answer.")]
 NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the caches: visual tokens and LLM prefix states (see `fila cache`).")]
 CacheMaxGbOption = Annotated[float, typer.Option("--cache-max-gb", help="Size cap of fila's cache on disk, in GB: visual tokens and LLM prefix states together; the least recently used entries go first.")]
+ServerOption = Annotated[str | None, typer.Option("--server", envvar="FILA_SERVER", help="Ask a running `fila serve` (http://HOST:PORT or unix:/path.sock; $FILA_SERVER) instead of loading the model here; the output is the same.", show_default=False)]
 GpuLayersOption = Annotated[int | None, typer.Option("--gpu-layers", help="LLM layers on the GPU (default: all when llama.cpp was built with CUDA or Metal, else 0).")]
 
 

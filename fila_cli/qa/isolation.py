@@ -59,6 +59,7 @@ class DocumentPlan:
     page_indices: list[int]
     reason: str
     method: str = METHOD_ALL  # page_select.METHOD_*
+    page_count: int | None = None  # the document's pages (what `fila serve`'s chat sessions move between)
 
 
 def _address_space_in_use() -> int | None:
@@ -112,7 +113,7 @@ def _serve(connection: Connection, memory_budget_bytes: int | None = DEFAULT_MEM
                     document = None
                 document = open_document(path, password=password)
                 plan = plan_pages(document, question, pages)
-                connection.send(("ok", plan.indices, plan.detail, plan.method))
+                connection.send(("ok", plan.indices, plan.detail, plan.method, document.page_count))
             elif request[0] == "render":
                 _, index, anyres, highres_scale, text_layer = request
                 started = time.perf_counter()
@@ -213,8 +214,8 @@ class DocumentWorker:
     def open(self, file: Path, question: str, pages: str | None, password: str | None) -> DocumentPlan:
         """Open the document in the worker and choose its pages; the document's time budget starts afresh."""
         self._busy_s = 0.0
-        _, indices, reason, method = self._call(file, ("open", str(file), password, question, pages))
-        return DocumentPlan(indices, reason, method)
+        _, indices, reason, method, page_count = self._call(file, ("open", str(file), password, question, pages))
+        return DocumentPlan(indices, reason, method, page_count)
 
     def render(self, file: Path, index: int, anyres: AnyresConfig, text_layer: bool,
                highres_scale: Fraction | None = None) -> RenderedPage:

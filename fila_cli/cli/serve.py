@@ -1,0 +1,160 @@
+"""`fila serve`: one process holds the model and answers over HTTP (``fila_cli.serve``)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fila_cli.cli.options import (
+    CacheMaxGbOption,
+    CompileOption,
+    DeviceOption,
+    DtypeOption,
+    FusionOption,
+    GpuLayersOption,
+    LlmOption,
+    MmprojOption,
+    ModelOption,
+    NoCacheOption,
+    model_options,
+)
+from fila_cli.cli.support import EXIT_CODES_HELP, VerboseOption, handle_errors, stderr
+from fila_cli.qa.options import ModelOptions
+from fila_cli.serve.settings import (
+    DEFAULT_MAX_QUEUE,
+    DEFAULT_MAX_SESSIONS,
+    DEFAULT_MAX_UPLOAD_MB,
+    DEFAULT_PORT,
+    DEFAULT_SHUTDOWN_TIMEOUT_S,
+    DEFAULT_TIMEOUT_S,
+)
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to bind. Anything but loopback needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free one, printed on stderr).")] = DEFAULT_PORT,
+    socket_path: Annotated[Path | None, typer.Option("--socket", help="Listen on this Unix socket instead (created 0600: this user only).", show_default=False)] = None,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="FILA_API_KEY", help="Require `Authorization: Bearer KEY` on every /v1 request ($FILA_API_KEY). Needed to bind an address other than loopback.", show_default=False)] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for the LLM; past it the server answers 503 with Retry-After.")] = DEFAULT_MAX_QUEUE,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest document a request may send, in MB (413 past it).")] = DEFAULT_MAX_UPLOAD_MB,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds the isolated document worker may spend opening and rendering one document.")] = DEFAULT_TIMEOUT_S,
+    max_sessions: Annotated[int, typer.Option("--max-sessions", help="Chat sessions held at once (each keeps its pages' LLM state in memory).")] = DEFAULT_MAX_SESSIONS,
+    allow_fetch: Annotated[bool, typer.Option("--allow-fetch", help="Let /v1/chat/completions fetch http(s) image URLs (off: data URLs only).")] = False,
+    idle_exit: Annotated[str | None, typer.Option("--idle-exit", help="Exit after this long without a request, e.g. 5m (what `fila ask --keep-alive` starts servers with).", show_default=False)] = None,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", help="On SIGTERM or Ctrl-C: seconds the requests in flight may take to finish before they are cancelled.")] = DEFAULT_SHUTDOWN_TIMEOUT_S,
+    compile_encoder: CompileOption = False,
+    model: ModelOption = None,
+    llm: LlmOption = None,
+    mmproj: MmprojOption = None,
+    fusion: FusionOption = None,
+    gpu_layers: GpuLayersOption = ModelOptions.gpu_layers,
+    device: DeviceOption = "auto",
+    dtype: DtypeOption = "auto",
+    no_cache: NoCacheOption = False,
+    cache_max_gb: CacheMaxGbOption = ModelOptions.cache_max_gb,
+    verbose: VerboseOption = False,
+) -> None:
+    """Hold the model in memory and answer over HTTP: `fila ask`, `fila chat` and OpenAI clients.
+
+    Endpoints: POST /v1/ask (a multipart upload; the `fila ask --json` record), /v1/chat/sessions
+    (`fila chat`), POST /v1/chat/completions (OpenAI-compatible, documents as image_url data URLs),
+    GET /v1/models, GET /health; the API's own page is /docs. `fila ask --server URL` uses it.
+    SIGTERM stops taking requests, lets those in flight finish (--shutdown-timeout) and exits 0.
+    """
+    with handle_errors(verbose):
+        from fila_cli.serve.keepalive import parse_duration
+        from fila_cli.serve.listen import bind_tcp, bind_unix
+        from fila_cli.serve.settings import ServeSettings
+
+        settings = ServeSettings(max_queue=max_queue, max_upload_mb=max_upload_mb, timeout_s=timeout, api_key=api_key,
+                                 allow_fetch=allow_fetch, max_sessions=max_sessions,
+                                 idle_exit_s=parse_duration(idle_exit, "--idle-exit") if idle_exit else None)
+        settings.check()
+        if socket_path is None and host not in LOOPBACK_HOSTS and not api_key:
+            from fila_cli.errors import UsageError
+
+            raise UsageError(f"--host {host} would let anyone who reaches this machine use the model: pass --api-key KEY "
+                             "(or set FILA_API_KEY), or bind 127.0.0.1")
+        options = model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
+                                gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb,
+                                compile_encoder=compile_encoder)
+        listener = bind_unix(socket_path) if socket_path is not None else bind_tcp(host, port)
+        try:
+            _run(listener, options, settings, shutdown_timeout, verbose)
+        finally:
+            listener.close()
+            if socket_path is not None:
+                socket_path.unlink(missing_ok=True)
+
+
+def _run(listener, options: ModelOptions, settings, shutdown_timeout: float, verbose: bool) -> None:
+    import uvicorn
+
+    from fila_cli.serve.app import create_app
+    from fila_cli.serve.engine import Engine
+    from fila_cli.serve.listen import url_of
+
+    bundle = options.bundle()
+    with stderr.status(f"loading {bundle.name}…"):
+        engine = Engine.load(options, bundle=bundle, timeout_s=settings.timeout_s)
+    app = create_app(engine, settings)
+    config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
+                            timeout_graceful_shutdown=max(1, round(shutdown_timeout)), lifespan="on")
+    server = uvicorn.Server(config)
+    app.state.server.uvicorn = server
+    stderr.print(f"fila serve: {engine.model_name} on {url_of(listener)} (pid {os.getpid()}; API page: /docs)",
+                 highlight=False, soft_wrap=True)
+    # uvicorn handles SIGTERM and Ctrl-C (drain, then exit) and raises the signal again afterwards:
+    # SIGTERM's default action would then kill the process that just shut down cleanly.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run(sockets=[listener])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    stderr.print("fila serve: stopped", highlight=False)
+
+
+def mount(app: typer.Typer) -> None:
+    app.command(epilog=EXIT_CODES_HELP)(serve)
+
+
+# -- the CLI's side: --server and --keep-alive --
+
+
+def server_args(options: ModelOptions) -> list[str]:
+    """The ``fila serve`` options that load the model ``options`` name (paths made absolute)."""
+    def path(value: Path | None) -> str | None:
+        return None if value is None else str(Path(value).resolve())
+
+    model = options.model or os.environ.get("FILA_MODEL")
+    if model is not None and Path(model).exists():
+        model = str(Path(model).resolve())
+    pairs = [("--model", model), ("--llm", path(options.llm)), ("--mmproj", path(options.mmproj)),
+             ("--fusion", path(options.fusion)), ("--device", options.device), ("--dtype", options.dtype),
+             ("--gpu-layers", None if options.gpu_layers is None else str(options.gpu_layers)),
+             ("--cache-max-gb", f"{options.cache_max_gb:g}")]
+    args = [item for name, value in pairs if value is not None for item in (name, value)]
+    if not options.use_cache:
+        args.append("--no-cache")
+    if options.compile_encoder:
+        args.append("--compile")
+    return args
+
+
+def remote_asker(options: ModelOptions, server: str | None, keep_alive: str | None):
+    """An asker answered by ``server``, or by the keep-alive server for ``options`` (started if needed)."""
+    from fila_cli.serve.client import RemoteAsker, ServerClient
+
+    if server is None:
+        from fila_cli.serve.keepalive import ensure_server, parse_duration
+
+        seconds = parse_duration(keep_alive or "")
+        with stderr.status("starting the keep-alive server…"):
+            server = ensure_server(server_args(options), seconds)
+    return RemoteAsker(ServerClient(server))

@@ -1,0 +1,211 @@
+"""The ``--server`` side of the CLI: ``fila ask`` / ``chat`` / ``batch`` through a running ``fila serve``.
+
+Standard library only (``http.client``), so the CLI needs no HTTP package. ``URL`` is
+``http://HOST:PORT`` or ``unix:/path/to.sock``; ``$FILA_API_KEY`` is sent as a Bearer token.
+
+An error the server returns becomes the CLI's error of the same kind and message, so the command
+prints the line and exits with the code it would have locally.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from fila_cli.errors import FilaError, UsageError, error_from_kind
+
+# Long enough for a cold page on a CPU; the server cancels a request whose client gives up.
+DEFAULT_TIMEOUT_S = 3600.0
+_CHUNK_BYTES = 1024 * 1024
+
+
+class RemoteError(FilaError):
+    """An error kind the CLI has no class for (timeout, crash, overloaded, ...), as the server said it."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("fila", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self._path)
+
+
+def _multipart(fields: dict[str, Any], file: Path, filename: str) -> tuple[str, int, Iterator[bytes]]:
+    """(content type, length, body chunks): the form fields, then the file read in chunks."""
+    boundary = uuid.uuid4().hex
+    head = b"".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items() if value is not None)
+    quoted = filename.replace("\\", "\\\\").replace('"', '\\"').replace("\r", " ").replace("\n", " ")
+    head += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{quoted}"\r\n'
+             f"Content-Type: application/octet-stream\r\n\r\n").encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    size = file.stat().st_size
+
+    def chunks() -> Iterator[bytes]:
+        yield head
+        with file.open("rb") as handle:
+            while chunk := handle.read(_CHUNK_BYTES):
+                yield chunk
+        yield tail
+
+    return f"multipart/form-data; boundary={boundary}", len(head) + size + len(tail), chunks()
+
+
+def _form_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value
+
+
+class ServerClient:
+    def __init__(self, url: str, *, api_key: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S):
+        self.url = url
+        self.api_key = api_key if api_key is not None else os.environ.get("FILA_API_KEY")
+        self.timeout_s = timeout_s
+        if url.startswith("unix:"):
+            self._unix = url[len("unix:"):]
+            self._host = self._port = None
+            self._prefix = ""
+        else:
+            parsed = urllib.parse.urlparse(url)
+            if parsed.scheme != "http" or not parsed.hostname:
+                raise UsageError(f"--server {url!r}: give http://HOST:PORT or unix:/path/to/socket")
+            self._unix = None
+            self._host, self._port = parsed.hostname, parsed.port or 80
+            self._prefix = parsed.path.rstrip("/")
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._unix is not None:
+            return _UnixConnection(self._unix, self.timeout_s)
+        return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
+
+    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        headers = dict(extra or {})
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def _send(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None):
+        connection = self._connection()
+        try:
+            connection.request(method, self._prefix + path, body=body, headers=self._headers(headers))
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise UsageError(f"cannot reach the fila server at {self.url} ({error}); start it with `fila serve`, "
+                             "or check --server / $FILA_SERVER") from None
+        if response.status >= 400:
+            data = response.read()
+            connection.close()
+            raise _error_of(response.status, data)
+        return connection, response
+
+    def request_json(self, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = None if payload is None else json.dumps(payload).encode()
+        headers = {} if payload is None else {"Content-Type": "application/json"}
+        connection, response = self._send(method, path, body, headers)
+        try:
+            return json.loads(response.read())
+        finally:
+            connection.close()
+
+    def health(self) -> dict[str, Any]:
+        return self.request_json("GET", "/health")
+
+    def upload(self, path: str, file: Path, filename: str, fields: dict[str, Any],
+               on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """POST a multipart upload; with ``on_text`` the answer streams (JSON lines) into it. The record."""
+        fields = {name: _form_value(value) for name, value in fields.items()}
+        if on_text is not None:
+            fields["stream"] = "true"
+        content_type, length, chunks = _multipart(fields, file, filename)
+        connection, response = self._send("POST", path, chunks, {"Content-Type": content_type,
+                                                                  "Content-Length": str(length)})
+        try:
+            if on_text is None:
+                return json.loads(response.read())
+            return read_stream(response, on_text)
+        finally:
+            connection.close()
+
+    def stream_json(self, path: str, payload: dict[str, Any], on_text: Callable[[str], None]) -> dict[str, Any]:
+        connection, response = self._send("POST", path, json.dumps({**payload, "stream": True}).encode(),
+                                          {"Content-Type": "application/json"})
+        try:
+            return read_stream(response, on_text)
+        finally:
+            connection.close()
+
+
+def read_stream(response: http.client.HTTPResponse, on_text: Callable[[str], None]) -> dict[str, Any]:
+    """Read JSON lines: deltas to ``on_text``, then the record (or the error, raised)."""
+    while line := response.readline():
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        if "delta" in item:
+            on_text(item["delta"])
+        elif "record" in item:
+            return item["record"]
+        elif "error" in item:
+            raise _error_of(200, json.dumps(item).encode())
+    raise RemoteError("error", "the server closed the answer before it was complete")
+
+
+def _error_of(status: int, data: bytes) -> FilaError:
+    try:
+        error = json.loads(data)["error"]
+        kind, message = str(error["kind"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        return RemoteError("error", f"the server answered HTTP {status}: {data[:200].decode(errors='replace')}")
+    if kind in ("usage", "document", "model"):
+        return error_from_kind(kind, message)
+    return RemoteError(kind, message)
+
+
+def ask_fields(question: str, options: Any) -> dict[str, Any]:
+    """The form fields of ``POST /v1/ask`` for a question and its ``AskOptions``."""
+    sampling = options.sampling
+    return {"question": question, "pages": options.pages, "password": options.password,
+            "text_layer": options.text_layer, "together": options.together, "temperature": sampling.temperature,
+            "top_p": sampling.top_p, "seed": sampling.seed, "max_tokens": sampling.max_tokens}
+
+
+class RemoteAsker:
+    """What ``fila ask``'s output code needs of a loaded model, answered by a server."""
+
+    def __init__(self, client: ServerClient):
+        self.client = client
+        self._model_name: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        if self._model_name is None:
+            self._model_name = self.client.health()["model"]
+        return self._model_name
+
+    def ask_record(self, file: Path, question: str, options: Any, on_text: Callable[[str], None] | None = None,
+                   *, name: str | None = None) -> dict[str, Any]:
+        return self.client.upload("/v1/ask", Path(file), name or str(file), ask_fields(question, options), on_text)
+
+    def ask(self, file: Path, question: str, options: Any, on_text: Callable[[str], None] | None = None,
+            on_page: Callable[[int, int], None] | None = None):
+        from fila_cli.serve.engine import answer_from_record
+
+        return answer_from_record(self.ask_record(file, question, options, on_text))

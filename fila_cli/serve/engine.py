@@ -1,0 +1,256 @@
+"""The server's one door into the question-answering library: load, plan, prepare, answer, chat.
+
+Every use of ``fila_cli.qa`` by the server (and by the ``--server`` client, which turns a record
+back into an ``Answer``) goes through this module, so a change of that API is met here alone.
+
+A question about an uploaded document runs in three steps, as ``fila batch`` runs a unit:
+
+1. ``plan``: open the upload in the isolated document worker and choose its pages there;
+2. ``prepare``: render each page in the worker and encode it here (token cache first);
+3. ``answer``: the LLM answers from the prepared pages (prefix states reused, as ``fila ask`` does).
+
+The first two run in the server's preparing thread, the third in its LLM thread, so the next
+request's pages are rendered and encoded while the LLM answers the current one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from fila_cli.bundles.bundle import Bundle
+from fila_cli.documents.document import file_sha256
+from fila_cli.documents.notices import ReadNotices, warning_lines
+from fila_cli.errors import FilaError
+from fila_cli.llm.sampling import SamplingParams
+from fila_cli.qa.ask import Answer, Asker, AskOptions, PageSource, PreparedPage, new_timings
+from fila_cli.qa.batch import failed_record
+from fila_cli.qa.chat import ChatSession, Turn
+from fila_cli.qa.isolation import DocumentPlan, DocumentWorker, WorkerFailure
+from fila_cli.qa.options import ModelOptions
+
+TextCallback = Callable[[str], None]
+PageProgress = Callable[[int, int], None]
+
+__all__ = ["AskOptions", "DocumentWorker", "Engine", "ModelOptions", "Planned", "WorkerFailure", "answer_from_record",
+           "ask_options", "error_record"]
+
+
+def ask_options(*, pages: str | None = None, password: str | None = None, text_layer: bool = False,
+                together: bool = False, temperature: float | None = None, top_p: float | None = None,
+                seed: int | None = None, max_tokens: int | None = None) -> AskOptions:
+    """The library's options for one question (None: the library's default); a bad ``pages`` is a UsageError."""
+    defaults = SamplingParams()
+    sampling = SamplingParams(
+        temperature=defaults.temperature if temperature is None else temperature,
+        top_p=defaults.top_p if top_p is None else top_p,
+        seed=defaults.seed if seed is None else seed,
+        max_tokens=defaults.max_tokens if max_tokens is None else max_tokens)
+    return AskOptions(pages=pages, password=password, text_layer=text_layer, together=together, sampling=sampling)
+
+
+def sampling_defaults() -> SamplingParams:
+    return SamplingParams()
+
+
+@dataclass
+class Planned:
+    """An upload opened in the worker: which pages to read and why."""
+
+    file: Path  # where the upload lies on the server
+    name: str  # the file as the client named it: what the record and its messages say
+    question: str
+    plan: DocumentPlan
+    sha256: str | None  # None with the caches off
+    timings: dict[str, float] = dataclasses.field(default_factory=new_timings)
+
+    @property
+    def n_pages(self) -> int:
+        return len(self.plan.page_indices)
+
+
+# A prepared page, and what the worker heard about the document (with the last page, else None).
+PreparedItem = tuple[PreparedPage, ReadNotices | None]
+
+
+class Engine:
+    """One loaded model and what the server does with it."""
+
+    def __init__(self, asker: Asker, *, timeout_s: float):
+        self.asker = asker
+        self.timeout_s = timeout_s
+
+    @classmethod
+    def load(cls, options: ModelOptions, *, bundle: Bundle | None = None, timeout_s: float) -> Engine:
+        """Load the model ``options`` name (``bundle``: already resolved). The prefix of the last page
+        stays in memory, so a second question on the page decodes only its own words."""
+        return cls(Asker.from_options(options, bundle, reuse_prefix=True), timeout_s=timeout_s)
+
+    @property
+    def model_name(self) -> str:
+        return self.asker.model_name
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` says about the model."""
+        encoder, backend = self.asker.encoder, self.asker.backend
+        return {"id": self.model_name, "object": "model", "owned_by": "fila", "n_ctx": backend.n_ctx,
+                "vision_device": encoder.device.type, "vision_dtype": str(encoder.dtype).removeprefix("torch."),
+                "caches": self.asker.caches_on}
+
+    def new_worker(self) -> DocumentWorker:
+        return DocumentWorker(self.timeout_s)
+
+    # -- a question about an upload --
+
+    def plan(self, worker: DocumentWorker, file: Path, name: str, question: str, options: AskOptions) -> Planned:
+        """Open ``file`` in the worker and choose its pages (the document's time budget starts here)."""
+        plan = worker.open(file, question, options.pages, options.password)
+        sha256 = file_sha256(file) if self.asker.caches_on else None
+        return Planned(file, name, question, plan, sha256)
+
+    def prepare(self, worker: DocumentWorker, planned: Planned, options: AskOptions) -> Iterator[PreparedItem]:
+        """The planned pages rendered in the worker and encoded here, one at a time; the last one
+        comes with what the worker heard reading the document."""
+        anyres, highres_scale = self.asker.encoder.anyres, self.asker.encoder.highres_scale
+        file = planned.file
+        sources = [PageSource(index, render=partial(worker.render, file, index, anyres, options.text_layer, highres_scale),
+                              text=partial(worker.text, file, index)) for index in planned.plan.page_indices]
+        pages = self.asker.prepare_pages(planned.name, sources, planned.sha256, planned.timings, options.text_layer)
+        for position, page in enumerate(pages):
+            last = position == len(sources) - 1
+            yield page, worker.notices(file) if last else None
+
+    def answer(self, planned: Planned, items: Iterable[PreparedItem], options: AskOptions,
+               on_text: TextCallback | None = None, on_page: PageProgress | None = None) -> dict[str, Any]:
+        """The ``fila ask --json`` record for ``planned``, from its prepared pages as they come."""
+        heard = ReadNotices()
+
+        def pages() -> Iterator[PreparedPage]:
+            nonlocal heard
+            for page, notices in items:
+                if notices is not None:
+                    heard = notices
+                yield page
+
+        answer = self.asker.answer_prepared(planned.name, planned.question, pages(), planned.n_pages, planned.plan.reason,
+                                            options, planned.timings, on_text, on_page, method=planned.plan.method)
+        answer.warnings = warning_lines(planned.name, heard.merged(answer.notices))
+        return answer.to_json()
+
+    # -- chat sessions --
+
+    def chat(self, worker: DocumentWorker, file: Path, name: str, options: AskOptions,
+             on_notice: Callable[[str], None] | None = None) -> ServedChat:
+        """A conversation about an upload, its pages rendered in ``worker`` (which it then owns)."""
+        return ServedChat(self.asker, worker, file, name, options, on_notice=on_notice)
+
+
+class _UploadedDocument:
+    """What ``ChatSession`` asks of its document, for an upload the worker opened."""
+
+    def __init__(self, worker: DocumentWorker, file: Path, name: str, page_count: int, sha256: str | None):
+        self.worker = worker
+        self.file = file
+        self.path = name
+        self.page_count = page_count
+        self._sha256 = sha256
+
+    def content_hash(self) -> str:
+        return self._sha256 or file_sha256(self.file)
+
+
+class ServedChat(ChatSession):
+    """``ChatSession`` whose pages are rendered in the isolated worker, not in this process.
+
+    The LLM's context is shared by every request: a turn first restores this session's pages and
+    kept turns when another request used the LLM since its last turn (text only: the page state is
+    kept in memory), then decodes only its own words.
+    """
+
+    def __init__(self, asker: Asker, worker: DocumentWorker, file: Path, name: str, options: AskOptions, *,
+                 on_notice: Callable[[str], None] | None = None):
+        self.worker = worker
+        self._upload = file
+        plan = worker.open(file, "", options.pages or "1", options.password)  # checks the pages in the worker
+        sha256 = file_sha256(file) if asker.caches_on else None
+        document = _UploadedDocument(worker, file, name, plan.page_count or max(plan.page_indices) + 1, sha256)
+        self._heard = ReadNotices()
+        super().__init__(asker, document, options, on_notice=on_notice)  # type: ignore[arg-type]
+        self.file = name
+        self.last_state_owner: object | None = None
+
+    def _source(self, index: int) -> PageSource:
+        anyres, highres_scale = self.asker.encoder.anyres, self.asker.encoder.highres_scale
+        return PageSource(index, render=partial(self.worker.render, self._upload, index, anyres, self.options.text_layer,
+                                                highres_scale),
+                          text=partial(self.worker.text, self._upload, index))
+
+    def load_pages(self, indices: list[int], method: str, detail: str) -> None:
+        super().load_pages(indices, method, detail)
+        self._heard = self._heard.merged(self.worker.notices(self._upload))
+
+    def go_to_page(self, number: int) -> None:
+        indices = self.worker.open(self._upload, "", str(number), self.options.password).page_indices
+        self.load_pages(indices, "/page", f"moved to page {number} with /page")
+
+    def add_page(self, number: int) -> None:
+        index = self.worker.open(self._upload, "", str(number), self.options.password).page_indices[0]
+        if index in [page.index for page in self.pages]:
+            return
+        indices = sorted([page.index for page in self.pages] + [index])
+        self.load_pages(indices, "/page", f"added page {number} with /page +{number}")
+
+    @property
+    def warnings(self) -> list[str]:
+        return warning_lines(self.file, self._heard.merged(self._notices))
+
+    def restore(self) -> None:
+        """Back to this session's pages and kept turns in the LLM's context."""
+        self._restore(self._context)
+
+    def turn(self, question: str, on_text: TextCallback | None = None,
+             should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+        """Answer a follow-up; the ``fila chat --json`` line."""
+        return self.record(self.ask(question, on_text=on_text, should_stop=should_stop))
+
+    def state(self) -> dict[str, Any]:
+        return {"file": self.file, "model": self.asker.model_name, "pages": self.page_numbers,
+                "page_count": self.document.page_count, "visual_tokens": self.n_visual,
+                "context_used": self.context_used, "n_ctx": self.backend.n_ctx, "turns": len(self.history),
+                "turns_in_context": self.turns_in_context, "warnings": self.warnings}
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def chat_turn_record(session: ChatSession, turn: Turn) -> dict[str, Any]:
+    return session.record(turn)
+
+
+# -- records and errors, on both sides of the wire --
+
+
+def error_record(name: str, question: str, model: str, error: BaseException) -> dict[str, Any]:
+    """A failed ``fila batch`` record for ``error`` (sha256 filled in by the caller)."""
+    kind, message = error_kind_and_message(error)
+    return failed_record(Path(name), question, model, None, kind, message)
+
+
+def error_kind_and_message(error: BaseException) -> tuple[str, str]:
+    if isinstance(error, (WorkerFailure, FilaError)):
+        return error.kind, str(error)
+    return "error", f"unexpected {type(error).__name__}: {error}"
+
+
+def answer_from_record(record: dict[str, Any]) -> Answer:
+    """The ``Answer`` a ``fila ask --json`` record was made from (for the ``--server`` client, whose
+    output code takes an ``Answer``); ``to_json`` gives the record back."""
+    choice = record.get("page_choice") or {}
+    return Answer(file=record["file"], question=record["question"], answer=record["answer"], pages=list(record["pages"]),
+                  confidence=record["confidence"], model=record["model"], timings=dict(record["timings"]),
+                  tokens=dict(record["tokens"]), page_reason=choice.get("detail", ""),
+                  page_method=choice.get("method", ""), warnings=list(record.get("warnings", [])))
