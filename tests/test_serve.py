@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import openai
@@ -356,3 +357,105 @@ def test_unix_socket_is_private_and_answers_the_cli(bundle, report, tmp_path):
     finally:
         assert process.stop() == 0, process.output()
     assert not socket_path.exists(), "the server removes its socket"
+
+
+# -- the CLI's other commands through the server --
+
+
+def test_fila_batch_through_the_server_writes_the_local_records(server, bundle, report, tmp_path):
+    picture = tmp_path / "receipt.png"
+    page_image(600, 400, seed=5).save(picture)
+    args = [report, picture, tmp_path / "missing.pdf", "-q", QUESTION, "-q", "Who signed it?", "--max-tokens", 5]
+    local = fila("batch", *args, "--model", bundle, "-o", tmp_path / "local.jsonl",
+                 env={"FILA_CACHE_DIR": str(tmp_path / "local-cache")})
+    remote = fila("batch", *args, "--server", server.url, "-o", tmp_path / "remote.jsonl")
+    assert remote.returncode == local.returncode == 1, remote.stderr  # the missing file fails
+    assert remote.stderr.strip().splitlines()[-1] == local.stderr.strip().splitlines()[-1]
+    local_records = [json.loads(line) for line in (tmp_path / "local.jsonl").read_text().splitlines()]
+    remote_records = [json.loads(line) for line in (tmp_path / "remote.jsonl").read_text().splitlines()]
+    assert len(remote_records) == len(local_records) == 6
+    for mine, theirs in zip(remote_records, local_records):
+        for key in ("file", "question", "answer", "pages", "tokens", "sha256", "error", "warnings"):
+            assert mine[key] == theirs[key], key
+    # --resume: nothing left to do but the failed records, which fail again.
+    resumed = fila("batch", *args, "--server", server.url, "-o", tmp_path / "remote.jsonl", "--resume")
+    assert "4 already done" in resumed.stderr, resumed.stderr
+    assert len((tmp_path / "remote.jsonl").read_text().splitlines()) == 6
+
+
+def test_fila_chat_through_the_server_answers_as_a_local_chat(server, bundle, report, tmp_path):
+    questions = f"{QUESTION}\n/page 3\nWho signed it?\n/save {tmp_path / 'talk.json'}\n"
+    local = subprocess.run([sys.executable, "-m", "fila_cli", "chat", str(report), "--pages", "2", "--max-tokens", "5",
+                            "--model", str(bundle)], input=questions, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "FILA_CACHE_DIR": str(tmp_path / "local-cache")})
+    remote = subprocess.run([sys.executable, "-m", "fila_cli", "chat", str(report), "--pages", "2", "--max-tokens", "5",
+                             "--server", server.url], input=questions, capture_output=True, text=True, timeout=300)
+    assert remote.returncode == local.returncode == 0, remote.stderr
+    local_lines = [json.loads(line) for line in local.stdout.splitlines()]
+    remote_lines = [json.loads(line) for line in remote.stdout.splitlines()]
+    assert [line["turn"] for line in remote_lines] == [1, 2]
+    for mine, theirs in zip(remote_lines, local_lines):
+        for key in ("file", "question", "answer", "pages", "tokens", "page_choice", "interrupted", "dropped_turns"):
+            assert mine[key] == theirs[key], key
+    assert len(json.loads((tmp_path / "talk.json").read_text())["turns"]) == 2
+
+
+# -- keep-alive --
+
+
+def keep_alive_ask(bundle, report, runtime, question=QUESTION, keep_alive="30s"):
+    return fila("ask", report, question, "--model", bundle, "--max-tokens", 4, "--json",
+                env={"XDG_RUNTIME_DIR": str(runtime), "FILA_KEEP_ALIVE": keep_alive})
+
+
+def keep_alive_server(runtime) -> tuple[int, str]:
+    (socket_path,) = (runtime / "fila").glob("serve-*.sock")
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://fila") as client:
+        return client.get("/health").json()["pid"], str(socket_path)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not reaped by its parent) is gone for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_keep_alive_reuses_the_model_then_exits_when_idle(bundle, report, tmp_path):
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    first = keep_alive_ask(bundle, report, runtime)
+    assert first.returncode == 0, first.stderr
+    pid, socket_path = keep_alive_server(runtime)
+    assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o600
+    second = keep_alive_ask(bundle, report, runtime, "Who signed it?")
+    assert second.returncode == 0, second.stderr
+    assert keep_alive_server(runtime)[0] == pid, "the second ask used the running server"
+    assert "loading" not in second.stderr
+    log = (runtime / "fila").glob("serve-*.log")
+    assert sum(text.count("fila serve: ") for text in (p.read_text() for p in log)) == 1, "one server started"
+    deadline = time.monotonic() + 120
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not process_alive(pid), "the server exits after the idle time"
+    assert not os.path.exists(socket_path)
+
+
+def test_keep_alive_replaces_a_killed_servers_socket(bundle, report, tmp_path):
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    assert keep_alive_ask(bundle, report, runtime).returncode == 0
+    pid, socket_path = keep_alive_server(runtime)
+    os.kill(pid, 9)
+    while process_alive(pid):
+        time.sleep(0.1)
+    assert os.path.exists(socket_path), "a killed server leaves its socket behind"
+    again = keep_alive_ask(bundle, report, runtime)
+    assert again.returncode == 0, again.stderr
+    new_pid, _ = keep_alive_server(runtime)
+    assert new_pid != pid
+    os.kill(new_pid, 15)

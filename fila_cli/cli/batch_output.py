@@ -26,7 +26,7 @@ from fila_cli.qa.ray_batch import import_ray
 def run_batch_command(paths: list[str], *, questions: list[str], questions_file: Path | None, recursive: bool,
                       output: Path | None, resume: bool, timeout: float, model: ModelOptions, ask: AskOptions,
                       ray_address: str | None = None, ray_cpus: float = 2.0,
-                      pipeline_depth: int | None = None, parallel: int = 1) -> int:
+                      pipeline_depth: int | None = None, parallel: int = 1, server: str | None = None) -> int:
     all_questions = read_questions(questions, questions_file)
     documents = collect_documents(paths, recursive)
     if not documents:
@@ -44,7 +44,13 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
         raise UsageError(f"--ray-cpus must be positive (got {ray_cpus:g})")
     if ray_address is not None:
         import_ray()  # a missing extra is a usage error before anything else happens
+    if server is not None and (ray_address is not None or parallel > 1):
+        raise UsageError("--server sends the documents to a running fila serve: --ray and --parallel are its business")
     done = load_done(output) if resume and output is not None else set()
+    if server is not None:
+        from fila_cli.cli.serve import run_remote_batch
+
+        return _finish(run_remote_batch(server, documents, all_questions, ask, output, done))
     if ray_address is not None:
         return _run_on_ray(documents, all_questions, output, done, timeout, model, ask, ray_address, ray_cpus,
                            pipeline_depth)

@@ -42,9 +42,14 @@ class _StopFlag:
         self.requested = True
 
 
-def run_chat(file: Path, model: ModelOptions, options: AskOptions, *, as_json: bool) -> int:
+def run_chat(file: Path, model: ModelOptions, options: AskOptions, *, as_json: bool, server: str | None = None) -> int:
     # Check the document before loading gigabytes of model: a typo fails in milliseconds.
     with open_document(file, password=options.password) as document:
+        if server is not None:
+            from fila_cli.cli.serve import run_remote_chat
+
+            return run_remote_chat(server, file, options, document, lambda session: _piped(session)
+                                   if as_json or not sys.stdin.isatty() else _interactive(session))
         asker = load_asker(model)
         with stderr.status("reading the page…"):
             session = ChatSession(asker, document, options, on_notice=lambda message: stderr.print(

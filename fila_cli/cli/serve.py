@@ -158,3 +158,85 @@ def remote_asker(options: ModelOptions, server: str | None, keep_alive: str | No
         with stderr.status("starting the keep-alive server…"):
             server = ensure_server(server_args(options), seconds)
     return RemoteAsker(ServerClient(server))
+
+
+def run_remote_batch(server: str, documents: list[Path], questions: list[str], options, output: Path | None,
+                     done: set):
+    """``fila batch --server``: every (document, question) not ``done`` asked of the server, one
+    record each, written in order as ``fila batch`` writes them (two requests in flight, so the
+    server renders the next document while its LLM answers this one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fila_cli.cli.support import warning_line
+    from fila_cli.errors import FilaError
+    from fila_cli.qa.batch import BatchSummary, RecordSink, WarningReporter, failed_record, sha256_or_none
+    from fila_cli.serve.client import RemoteAsker, ServerClient, ServerUnreachable
+
+    asker = RemoteAsker(ServerClient(server))
+    model_name = asker.model_name
+    summary = BatchSummary()
+    report_warnings = WarningReporter(warning_line)
+
+    def answer(file: Path, sha256: str | None, question: str) -> dict:
+        if sha256 is None:
+            return failed_record(file, question, model_name, None, "document", f"{file}: no such file or not readable; check the path")
+        try:
+            return {**asker.ask_record(file, question, options, name=str(file)), "sha256": sha256, "error": None}
+        except ServerUnreachable:
+            raise
+        except FilaError as error:  # the server said why: the unit's record
+            return failed_record(file, question, model_name, sha256, error.kind, str(error))
+
+    units = []
+    for file in documents:
+        sha256 = sha256_or_none(file)
+        for question in questions:
+            if (sha256, question, model_name) in done:
+                summary.skipped += 1
+            else:
+                units.append((file, sha256, question))
+    sink = RecordSink(output)
+    progress = Progress(TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=stderr, transient=True)
+    in_flight = 2
+    try:
+        with progress, ThreadPoolExecutor(in_flight) as pool:
+            task = progress.add_task("batch", total=len(units))
+            futures = [pool.submit(answer, *unit) for unit in units[:in_flight]]
+            for index in range(len(units)):
+                record = futures[index].result()
+                if index + in_flight < len(units):
+                    futures.append(pool.submit(answer, *units[index + in_flight]))
+                sink.write(record)
+                if record["error"] is None:
+                    summary.answered += 1
+                else:
+                    summary.failed += 1
+                    summary.failures[record["error"]["kind"]] = summary.failures.get(record["error"]["kind"], 0) + 1
+                report_warnings(record)
+                progress.advance(task)
+    finally:
+        sink.close()
+    return summary
+
+
+def run_remote_chat(server: str, file: Path, options, document, talk) -> int:
+    """``fila chat --server``: the conversation held by the server's chat session; ``talk`` is the
+    piped or interactive loop ``fila chat`` runs locally."""
+    from rich.text import Text
+
+    from fila_cli.cli.support import warning_line
+    from fila_cli.serve.client import RemoteChatSession, ServerClient
+
+    with stderr.status("reading the page…"):
+        session = RemoteChatSession(ServerClient(server), file, options, document)
+    try:
+        for notice in session.notices:
+            stderr.print(Text(f"fila: {notice}", style="yellow"))
+        for warning in session.warnings:
+            warning_line(warning)
+        return talk(session)
+    finally:
+        session.close()

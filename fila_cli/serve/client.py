@@ -34,6 +34,10 @@ class RemoteError(FilaError):
         self.kind = kind
 
 
+class ServerUnreachable(UsageError):
+    """No fila server answers at the URL."""
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float):
         super().__init__("fila", timeout=timeout)
@@ -108,7 +112,7 @@ class ServerClient:
             response = connection.getresponse()
         except (OSError, http.client.HTTPException) as error:
             connection.close()
-            raise UsageError(f"cannot reach the fila server at {self.url} ({error}); start it with `fila serve`, "
+            raise ServerUnreachable(f"cannot reach the fila server at {self.url} ({error}); start it with `fila serve`, "
                              "or check --server / $FILA_SERVER") from None
         if response.status >= 400:
             data = response.read()
@@ -209,3 +213,147 @@ class RemoteAsker:
         from fila_cli.serve.engine import answer_from_record
 
         return answer_from_record(self.ask_record(file, question, options, on_text))
+
+
+class _Stopped(Exception):
+    """The user asked to stop the answer (Ctrl-C): the connection is closed, the server cancels it."""
+
+
+class _RemotePage:
+    def __init__(self, index: int, n_tokens: int):
+        self.index = index
+        self.visual = range(n_tokens)  # what the chat's output reads of it: its length
+
+
+class _RemoteModel:
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+
+    @property
+    def encoder(self):
+        raise UsageError("/crops draws the page here, without the model: use `fila crops FILE --page N` beside --server")
+
+
+class _RemoteBackend:
+    def __init__(self, n_ctx: int):
+        self.n_ctx = n_ctx
+
+
+class RemoteChatSession:
+    """What ``fila chat``'s output code needs of a ``ChatSession``, held by a server's chat session."""
+
+    def __init__(self, client: ServerClient, file: Path, options: Any, document: Any):
+        self.client = client
+        self.document = document  # opened here by the CLI already: its page count
+        self.file = str(file)
+        self.options = options
+        sampling = options.sampling
+        fields = {"pages": options.pages, "password": options.password, "text_layer": options.text_layer,
+                  "temperature": sampling.temperature, "top_p": sampling.top_p, "seed": sampling.seed,
+                  "max_tokens": sampling.max_tokens}
+        fields = {name: _form_value(value) for name, value in fields.items()}
+        content_type, length, chunks = _multipart(fields, Path(file), self.file)
+        connection, response = client._send("POST", "/v1/chat/sessions", chunks,
+                                            {"Content-Type": content_type, "Content-Length": str(length)})
+        try:
+            state = json.loads(response.read())
+        finally:
+            connection.close()
+        self.id = state["id"]
+        self.notices = list(state.get("notices", []))
+        self.asker = _RemoteModel(state["model"])
+        self._update(state)
+        self.history: list[Any] = []
+
+    def _update(self, state: dict[str, Any]) -> None:
+        self.state = state
+        self.backend = _RemoteBackend(state["n_ctx"])
+        per_page = state["visual_tokens"] // max(1, len(state["pages"]))
+        self.pages = [_RemotePage(number - 1, per_page) for number in state["pages"]]
+
+    @property
+    def page_numbers(self) -> list[int]:
+        return list(self.state["pages"])
+
+    @property
+    def n_visual(self) -> int:
+        return self.state["visual_tokens"]
+
+    @property
+    def context_used(self) -> int:
+        return self.state["context_used"]
+
+    @property
+    def turns_in_context(self) -> int:
+        return self.state["turns_in_context"]
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self.state["warnings"])
+
+    def _path(self, tail: str = "") -> str:
+        return f"/v1/chat/sessions/{self.id}{tail}"
+
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None,
+            should_stop: Callable[[], bool] | None = None):
+        from fila_cli.serve.engine import turn_from_record
+
+        question = question.strip()
+        if not question:
+            raise UsageError("the question is empty")
+        streamed: list[str] = []
+
+        def take(piece: str) -> None:
+            if should_stop is not None and should_stop():
+                raise _Stopped
+            streamed.append(piece)
+            if on_text is not None:
+                on_text(piece)
+
+        try:
+            record = self.client.stream_json(self._path("/turns"), {"question": question}, take)
+        except _Stopped:
+            record = {"question": question, "answer": "".join(streamed).strip(), "pages": self.page_numbers,
+                      "confidence": None, "interrupted": True, "timings": {}, "tokens": {"prompt": 0, "generated": 0},
+                      "dropped_turns": 0, "turn": len(self.history) + 1}
+        self._update(self.client.request_json("GET", self._path()))
+        turn = turn_from_record(record)
+        self.history.append((turn, record))
+        return turn
+
+    def record(self, turn: Any) -> dict[str, Any]:
+        return next(record for known, record in self.history if known is turn)
+
+    def go_to_page(self, number: int) -> None:
+        self._update(self.client.request_json("POST", self._path("/pages"), {"page": number}))
+
+    def add_page(self, number: int) -> None:
+        self._update(self.client.request_json("POST", self._path("/pages"), {"page": number, "add": True}))
+
+    def clear(self) -> None:
+        self._update(self.client.request_json("POST", self._path("/clear")))
+
+    def recover(self) -> None:
+        """Nothing to do here: the server restored its session when the answer stopped."""
+
+    def transcript(self) -> dict[str, Any]:
+        return self.client.request_json("GET", self._path())["transcript"]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.suffix.lower() != ".json":
+            raise UsageError(f"{path}: the transcript is JSON; name it *.json")
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:
+            partial.write_text(json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            os.replace(partial, path)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            raise UsageError(f"{path}: cannot write the transcript ({error.strerror or error}); check the folder") from None
+        return path
+
+    def close(self) -> None:
+        try:
+            self.client.request_json("DELETE", self._path())
+        except FilaError:
+            pass

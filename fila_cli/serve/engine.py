@@ -227,8 +227,11 @@ class ServedChat(ChatSession):
         self.worker.close()
 
 
-def chat_turn_record(session: ChatSession, turn: Turn) -> dict[str, Any]:
-    return session.record(turn)
+def turn_from_record(record: dict[str, Any]) -> Turn:
+    """The ``Turn`` a ``fila chat --json`` line was made from (its token ids are the server's)."""
+    return Turn(question=record["question"], answer=record["answer"], pages=list(record["pages"]), answer_ids=[],
+                confidence=record["confidence"], interrupted=record["interrupted"], timings=dict(record["timings"]),
+                tokens=dict(record["tokens"]), dropped_turns=record.get("dropped_turns", 0))
 
 
 # -- records and errors, on both sides of the wire --
