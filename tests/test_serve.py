@@ -459,3 +459,41 @@ def test_keep_alive_replaces_a_killed_servers_socket(bundle, report, tmp_path):
     new_pid, _ = keep_alive_server(runtime)
     assert new_pid != pid
     os.kill(new_pid, 15)
+
+
+def test_parallel_answers_waiting_questions_side_by_side(bundle, report, tmp_path):
+    pictures = []
+    for seed in range(6):
+        path = tmp_path / f"receipt-{seed}.png"
+        page_image(400 + 40 * seed, 400, seed=seed).save(path)
+        pictures.append(path)
+    process = ServeProcess(bundle, "--parallel", 3, cache_dir=tmp_path / "cache")
+    try:
+        process.wait_ready()
+        with process.client() as client:  # one at a time; the pages' tokens are cached after
+            alone = {path.name: post_ask(client, path, max_tokens=200).json() for path in pictures}
+
+        def ask(path):
+            with process.client() as client:
+                return path.name, post_ask(client, path, max_tokens=200)
+
+        # A long answer keeps the LLM busy while the cached pages are made ready: those questions wait for it.
+        with process.client() as client, ThreadPoolExecutor(6) as pool:
+            long = pool.submit(post_ask, client, report, "Describe the page at length.", pages=1, max_tokens=1500)
+            while not client.get("/health").json()["queue"]["in_flight"]:
+                time.sleep(0.01)
+            results = list(pool.map(ask, pictures))
+            assert long.result().status_code == 200
+        with process.client() as client:
+            side_by_side = client.get("/health").json()["queue"]["answered_side_by_side"]
+    finally:
+        assert process.stop() == 0, process.output()
+    assert len(results) == 6
+    for name, response in results:
+        assert response.status_code == 200, response.text
+        record = response.json()
+        assert record["file"] == name
+        # The same prompt for the same document; the answer itself may differ where two candidates
+        # are nearly tied (LlamaBackend.generate_many: flash attention's kernels for several sequences).
+        assert record["pages"] == alone[name]["pages"] and record["tokens"]["visual"] == alone[name]["tokens"]["visual"]
+    assert side_by_side >= 2, "waiting questions were answered side by side"

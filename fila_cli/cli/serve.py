@@ -47,6 +47,7 @@ def serve(
     max_sessions: Annotated[int, typer.Option("--max-sessions", help="Chat sessions held at once (each keeps its pages' LLM state in memory).")] = DEFAULT_MAX_SESSIONS,
     allow_fetch: Annotated[bool, typer.Option("--allow-fetch", help="Let /v1/chat/completions fetch http(s) image URLs (off: data URLs only).")] = False,
     idle_exit: Annotated[str | None, typer.Option("--idle-exit", help="Exit after this long without a request, e.g. 5m (what `fila ask --keep-alive` starts servers with).", show_default=False)] = None,
+    parallel: Annotated[int, typer.Option("--parallel", help="Answer up to N waiting questions side by side in one LLM step (as fila batch --parallel; N KV caches of the model's context in memory). Their answers come whole, not streamed token by token.")] = 1,
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", help="On SIGTERM or Ctrl-C: seconds the requests in flight may take to finish before they are cancelled.")] = DEFAULT_SHUTDOWN_TIMEOUT_S,
     compile_encoder: CompileOption = False,
     model: ModelOption = None,
@@ -76,6 +77,10 @@ def serve(
                                  allow_fetch=allow_fetch, max_sessions=max_sessions,
                                  idle_exit_s=parse_duration(idle_exit, "--idle-exit") if idle_exit else None)
         settings.check()
+        if parallel < 1:
+            from fila_cli.errors import UsageError
+
+            raise UsageError(f"--parallel must be at least 1 (got {parallel})")
         if socket_path is None and host not in LOOPBACK_HOSTS and not api_key:
             from fila_cli.errors import UsageError
 
@@ -86,14 +91,14 @@ def serve(
                                 compile_encoder=compile_encoder)
         listener = bind_unix(socket_path) if socket_path is not None else bind_tcp(host, port)
         try:
-            _run(listener, options, settings, shutdown_timeout, verbose)
+            _run(listener, options, settings, shutdown_timeout, verbose, parallel)
         finally:
             listener.close()
             if socket_path is not None:
                 socket_path.unlink(missing_ok=True)
 
 
-def _run(listener, options: ModelOptions, settings, shutdown_timeout: float, verbose: bool) -> None:
+def _run(listener, options: ModelOptions, settings, shutdown_timeout: float, verbose: bool, parallel: int) -> None:
     import uvicorn
 
     from fila_cli.serve.app import create_app
@@ -102,7 +107,7 @@ def _run(listener, options: ModelOptions, settings, shutdown_timeout: float, ver
 
     bundle = options.bundle()
     with stderr.status(f"loading {bundle.name}…"):
-        engine = Engine.load(options, bundle=bundle, timeout_s=settings.timeout_s)
+        engine = Engine.load(options, bundle=bundle, timeout_s=settings.timeout_s, parallel=parallel)
     app = create_app(engine, settings)
     config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
                             timeout_graceful_shutdown=max(1, round(shutdown_timeout)), lifespan="on")

@@ -27,7 +27,7 @@ from fila_cli.documents.document import file_sha256
 from fila_cli.documents.notices import ReadNotices, warning_lines
 from fila_cli.errors import FilaError
 from fila_cli.llm.sampling import SamplingParams
-from fila_cli.qa.ask import Answer, Asker, AskOptions, PageSource, PreparedPage, new_timings
+from fila_cli.qa.ask import Answer, Asker, AskOptions, OnePromptQuestion, PageSource, PreparedPage, new_timings
 from fila_cli.qa.batch import failed_record
 from fila_cli.qa.chat import ChatSession, Turn
 from fila_cli.qa.isolation import DocumentPlan, DocumentWorker, WorkerFailure
@@ -85,10 +85,15 @@ class Engine:
         self.timeout_s = timeout_s
 
     @classmethod
-    def load(cls, options: ModelOptions, *, bundle: Bundle | None = None, timeout_s: float) -> Engine:
-        """Load the model ``options`` name (``bundle``: already resolved). The prefix of the last page
-        stays in memory, so a second question on the page decodes only its own words."""
-        return cls(Asker.from_options(options, bundle, reuse_prefix=True), timeout_s=timeout_s)
+    def load(cls, options: ModelOptions, *, bundle: Bundle | None = None, timeout_s: float, parallel: int = 1) -> Engine:
+        """Load the model ``options`` name (``bundle``: already resolved), able to answer ``parallel``
+        questions side by side. The prefix of the last page stays in memory, so a second question on
+        the page decodes only its own words."""
+        return cls(Asker.from_options(options, bundle, reuse_prefix=True, n_seq_max=parallel), timeout_s=timeout_s)
+
+    @property
+    def parallel(self) -> int:
+        return self.asker.backend.n_seq_max
 
     @property
     def model_name(self) -> str:
@@ -140,6 +145,38 @@ class Engine:
                                             options, planned.timings, on_text, on_page, method=planned.plan.method)
         answer.warnings = warning_lines(planned.name, heard.merged(answer.notices))
         return answer.to_json()
+
+    def one_prompt(self, planned: Planned, options: AskOptions) -> bool:
+        """Whether one prompt answers ``planned`` (one page, or --together): what may share a step."""
+        return planned.n_pages == 1 or options.together
+
+    def answer_side_by_side(self, group: list[tuple[Planned, list[PreparedItem]]],
+                            options: AskOptions) -> list[dict[str, Any] | BaseException]:
+        """Records for questions of one prompt each, answered side by side in one LLM context
+        (``fila batch --parallel``'s ``Asker.answer_many``: the same greedy answers); a question whose
+        prompt does not fit is answered alone, which says why."""
+        asked, heard = [], []
+        for planned, items in group:
+            pages = [page for page, _ in items]
+            notices = [n for _, n in items if n is not None]
+            heard.append(notices[-1] if notices else ReadNotices())
+            asked.append(OnePromptQuestion(planned.name, planned.question, pages, planned.plan.reason,
+                                           planned.plan.method, planned.timings))
+        fits = [self.asker.fits_one_prompt(question, options) for question in asked]
+        together = [question for question, fit in zip(asked, fits) if fit]
+        answers = iter(self.asker.answer_many(together, options) if together else [])
+        records: list[dict[str, Any] | BaseException] = []
+        for (planned, items), notices, fit in zip(group, heard, fits):
+            if not fit:
+                try:
+                    records.append(self.answer(planned, items, options))
+                except Exception as error:
+                    records.append(error)
+                continue
+            answer = next(answers)
+            answer.warnings = warning_lines(planned.name, notices.merged(answer.notices))
+            records.append(answer.to_json())
+        return records
 
     # -- chat sessions --
 

@@ -127,7 +127,10 @@ LlmCall = Callable[[Job], dict[str, Any]]
 
 class Scheduler:
     """The queue and the two threads. ``max_queue``: requests admitted and not yet started by the
-    LLM; past it ``admit`` raises ``QueueFull``."""
+    LLM; past it ``admit`` raises ``QueueFull``. With an engine loaded to answer N questions side by
+    side (``--parallel N``), up to N planned questions of one prompt each, asked with the same
+    options, are answered in one LLM step (``Engine.answer_side_by_side``); their text comes whole,
+    not token by token, and a cancelled one is dropped before its group starts, not during it."""
 
     def __init__(self, engine: Engine, *, max_queue: int, pipeline_depth: int = 1):
         self.engine = engine
@@ -143,6 +146,9 @@ class Scheduler:
         self.llm_owner: object | None = None  # the chat session whose context the LLM holds (None: unknown)
         self._prepare_queue: queue.Queue = queue.Queue()
         self._llm_queue: queue.Queue = queue.Queue()
+        self._held: deque = deque()  # taken from the LLM queue while grouping, not joinable: next in turn
+        self.parallel = engine.parallel
+        self.answered_side_by_side = 0  # questions answered in groups of two or more (--parallel)
         self._worker = engine.new_worker()  # the preparing thread's alone
         self._threads = [threading.Thread(target=self._prepare_loop, name="fila-serve-prepare", daemon=True),
                          threading.Thread(target=self._llm_loop, name="fila-serve-llm", daemon=True)]
@@ -196,7 +202,8 @@ class Scheduler:
 
     def status(self) -> dict[str, int]:
         with self._lock:
-            return {"waiting": self._waiting, "in_flight": self._in_flight, "max_queue": self.max_queue}
+            return {"waiting": self._waiting, "in_flight": self._in_flight, "max_queue": self.max_queue,
+                    "parallel": self.parallel, "answered_side_by_side": self.answered_side_by_side}
 
     # -- the preparing thread --
 
@@ -240,13 +247,21 @@ class Scheduler:
 
     # -- the LLM thread --
 
+    def _next_entry(self) -> Any:
+        return self._held.popleft() if self._held else self._llm_queue.get()
+
     def _llm_loop(self) -> None:
         while True:
-            entry = self._llm_queue.get()
+            entry = self._next_entry()
             if entry is None:
                 return
             job, work = entry
             self._started()
+            if isinstance(work, _Prepared) and self.parallel > 1 and self._joinable(work, work):
+                group = self._group(work)
+                if len(group) > 1:
+                    self._answer_group(group)
+                    continue
             started = time.perf_counter()
             try:
                 job.check()
@@ -261,6 +276,59 @@ class Scheduler:
                 continue
             job.finish("record", record)
             self._done(job, time.perf_counter() - started)
+
+    # -- several questions side by side (--parallel) --
+
+    def _joinable(self, first: _Prepared, other: Any) -> bool:
+        """Whether ``other`` may be answered in one step with ``first``: a planned question of one
+        prompt, asked with the same options (sampling included), not cancelled."""
+        return (isinstance(other, _Prepared) and not other.job.cancelled and other.work.options == first.work.options
+                and self.engine.one_prompt(other.planned, other.work.options))
+
+    def _group(self, first: _Prepared) -> list[_Prepared]:
+        """``first`` and the questions waiting behind it that may join it (never waiting for more:
+        a group fills when requests queue up, which is when it pays)."""
+        group = [first]
+        while len(group) < self.parallel:
+            try:
+                entry = self._llm_queue.get_nowait()
+            except queue.Empty:
+                break
+            if entry is None or not self._joinable(first, entry[1]):
+                self._held.append(entry)  # answered after the group, in its turn
+                break
+            self._started()
+            group.append(entry[1])
+        return group
+
+    def _answer_group(self, group: list[_Prepared]) -> None:
+        started = time.perf_counter()
+        self.llm_owner = None
+        drawn = []
+        for prepared in group:
+            try:
+                drawn.append((prepared, list(prepared.items())))
+            except BaseException as error:  # its page failed: its error, the others go on
+                prepared.job.finish("error", error)
+                self._done(prepared.job)
+        if not drawn:
+            return
+        try:
+            records = self.engine.answer_side_by_side([(p.planned, items) for p, items in drawn], group[0].work.options)
+        except BaseException as error:
+            records = [error] * len(drawn)
+        seconds = (time.perf_counter() - started) / len(drawn)
+        if len(drawn) > 1:
+            self.answered_side_by_side += len(drawn)
+        for (prepared, _), record in zip(drawn, records):
+            if isinstance(record, BaseException):
+                prepared.job.finish("error", record)
+                self._done(prepared.job)
+                continue
+            if prepared.work.stream:  # no token-by-token text side by side: the answer in one delta
+                prepared.job.emit("delta", record["answer"])
+            prepared.job.finish("record", record)
+            self._done(prepared.job, seconds)
 
     def _answer(self, prepared: _Prepared) -> dict[str, Any]:
         job = prepared.job
