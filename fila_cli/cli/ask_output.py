@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
@@ -16,8 +17,10 @@ from fila_cli.cli.options import load_asker
 from fila_cli.cli.serve import remote_asker
 from fila_cli.cli.support import stderr, warning_line
 from fila_cli.documents.document import open_document
-from fila_cli.qa.ask import Answer
 from fila_cli.qa.options import AskOptions, ModelOptions
+
+if TYPE_CHECKING:  # the model's code loads only to answer here, not for --server
+    from fila_cli.qa.ask import Answer
 
 
 def _answer_panel(text: str, title: str, subtitle: str | None = None) -> Panel:

@@ -209,10 +209,22 @@ class RemoteAsker:
         return self.client.upload("/v1/ask", Path(file), name or str(file), ask_fields(question, options), on_text)
 
     def ask(self, file: Path, question: str, options: Any, on_text: Callable[[str], None] | None = None,
-            on_page: Callable[[int, int], None] | None = None):
-        from fila_cli.serve.engine import answer_from_record
+            on_page: Callable[[int, int], None] | None = None) -> RemoteAnswer:
+        return RemoteAnswer(self.ask_record(file, question, options, on_text))
 
-        return answer_from_record(self.ask_record(file, question, options, on_text))
+
+class RemoteAnswer:
+    """What ``fila ask``'s output reads of an ``Answer``, from the server's record (no model code
+    loads in the client); ``to_json`` is the record itself."""
+
+    def __init__(self, record: dict[str, Any]):
+        self.record = record
+        for key in ("file", "question", "answer", "pages", "confidence", "model", "timings", "tokens", "warnings"):
+            setattr(self, key, record[key])
+        self.page_reason = (record.get("page_choice") or {}).get("detail", "")
+
+    def to_json(self) -> dict[str, Any]:
+        return self.record
 
 
 class _Stopped(Exception):

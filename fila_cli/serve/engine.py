@@ -27,7 +27,7 @@ from fila_cli.documents.document import file_sha256
 from fila_cli.documents.notices import ReadNotices, warning_lines
 from fila_cli.errors import FilaError
 from fila_cli.llm.sampling import SamplingParams
-from fila_cli.qa.ask import Answer, Asker, AskOptions, OnePromptQuestion, PageSource, PreparedPage, new_timings
+from fila_cli.qa.ask import Asker, AskOptions, OnePromptQuestion, PageSource, PreparedPage, new_timings
 from fila_cli.qa.batch import failed_record
 from fila_cli.qa.chat import ChatSession, Turn
 from fila_cli.qa.isolation import DocumentPlan, DocumentWorker, WorkerFailure
@@ -36,8 +36,7 @@ from fila_cli.qa.options import ModelOptions
 TextCallback = Callable[[str], None]
 PageProgress = Callable[[int, int], None]
 
-__all__ = ["AskOptions", "DocumentWorker", "Engine", "ModelOptions", "Planned", "WorkerFailure", "answer_from_record",
-           "ask_options", "error_record"]
+__all__ = ["AskOptions", "DocumentWorker", "Engine", "ModelOptions", "Planned", "WorkerFailure", "ask_options", "error_record"]
 
 
 def ask_options(*, pages: str | None = None, password: str | None = None, text_layer: bool = False,
@@ -284,13 +283,3 @@ def error_kind_and_message(error: BaseException) -> tuple[str, str]:
     if isinstance(error, (WorkerFailure, FilaError)):
         return error.kind, str(error)
     return "error", f"unexpected {type(error).__name__}: {error}"
-
-
-def answer_from_record(record: dict[str, Any]) -> Answer:
-    """The ``Answer`` a ``fila ask --json`` record was made from (for the ``--server`` client, whose
-    output code takes an ``Answer``); ``to_json`` gives the record back."""
-    choice = record.get("page_choice") or {}
-    return Answer(file=record["file"], question=record["question"], answer=record["answer"], pages=list(record["pages"]),
-                  confidence=record["confidence"], model=record["model"], timings=dict(record["timings"]),
-                  tokens=dict(record["tokens"]), page_reason=choice.get("detail", ""),
-                  page_method=choice.get("method", ""), warnings=list(record.get("warnings", [])))
