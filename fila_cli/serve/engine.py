@@ -25,18 +25,16 @@ from typing import Any
 from fila_cli.bundles.bundle import Bundle
 from fila_cli.documents.document import file_sha256
 from fila_cli.documents.notices import ReadNotices, warning_lines
-from fila_cli.errors import FilaError
 from fila_cli.llm.sampling import SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions, OnePromptQuestion, PageSource, PreparedPage, new_timings
-from fila_cli.qa.batch import failed_record
-from fila_cli.qa.chat import ChatSession, Turn
+from fila_cli.qa.chat import METHOD_COMMAND, ChatSession, Turn
 from fila_cli.qa.isolation import DocumentPlan, DocumentWorker, WorkerFailure
 from fila_cli.qa.options import ModelOptions
 
 TextCallback = Callable[[str], None]
 PageProgress = Callable[[int, int], None]
 
-__all__ = ["AskOptions", "DocumentWorker", "Engine", "ModelOptions", "Planned", "WorkerFailure", "ask_options", "error_record"]
+__all__ = ["AskOptions", "DocumentWorker", "Engine", "ModelOptions", "Planned", "WorkerFailure", "ask_options", "turn_from_record"]
 
 
 def ask_options(*, pages: str | None = None, password: str | None = None, text_layer: bool = False,
@@ -50,10 +48,6 @@ def ask_options(*, pages: str | None = None, password: str | None = None, text_l
         seed=defaults.seed if seed is None else seed,
         max_tokens=defaults.max_tokens if max_tokens is None else max_tokens)
     return AskOptions(pages=pages, password=password, text_layer=text_layer, together=together, sampling=sampling)
-
-
-def sampling_defaults() -> SamplingParams:
-    return SamplingParams()
 
 
 @dataclass
@@ -231,14 +225,14 @@ class ServedChat(ChatSession):
 
     def go_to_page(self, number: int) -> None:
         indices = self.worker.open(self._upload, "", str(number), self.options.password).page_indices
-        self.load_pages(indices, "/page", f"moved to page {number} with /page")
+        self.load_pages(indices, METHOD_COMMAND, f"moved to page {number} with /page")
 
     def add_page(self, number: int) -> None:
         index = self.worker.open(self._upload, "", str(number), self.options.password).page_indices[0]
         if index in [page.index for page in self.pages]:
             return
         indices = sorted([page.index for page in self.pages] + [index])
-        self.load_pages(indices, "/page", f"added page {number} with /page +{number}")
+        self.load_pages(indices, METHOD_COMMAND, f"added page {number} with /page +{number}")
 
     @property
     def warnings(self) -> list[str]:
@@ -268,18 +262,3 @@ def turn_from_record(record: dict[str, Any]) -> Turn:
     return Turn(question=record["question"], answer=record["answer"], pages=list(record["pages"]), answer_ids=[],
                 confidence=record["confidence"], interrupted=record["interrupted"], timings=dict(record["timings"]),
                 tokens=dict(record["tokens"]), dropped_turns=record.get("dropped_turns", 0))
-
-
-# -- records and errors, on both sides of the wire --
-
-
-def error_record(name: str, question: str, model: str, error: BaseException) -> dict[str, Any]:
-    """A failed ``fila batch`` record for ``error`` (sha256 filled in by the caller)."""
-    kind, message = error_kind_and_message(error)
-    return failed_record(Path(name), question, model, None, kind, message)
-
-
-def error_kind_and_message(error: BaseException) -> tuple[str, str]:
-    if isinstance(error, (WorkerFailure, FilaError)):
-        return error.kind, str(error)
-    return "error", f"unexpected {type(error).__name__}: {error}"
