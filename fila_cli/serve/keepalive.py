@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from fila_cli.errors import ModelError, UsageError
+from fila_cli.errors import ExitCode, FilaError, ModelError, UsageError, error_from_kind
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -32,6 +32,8 @@ _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.
 STARTUP_TIMEOUT_S = 600.0
 _POLL_S = 0.2
 _LOG_TAIL_LINES = 5
+_ERROR_PREFIX = "fila: error: "
+_KIND_BY_EXIT_CODE = {ExitCode.USAGE: "usage", ExitCode.DOCUMENT: "document", ExitCode.MODEL: "model"}
 
 
 def parse_duration(text: str, option: str = "--keep-alive") -> float:
@@ -95,6 +97,17 @@ def ensure_server(server_args: list[str], keep_alive_s: float) -> str:
     return url
 
 
+def _startup_failure(code: int, log: Path) -> FilaError:
+    """The server's own error (``fila: error: ...`` in its log, its exit code's kind): what a local
+    ``fila ask`` would have said about the same model options."""
+    lines = log.read_text(errors="replace").strip().splitlines()
+    said = [line.removeprefix(_ERROR_PREFIX) for line in lines if line.startswith(_ERROR_PREFIX)]
+    if said:
+        return error_from_kind(_KIND_BY_EXIT_CODE.get(code, "error"), said[-1])
+    tail = " | ".join(lines[-_LOG_TAIL_LINES:])
+    return ModelError(f"the keep-alive server exited (code {code}) before it was ready: {tail} (log: {log})")
+
+
 def _wait_until_ready(process: subprocess.Popen, url: str, log: Path) -> None:
     from fila_cli.serve.client import ServerClient
 
@@ -102,9 +115,7 @@ def _wait_until_ready(process: subprocess.Popen, url: str, log: Path) -> None:
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-_LOG_TAIL_LINES:])
-            raise ModelError(f"the keep-alive server exited (code {process.returncode}) before it was ready: {tail} "
-                             f"(log: {log})")
+            raise _startup_failure(process.returncode, log)
         try:
             client.health()
             return
