@@ -497,3 +497,15 @@ def test_parallel_answers_waiting_questions_side_by_side(bundle, report, tmp_pat
         # are nearly tied (LlamaBackend.generate_many: flash attention's kernels for several sequences).
         assert record["pages"] == alone[name]["pages"] and record["tokens"]["visual"] == alone[name]["tokens"]["visual"]
     assert side_by_side >= 2, "waiting questions were answered side by side"
+
+
+def test_keep_alive_says_why_its_server_could_not_start(report, tmp_path):
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    missing = tmp_path / "no-such-bundle"
+    local = fila("ask", report, QUESTION, "--model", missing, "--json")
+    kept = fila("ask", report, QUESTION, "--model", missing, "--json", env={"XDG_RUNTIME_DIR": str(runtime),
+                                                                            "FILA_KEEP_ALIVE": "5s"})
+    assert kept.returncode == local.returncode == ExitCode.MODEL
+    assert kept.stderr.strip().splitlines()[-1] == local.stderr.strip().splitlines()[-1]
+    assert not list((runtime / "fila").glob("*.sock")), "nothing is left running"
