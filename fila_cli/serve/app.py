@@ -31,9 +31,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fila_cli import __version__
 from fila_cli.errors import FilaError
+from fila_cli.serve.chat_api import Sessions, register_chat
 from fila_cli.serve.engine import Engine, ask_options
 from fila_cli.serve.http_errors import error_response
 from fila_cli.serve.limits import BodyLimit, TooLarge, too_large_message
+from fila_cli.serve.openai_compat import register_openai
 from fila_cli.serve.responses import NDJSON, final_response, next_final, stream_events
 from fila_cli.serve.scheduler import AskWork, Cancelled, Job, QueueFull, Scheduler, Stopping
 from fila_cli.serve.settings import ServeSettings
@@ -51,8 +53,6 @@ class Server:
         self.scheduler = Scheduler(engine, max_queue=settings.max_queue)
         self.uploads = Path(tempfile.mkdtemp(prefix="fila-serve-"))  # 0700, this server's alone
         self.uvicorn = None  # set by the command: what idle exit asks to stop
-        from fila_cli.serve.chat_api import Sessions
-
         self.sessions = Sessions(self, settings.max_sessions)
 
     def new_upload_dir(self) -> Path:
@@ -170,9 +170,6 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                     shutil.rmtree(directory, ignore_errors=True)
 
     app.state.respond = respond
-    from fila_cli.serve.chat_api import register_chat
-    from fila_cli.serve.openai_compat import register_openai
-
     register_chat(app, server, authorized)
     register_openai(app, server, authorized)
     return app
