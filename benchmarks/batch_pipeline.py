@@ -52,7 +52,9 @@ from caches import write_benchmark_bundle
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.llm import LlamaBackend, LlamaSettings, SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions
-from fila_cli.qa.batch import RecordSink, run_batch
+from fila_cli.qa.batch import run_batch
+from fila_cli.qa.options import BatchOptions
+from fila_cli.qa.run import RecordSink
 
 QUESTION = "What is the total due?"
 SECONDS_PER_MINUTE = 60.0
@@ -80,7 +82,8 @@ def run(asker: Asker, documents: list[Path], options: AskOptions, depth: int, th
     torch.set_num_threads(threads)
     sink = TimedSink(out)
     try:
-        run_batch(asker, documents, [QUESTION], options, sink, timeout_s=600, pipeline_depth=depth, parallel=parallel)
+        run_batch(asker, documents, [QUESTION], options, sink,
+                  BatchOptions(timeout_s=600, pipeline_depth=depth, parallel=parallel))
     finally:
         sink.close()
     failed = [r["error"] for r in sink.records if r["error"] is not None]

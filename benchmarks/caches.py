@@ -29,6 +29,7 @@ from tiny_llm import build_tiny_llm
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from fila_cli.bundles.bundle import resolve_bundle
+from fila_cli.caches.folder import CacheFolder
 from fila_cli.config import DEFAULT_GRID_PINPOINTS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from fila_cli.llm import SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions
@@ -75,8 +76,8 @@ def main() -> None:
         bundle = resolve_bundle(str(bundle_dir))
         options = AskOptions(sampling=SamplingParams(max_tokens=args.max_tokens))
         plain = Asker.load(bundle, device="cpu", dtype="auto")
-        cached = Asker(plain.encoder, plain.backend, plain.template, bundle, token_cache=TokenCache(scratch / "cache"))
-        reusing = Asker(plain.encoder, plain.backend, plain.template, bundle, token_cache=TokenCache(scratch / "cache2"),
+        cached = Asker(plain.encoder, plain.backend, plain.template, bundle, token_cache=TokenCache(CacheFolder(scratch / "cache")))
+        reusing = Asker(plain.encoder, plain.backend, plain.template, bundle, token_cache=TokenCache(CacheFolder(scratch / "cache2")),
                         reuse_prefix=True)
         first, second = "What is the total due?", "Who signed it?"
         for asker in (cached, reusing):

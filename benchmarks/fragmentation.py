@@ -58,7 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from fila_cli.config import DEFAULT_GRID_PINPOINTS, AnyresConfig, ConvNeXtConfig, FusionConfig, save_json
 from fila_cli.documents.canvas import CanvasGeometry, plan_canvas
-from fila_cli.eval.fragmentation import crops_touched
+from fila_cli.documents.page_geometry import crops_touched
 from fila_cli.train.base import load_tokenizer
 from fila_cli.train.chat import IGNORE_INDEX, ChatRenderer
 from fila_cli.train.config import TrainConfig
@@ -103,7 +103,7 @@ class Scale:
     # vertical crop boundary down the middle. (2x2 pages cost twice as much per sample.)
     page_canvas: tuple[int, int] = (84, 168)  # (height, width) on the ViT canvas
     # The answer: one digit, cut through the glyph when it straddles. Longer codes and distractor
-    # words are supported; the from-scratch models of this budget do not learn them (see README).
+    # words are supported; the from-scratch models of this budget do not learn them (see docs/reproduction.md).
     code_length: tuple[int, int] = (1, 1)
     n_words: tuple[int, int] = (0, 0)
     word_length: tuple[int, int] = (3, 5)

@@ -44,7 +44,7 @@ from caches import write_benchmark_bundle
 
 from fila_cli.documents.document import file_sha256
 from fila_cli.llm import SamplingParams
-from fila_cli.qa.options import AskOptions, ModelOptions
+from fila_cli.qa.options import AskOptions, BatchOptions, ModelOptions
 from fila_cli.qa.ray_batch import WorkItem, run_batch_on_ray
 
 MODEL_NAME = "benchmark"
@@ -57,8 +57,9 @@ def run(model: ModelOptions, documents: list[Path], options: AskOptions, workers
     finished_at: list[float] = []  # when each record was ready, on the worker's clock
     started = time.perf_counter()
     try:
-        run_batch_on_ray(items, model, options, sink, address="local", model_name=MODEL_NAME, timeout_s=600,
-                         actors=workers, cpus_per_actor=(os.cpu_count() or 2) / workers, pipeline_depth=depth,
+        batch = BatchOptions(timeout_s=600, pipeline_depth=depth, ray_address="local", ray_actors=workers,
+                             ray_cpus=(os.cpu_count() or 2) / workers)
+        run_batch_on_ray(items, model, options, sink, batch, model_name=MODEL_NAME,
                          on_record=lambda progress: finished_at.append(progress.finished_at))
     finally:
         sink.close()

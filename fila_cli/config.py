@@ -12,6 +12,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from fila_cli.atomic_files import write_bytes_atomically
+
 # The paper's five canvases, [height, width], as HF's ``image_grid_pinpoints``.
 DEFAULT_GRID_PINPOINTS: list[list[int]] = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 OPENAI_CLIP_MEAN: list[float] = [0.48145466, 0.4578275, 0.40821073]
@@ -132,7 +134,7 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 
 def save_json(config: Any, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(asdict(config), indent=2) + "\n")
+    write_bytes_atomically(path, (json.dumps(asdict(config), indent=2) + "\n").encode())
 
 
 def load_json(cls: type[T], path: str | Path) -> T:

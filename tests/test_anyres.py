@@ -8,7 +8,8 @@ from tiny_vision import PAGE_SHAPES, page_image
 from transformers import LlavaNextImageProcessor
 
 from fila_cli.config import AnyresConfig
-from fila_cli.vision.anyres import plan_canvas, preprocess, select_best_resolution
+from fila_cli.documents.canvas import select_best_resolution
+from fila_cli.vision.anyres import plan_canvas, preprocess
 
 
 @pytest.fixture(scope="module")

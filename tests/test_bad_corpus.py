@@ -51,7 +51,8 @@ def test_fila_ask_on_each_case(name, bundle, corpus):
         assert completed.returncode == ExitCode.DOCUMENT, completed.stderr
         lines = completed.stderr.strip().splitlines()
         assert lines[-1].startswith("fila: error:") and case.path.name in lines[-1]
-        assert completed.stdout == ""
+        failed = json.loads(completed.stdout)  # --json: the failed record, as batch writes it
+        assert failed["error"]["kind"] == "document" and failed["answer"] is None
 
 
 def test_fila_batch_on_the_whole_corpus(bundle, corpus, tmp_path):

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from fila_cli.cli.app import app
 from fila_cli.errors import ExitCode
-from fila_cli.qa.batch import collect_documents, load_done
+from fila_cli.qa.batch import collect_documents
+from fila_cli.qa.run import load_done
 
 QUESTIONS = ["What is the total due?", "Who signed the letter?"]
 
@@ -129,12 +130,14 @@ def read_records_but_the_torn_line(path):
 
 def test_resume_cuts_the_torn_line_and_drops_failed_records(tmp_path):
     good = {"file": "a.pdf", "question": "q", "model": "m", "sha256": "1" * 64, "answer": "x", "error": None}
+    copy = {**good, "file": "copy.pdf"}  # another file with the same bytes: another unit of work
     failed = {**good, "file": "b.pdf", "sha256": "2" * 64, "answer": None, "error": {"kind": "timeout", "message": "m"}}
     out = tmp_path / "out.jsonl"
-    out.write_text("".join(json.dumps(r) + "\n" for r in (good, failed, good)) + '{"file": "c.pd')
-    assert load_done(out) == {("1" * 64, "q", "m")}
-    assert read_records(out) == [good], "failed, duplicate and torn records are removed; the good one is kept"
-    assert load_done(out) == {("1" * 64, "q", "m")} and read_records(out) == [good]
+    out.write_text("".join(json.dumps(r) + "\n" for r in (good, failed, copy, good)) + '{"file": "c.pd')
+    done = {("a.pdf", "1" * 64, "q", "m"), ("copy.pdf", "1" * 64, "q", "m")}
+    assert load_done(out) == done
+    assert read_records(out) == [good, copy], "failed, duplicate and torn records are removed; the good ones are kept"
+    assert load_done(out) == done and read_records(out) == [good, copy]
 
 
 ALLOCATE_UNDER_A_BUDGET = """

@@ -5,7 +5,6 @@ context, with the one-at-a-time batch's records, in its order, each exactly once
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 from collections import Counter
@@ -22,7 +21,9 @@ from fila_cli.cli.app import app
 from fila_cli.errors import ExitCode
 from fila_cli.llm import LlamaSettings, SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions
-from fila_cli.qa.batch import RecordSink, run_batch
+from fila_cli.qa.batch import run_batch
+from fila_cli.qa.options import BatchOptions
+from fila_cli.qa.run import RecordSink
 
 N = 3
 QUESTIONS = ["What is the total due?", "Who signed the letter?"]
@@ -78,7 +79,7 @@ def batch_records(asker, documents, options, tmp_path, name, **kwargs):
     out = tmp_path / f"{name}.jsonl"
     sink = RecordSink(out)
     try:
-        summary = run_batch(asker, documents, QUESTIONS, options, sink, timeout_s=120, **kwargs)
+        summary = run_batch(asker, documents, QUESTIONS, options, sink, BatchOptions(**kwargs))
     finally:
         sink.close()
     assert not summary.interrupted
@@ -127,11 +128,10 @@ def test_parallel_records_equal_one_at_a_time(bundle, documents, tmp_path, optio
 def test_a_prompt_past_the_context_is_the_one_at_a_time_record(bundle, documents, tmp_path):
     # A context between a wide page's tokens and a portrait page's: the portrait pages fail, in the
     # middle of groups, with the one-at-a-time path's message.
-    limits = dict(n_ctx=2200)
     options = AskOptions(sampling=SamplingParams(max_tokens=MAX_TOKENS))
 
-    def asker(n_seq_max):
-        return Asker.load(dataclasses.replace(resolve_bundle(str(bundle)), **limits), reuse_prefix=True,
+    def asker(n_seq_max):  # a fixed context (--ctx-size), which never grows for a prompt
+        return Asker.load(resolve_bundle(str(bundle)), reuse_prefix=True, ctx_size=2200,
                           llama_settings=LlamaSettings(n_seq_max=n_seq_max, flash_attn=False))
 
     reference = batch_records(asker(1), documents, options, tmp_path, "one", pipeline_depth=0)

@@ -22,10 +22,12 @@ from tiny_bundle import build_tiny_bundle
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.errors import ExitCode
 from fila_cli.qa.ask import Asker, AskOptions
-from fila_cli.qa.batch import RecordSink, answer_document, run_batch, sha256_or_none
+from fila_cli.qa.batch import answer_document, run_batch, sha256_or_none
 from fila_cli.qa.document_pipeline import DocumentPipeline
 from fila_cli.qa.isolation import DocumentWorker
+from fila_cli.qa.options import BatchOptions
 from fila_cli.qa.pipeline import RunAhead
+from fila_cli.qa.run import RecordSink
 
 QUESTIONS = ["What is the total due?", "Who signed the letter?"]
 # Page shapes (points) whose renders make different numbers of visual tokens with the tiny bundle:
@@ -147,7 +149,7 @@ def batch_records(asker, documents, options, depth, tmp_path):
     out = tmp_path / f"depth{depth}.jsonl"
     sink = RecordSink(out)
     try:
-        summary = run_batch(asker, documents, QUESTIONS, options, sink, timeout_s=120, pipeline_depth=depth)
+        summary = run_batch(asker, documents, QUESTIONS, options, sink, BatchOptions(pipeline_depth=depth))
     finally:
         sink.close()
     assert not summary.interrupted
@@ -185,9 +187,13 @@ def test_overlapped_records_equal_one_stage_at_a_time(bundle, documents, tmp_pat
         assert answered["invoice.pdf"] >= 1
     else:
         assert answered["invoice.pdf"] == answered["shapes.pdf"] == len(QUESTIONS)
+    encoded = Counter()
     for record in reference:
         if record["error"] is None:
-            assert record["timings"]["encode_s"] > 0 and record["timings"]["prefill_s"] > 0
+            assert record["timings"]["prefill_s"] > 0
+            encoded[record["file"]] += record["timings"]["encode_s"] > 0
+    # Without a cache each page is encoded once for all the questions that read it: by the first.
+    assert all(count >= 1 for count in encoded.values()), encoded
 
 
 # -- kill -9 while the stages overlap, then --resume --

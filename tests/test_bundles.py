@@ -328,3 +328,14 @@ def test_explicit_vision_may_be_a_safetensors_checkpoint_directory(tmp_path: Pat
     assert resolve_bundle(None, llm=llm, mmproj=checkpoint).vision == checkpoint
     with pytest.raises(ModelError, match="--llm file not found"):
         resolve_bundle(None, llm=checkpoint, mmproj=checkpoint)
+
+
+@pytest.mark.parametrize("name", ["../outside.gguf", "m/../../outside.gguf", "/etc/hostname", "C:\\\\x.gguf", ""])
+def test_a_manifest_that_names_a_file_outside_its_folder_is_refused(tmp_path: Path, name: str):
+    folder = tmp_path / "bundle"
+    folder.mkdir()
+    write_gguf(tmp_path / "outside.gguf", "llama")  # exists: only the check can refuse it
+    write_gguf(folder / "proj.gguf", "clip")
+    (folder / "bundle.json").write_text(json.dumps({"files": {"llm": name, "vision": "proj.gguf"}}))
+    with pytest.raises(ModelError, match="outside the bundle's folder"):
+        resolve_bundle(str(folder))

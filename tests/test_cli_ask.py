@@ -15,8 +15,9 @@ from tiny_vision import page_image
 
 from fila_cli.errors import ExitCode
 
+# The one record shape (fila_cli/qa/records.py): "error" is null in an answer's record.
 DOCUMENTED_KEYS = {"file", "question", "answer", "pages", "confidence", "model", "timings", "tokens", "page_choice",
-                   "warnings"}
+                   "warnings", "error"}
 TIMING_KEYS = {"render_s", "encode_s", "prefill_s", "generate_s"}
 TOKEN_KEYS = {"visual", "prompt", "generated"}
 QUESTION = "What is the total due?"
@@ -88,11 +89,28 @@ def test_scanned_document_reads_every_page(bundle, tmp_path):
     assert json.loads(completed.stdout)["pages"][0] in (1, 2)
 
 
+def assert_one_failed_record(stdout: str, kind: str, question: str | None = None) -> dict:
+    """``fila ask --json`` that fails prints exactly one record: the error, every answer key null."""
+    (line,) = stdout.splitlines()
+    record = json.loads(line)
+    assert record["error"]["kind"] == kind and record["error"]["message"]
+    assert record["answer"] is None and record["pages"] is None and record["confidence"] is None
+    assert record["timings"] is None and record["tokens"] is None and record["page_choice"] is None
+    assert record["warnings"] is None
+    if question is not None:
+        assert record["question"] == question
+    return record
+
+
 def assert_fails(completed, exit_code, *needles):
     assert completed.returncode == exit_code, (completed.returncode, completed.stderr)
     lines = completed.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("fila: error:"), completed.stderr
-    assert "Traceback" not in completed.stderr and completed.stdout == ""
+    assert "Traceback" not in completed.stderr
+    # stdout holds exactly one record: the failed one, of the kind the exit code says
+    record = assert_one_failed_record(completed.stdout, {ExitCode.DOCUMENT: "document", ExitCode.MODEL: "model",
+                                                         ExitCode.USAGE: "usage"}[exit_code])
+    assert record["error"]["message"] == lines[-1].removeprefix("fila: error: ")
     for needle in needles:
         assert needle in lines[-1]
 
@@ -151,11 +169,12 @@ def test_a_page_past_the_models_trained_context_is_a_model_limit(tmp_path):
     mmproj = write_tiny_mmproj(tmp_path / MMPROJ_FILE)
     page = make_good_pdf(tmp_path / "letter.pdf", ["Dear customer, the total due is 310.00 EUR."])
     completed = fila("ask", page, QUESTION, "--llm", llm, "--mmproj", mmproj, "--max-tokens", 4, "--device", "cpu", "--json")
-    assert_fails(completed, ExitCode.MODEL, "short-context.gguf", f"holds {trained}", "longer context")
+    assert_fails(completed, ExitCode.MODEL, "short-context.gguf", f"holds at most {trained}", "longer context")
     # The bundle's default context (4096) was capped at the model's training, and fila said so.
     assert f"trained on a {trained}-token context" in completed.stderr and "4096 asked" in completed.stderr
-    needed = int(completed.stderr.split("the prompt needs ")[1].split()[0])
-    visual = int(completed.stderr.split("tokens (")[1].split()[0])
+    refusal = completed.stderr.split("the prompt needs ")[1]
+    needed = int(refusal.split()[0])
+    visual = int(refusal.split("tokens (")[1].split()[0])
     assert visual > 2000 and needed > visual > trained  # a Letter page: ~2,300 visual tokens
     # The precision --dtype auto chose is on stderr (bfloat16 or float32 on a CPU, by its features).
     import torch

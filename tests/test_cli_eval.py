@@ -89,12 +89,17 @@ def test_eval_end_to_end_then_resume_exactly_then_rescore(bundle, docvqa, tmp_pa
 
 
 def test_recent_pages_keeps_the_last_few():
+    from fila_cli.documents.notices import ReadNotices
+    from fila_cli.vision.token_cache import CachedPage
+
     pages = RecentPages(capacity=2)
-    pages.put("a", 1)
-    pages.put("b", 2)
+    pages.put("a", CachedPage(1, ReadNotices()))
+    pages.put("b", CachedPage(2, ReadNotices()))
     assert pages.get("a").page == 1  # "a" is now the most recent
-    pages.put("c", 3)
+    pages.put("c", CachedPage(3, ReadNotices()))
     assert [None if cached is None else cached.page for cached in (pages.get("a"), pages.get("b"), pages.get("c"))] == [1, None, 3]
+    pages.discard("c")
+    assert pages.get("c") is None
 
 
 def test_existing_output_needs_resume(bundle, docvqa, tmp_path):
@@ -185,3 +190,19 @@ def test_eval_help_loads_no_model_code():
             "print(' '.join(sys.modules))")
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert not {"torch", "llama_cpp", "timm", "transformers"} & set(completed.stdout.split())
+
+
+def test_resume_counts_a_prediction_holding_a_line_separator_as_done(bundle, docvqa, tmp_path):
+    out = tmp_path / "predictions.jsonl"
+    first = fila(*eval_args(bundle, docvqa, out))
+    assert first.returncode == ExitCode.FAILURE, first.stderr  # the corrupt image fails
+    written = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line]
+    for record in written:  # an answer holding U+2028 raw, as fila writes it (legal JSON)
+        if record["question_id"] == "101":
+            record["answer"] = "310\u2028.00"
+    out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in written), encoding="utf-8")
+    resumed = fila(*eval_args(bundle, docvqa, out, "--resume"))
+    assert "3 already done (--resume)" in resumed.stderr, resumed.stderr
+    again = [json.loads(line) for line in out.read_text(encoding="utf-8").split("\n") if line]
+    assert sorted(r["question_id"] for r in again) == ["101", "102", "105", "106"], "no question answered twice"
+    assert next(r for r in again if r["question_id"] == "101")["answer"] == "310\u2028.00"

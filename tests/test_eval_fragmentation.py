@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import asdict
 
 import pymupdf
 import pytest
@@ -25,6 +26,7 @@ from fila_cli.errors import ExitCode, UsageError
 from fila_cli.eval.fragmentation import DATA_FILE, generator_config, make_fragmentation, read_rows
 
 SAMPLE = 24
+PNG_DPI = 200  # a scan's usual resolution
 
 
 @pytest.fixture(scope="module")
@@ -100,10 +102,79 @@ def test_make_fragmentation_then_eval_reports_inside_and_straddling(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert made.returncode == ExitCode.OK, made.stderr
     assert "4 questions, 2 inside one crop, 2 straddling" in made.stderr and made.stdout == ""
+    predictions = tmp_path / "predictions.jsonl"
     completed = subprocess.run([sys.executable, "-m", "fila_cli", "eval", "--task", "fragmentation", "--data", str(out),
-                                "--model", str(bundle), "--max-tokens", "3", "--limit", "2", "--json"], capture_output=True, text=True, timeout=600)
+                                "--model", str(bundle), "--max-tokens", "3", "--limit", "2", "--json", "-o", str(predictions)],
+                               capture_output=True, text=True, timeout=600)
     assert completed.returncode == ExitCode.OK, completed.stderr
     assert "warning" not in completed.stderr  # made for the tiny model's canvases (the paper's)
     scores = json.loads(completed.stdout)
     assert scores["metric"] == "exact_match" and scores["questions"] == 2 and scores["answered"] == 2
     assert {name: g["questions"] for name, g in scores["groups"].items()} == {"inside": 1, "straddling": 1}
+    # The gold answer, located on each page with the evidence locator and this model's canvases, lies
+    # where the generator placed it; the accuracy is split by it.
+    rows = {row["question_id"]: row for row in read_rows(out / DATA_FILE)}
+    written = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [r["gold_evidence"] for r in written] == [rows[r["question_id"]]["placement"] for r in written]
+    assert {name: g["questions"] for name, g in scores["evidence"].items()} == {"inside": 1, "straddling": 1}
+    assert scores["evidence_not_located"] == 0
+    for record in written:
+        assert scores["evidence"][record["gold_evidence"]]["score"] == record["score"]
+
+
+def test_eval_score_splits_accuracy_by_where_the_gold_answer_lies(tmp_path):
+    """Predictions right on every straddling question and wrong on every inside one: the split shows it."""
+    out = tmp_path / "frag"
+    make_fragmentation(out, 6, seed=5)
+    predictions = tmp_path / "predictions.jsonl"
+    with predictions.open("w") as handle:
+        for row in read_rows(out / DATA_FILE):
+            answer = row["answers"][0] if row["placement"] == "straddling" else "wrong"
+            handle.write(json.dumps({"question_id": row["question_id"], "answer": answer, "gold_evidence": row["placement"]}) + "\n")
+    scored = subprocess.run([sys.executable, "-m", "fila_cli", "eval", "score", "--task", "fragmentation", "--data", str(out),
+                             "--predictions", str(predictions), "--json"], capture_output=True, text=True, timeout=120)
+    assert scored.returncode == ExitCode.OK, scored.stderr
+    scores = json.loads(scored.stdout)
+    assert scores["evidence"] == {"inside": {"score": 0.0, "questions": 3}, "straddling": {"score": 1.0, "questions": 3}}
+    table = subprocess.run([sys.executable, "-m", "fila_cli", "eval", "score", "--task", "fragmentation", "--data", str(out),
+                            "--predictions", str(predictions)], capture_output=True, text=True, timeout=120)
+    assert "gold across a crop boundary" in table.stdout and "gold inside one crop" in table.stdout
+
+
+def test_gold_answers_on_image_pages_are_located_by_ocr(tmp_path):
+    """An image benchmark has no text layer: with --gold-ocr (Tesseract installed) the gold answer is
+    read off the pixels, and lies where the generator placed it."""
+    from fila_cli.documents.page_words import tessdata_folder
+    from fila_cli.eval.evidence_split import gold_placement
+
+    out = tmp_path / "frag"
+    rows = [asdict(row) for row in make_fragmentation(out, 2, seed=9)]
+    config = AnyresConfig()
+    located = []
+    for row in rows:
+        png = tmp_path / f"{row['question_id']}.png"
+        with pymupdf.open(out / row["image"]) as pdf:
+            pdf[0].get_pixmap(dpi=PNG_DPI).save(png)
+        assert gold_placement(png, row["answers"], config) is None  # no text layer, no OCR asked for
+        if tessdata_folder() is not None:
+            placement = gold_placement(png, row["answers"], config, ocr=True)
+            assert placement in (None, row["placement"]), row["question_id"]  # OCR may misread; never misplace
+            located.append(placement)
+    if tessdata_folder() is None:
+        pytest.skip("Tesseract is not installed (apt install tesseract-ocr)")
+    assert sum(p is not None for p in located) >= 1
+
+
+def test_the_gold_locator_reads_each_page_once(tmp_path, monkeypatch):
+    """Benchmarks ask several questions about one image: its words (OCR: seconds) are read once."""
+    from fila_cli.eval import evidence_split
+
+    out = tmp_path / "frag"
+    [row] = [asdict(row) for row in make_fragmentation(out, 1, seed=2)]
+    reads = []
+    real = evidence_split.page_words
+    monkeypatch.setattr(evidence_split, "page_words", lambda document, index, ocr: reads.append(index) or real(document, index, ocr=ocr))
+    locator = evidence_split.GoldLocator(AnyresConfig())
+    assert locator.placement(out / row["image"], row["answers"]) == row["placement"]
+    assert locator.placement(out / row["image"], ["not on the page", *row["answers"]]) == row["placement"]
+    assert reads == [0]

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from fila_cli.documents.canvas import plan_canvas
-from fila_cli.eval.fragmentation import crops_touched
+from fila_cli.documents.page_geometry import crops_touched
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fragmentation.py"
 

@@ -13,7 +13,7 @@ import llama_cpp
 import numpy as np
 import pytest
 from gguf import GGUFWriter
-from tiny_llm import BOS_ID, EOS_ID, build_tiny_llm, gguf_token_embeddings
+from tiny_llm import BOS_ID, EOS_ID, build_large_llm, build_tiny_llm, gguf_token_embeddings
 
 from fila_cli.errors import ExitCode, ModelError
 from fila_cli.llm import ContextOverflowError, LlamaBackend, SamplingParams
@@ -236,16 +236,41 @@ def test_text_stream_holds_back_split_utf8():
 # --- errors -------------------------------------------------------------------------------------
 
 
-def test_context_overflow_is_a_clear_error(model_path):
-    with LlamaBackend(model_path, n_ctx=64) as b:
+def test_a_fixed_context_overflow_is_a_clear_error(model_path):
+    with LlamaBackend(model_path, n_ctx=64, grow=False) as b:  # as --ctx-size 64 asks
         rows = np.zeros((100, N_EMBD), np.float32)
         with pytest.raises(ContextOverflowError) as info:
             b.generate(["USER: ", rows, "\nhi ASSISTANT:"])
+        assert b.n_ctx == 64  # never grown
     message = str(info.value)
-    assert "64" in message and str(info.value.n_needed) in message and info.value.n_needed > 100
-    # The options were fine: the model's context is too small. A model limit, exit 4 (not 2).
+    assert str(info.value.n_needed) in message and info.value.n_needed > 100
+    # The options were fine: the context is too small. A model limit, exit 4 (not 2).
     assert isinstance(info.value, ModelError) and info.value.exit_code == ExitCode.MODEL
-    assert "longer context" in message
+    # The real limit, and what would make the prompt fit.
+    assert "the context holds 64 tokens (--ctx-size)" in message
+    assert "raise --ctx-size up to 4096, what the model was trained on" in message
+
+
+def test_the_context_grows_for_a_long_prompt_and_answers_as_a_context_of_that_size(model_path):
+    rows = np.random.default_rng(5).standard_normal((300, N_EMBD)).astype(np.float32)
+    prompt = ["USER: ", rows, "\nhi ASSISTANT:"]
+    params = SamplingParams(max_tokens=8)
+    notes: list[str] = []
+    with LlamaBackend(model_path, n_ctx=64) as b:
+        b.on_context_note = notes.append
+        assert "grown as prompts need up to 4096" in b.context_summary
+        grown = b.generate(prompt, params)
+        n_needed = grown.n_prompt_tokens + grown.n_visual_tokens
+        # Room for the prompt and a default answer, in llama.cpp's steps of 256 cells.
+        assert b.n_ctx == 768 and b.n_ctx >= n_needed + 256
+        assert notes == [f"LLM context grown from 64 to 768 tokens for a {n_needed + 1}-token prompt "
+                         "(at most 4096: what tiny-llama was trained on)"]
+        again = b.generate(prompt, params)  # the grown context is kept: no second note
+        assert len(notes) == 1 and again.token_ids == grown.token_ids
+    with LlamaBackend(model_path, n_ctx=768) as fresh:  # the same answer as a context made that large
+        expected = fresh.generate(prompt, params)
+    assert grown.token_ids == expected.token_ids
+    assert grown.mean_logprob == pytest.approx(expected.mean_logprob, abs=LOGPROB_ATOL)
 
 
 def test_the_context_is_capped_at_what_the_model_was_trained_for(tmp_path):
@@ -256,9 +281,44 @@ def test_the_context_is_capped_at_what_the_model_was_trained_for(tmp_path):
         assert f"trained on a {trained}-token context" in b.context_note and "1024 asked" in b.context_note
         with pytest.raises(ContextOverflowError) as info:
             b.generate(["USER: ", np.zeros((300, N_EMBD), np.float32), "\nhi ASSISTANT:"])
-        assert f"holds {trained} (what it was trained on)" in str(info.value)
+        assert f"the context holds at most {trained} tokens, what tiny-llama was trained on" in str(info.value)
+        assert "use a model trained on a longer context" in str(info.value)
     with LlamaBackend(path, n_ctx=128) as b:  # asking for less than the training is granted as asked
         assert b.n_ctx == 128 and b.context_note is None
+
+
+def test_a_context_memory_cannot_hold_is_refused_naming_memory(model_path, monkeypatch):
+    import fila_cli.llm.backend as backend_module
+    from fila_cli.llm.context_size import Memory
+
+    per_token = 2 * 4 * (16 + 16) * 2  # tiny: 2 layers x 4 KV heads x (K 16 + V 16 dims) x f16
+    # Memory for 512 more positions of KV cache, at the safety fraction: the context stops at 576 + 64.
+    monkeypatch.setattr(backend_module, "available_memory", lambda on_gpu: Memory(2 * 512 * per_token, "RAM"))
+    with LlamaBackend(model_path, n_ctx=64) as b:
+        assert b.kv_shape.bytes_per_token == per_token
+        limit = b.context_limit()
+        assert (limit.kind, limit.n_ctx) == ("memory", 512)
+        with pytest.raises(ContextOverflowError) as info:
+            b.generate(["USER: ", np.zeros((600, N_EMBD), np.float32), "\nhi ASSISTANT:"])
+        assert "the context holds at most 512 tokens, what memory allows (512 bytes of KV cache a token" in str(info.value)
+        assert "free memory" in str(info.value)
+        assert b.n_ctx == 64
+
+
+def test_the_kv_cache_cost_a_token_is_what_llama_cpp_allocates(tmp_path, capfd):
+    """kv_shape's bytes a position against llama.cpp's own log of the KV cache it made, for a
+    grouped-query model (2 KV heads for 8 query heads, as Mistral's 8 for 32)."""
+    import re
+
+    path = build_large_llm(tmp_path / "gqa.gguf", n_embd=256, n_layer=3, n_head=8, n_head_kv=2, n_ff=64)
+    with LlamaBackend(path, n_ctx=1024, verbose=True) as b:
+        per_token = b.kv_shape.bytes_per_token
+    log = capfd.readouterr().err
+    sizes = re.findall(r"llama_kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells", log)
+    assert sizes, log[-2000:]
+    mib, cells = float(sizes[-1][0]), int(sizes[-1][1])
+    assert per_token == 3 * 2 * (32 + 32) * 2
+    assert mib * 1024 * 1024 == pytest.approx(per_token * cells)
 
 
 def test_visual_tokens_of_the_wrong_width_are_a_model_error(backend):
@@ -354,3 +414,21 @@ def test_the_settings_reach_llama_cpp_and_keep_the_answer(model_path, backend, t
         assert (context.n_threads, context.n_threads_batch) == (1, 1)
         assert other.generate([BEFORE, image, AFTER], params).token_ids == expected
     assert backend.llama.context_params.n_threads == physical_cores() >= 1
+
+
+def test_the_llama_cpp_python_range_pinned_is_the_one_internals_is_written_for():
+    """_internals uses llama-cpp-python's private members: pyproject.toml pins the releases it is
+    tested with, and the installed one is among them."""
+    import tomllib
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    from fila_cli.llm._internals import TESTED_LLAMA_CPP_PYTHON
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    pins = [Requirement(r) for r in pyproject["project"]["dependencies"] if r.startswith("llama-cpp-python")]
+    assert [p.specifier for p in pins] == [SpecifierSet(TESTED_LLAMA_CPP_PYTHON)]
+    assert version("llama-cpp-python") in pins[0].specifier

@@ -147,17 +147,29 @@ def test_each_prompt_has_the_whole_context(model_path, alone):
 
 
 def test_a_prompt_past_the_context_is_refused_before_anything_is_decoded(together, prompts):
-    too_long = ["USER: ", np.zeros((N_CTX + 10, together.n_embd), np.float32), " hi"]
+    trained = 4096  # tiny_llm's GGUF: past it the context never grows
+    too_long = ["USER: ", np.zeros((trained + 10, together.n_embd), np.float32), " hi"]
     decoded = (together.stats.text_tokens, together.stats.embedding_rows)
     with pytest.raises(ContextOverflowError) as info:
         together.generate_many([prompts[0], too_long], SamplingParams(max_tokens=4))
-    assert info.value.n_ctx == N_CTX and info.value.n_needed > N_CTX
-    assert str(N_CTX) in str(info.value) and "longer context" in str(info.value)
+    assert info.value.n_ctx == trained and info.value.n_needed > trained and together.n_ctx == N_CTX
+    assert f"at most {trained} tokens" in str(info.value) and "longer context" in str(info.value)
     assert (together.stats.text_tokens, together.stats.embedding_rows) == decoded, "nothing was decoded"
     assert together.prompt_size(too_long) == info.value.n_needed
     with pytest.raises(ValueError, match="at most 3"):
         together.generate_many([prompts[0]] * (N_SEQ + 1))
     assert together.generate_many([]) == []
+
+
+def test_every_sequence_s_context_grows_for_the_longest_prompt(model_path, prompts):
+    rows = np.random.default_rng(1).standard_normal((300, 64)).astype(np.float32)
+    group = [prompts[2], ["USER: ", rows, " Who signed? ASSISTANT:"]]
+    params = SamplingParams(max_tokens=MAX_TOKENS)
+    with LlamaBackend(model_path, n_ctx=64) as one, \
+            LlamaBackend(model_path, n_ctx=64, settings=LlamaSettings(n_seq_max=N_SEQ)) as many:
+        single = [one.generate(prompt, params) for prompt in group]
+        assert_same_answers(many.generate_many(group, params), single)
+        assert many.n_ctx == one.n_ctx == 768  # 300 rows + text + a default answer, in steps of 256
 
 
 def test_without_flash_attention_long_prompts_answer_as_alone_to_rounding(model_path):

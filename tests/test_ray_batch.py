@@ -257,3 +257,19 @@ def test_without_ray_the_batch_never_imports_it(bundle, folder):
     completed = subprocess.run([sys.executable, "-c", RUN_LOCAL_BATCH, "batch", str(folder / "doc01.pdf"), "-q", "q",
                                 "--model", str(bundle), "--max-tokens", "2"], capture_output=True, text=True, timeout=300)
     assert completed.stderr.strip().endswith("NO RAY"), completed.stderr
+
+
+@pytest.mark.slow
+def test_two_given_paths_of_one_file_are_two_documents(bundle, cluster, tmp_path):
+    """A file and a link to it resolve to one path on the workers; the driver keeps them apart."""
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    make_good_pdf(folder / "a.pdf", ["The total due is 310.00 EUR"])
+    os.symlink(folder / "a.pdf", folder / "link.pdf")
+    out = tmp_path / "out.jsonl"
+    completed = subprocess.run(ray_command(bundle, cluster, folder / "a.pdf", folder / "link.pdf", "-q", QUESTIONS[0],
+                                           "-o", out, "--pipeline-depth", "0"), capture_output=True, text=True, timeout=600)
+    assert completed.returncode == ExitCode.OK, completed.stderr
+    records = read_records(out)
+    assert sorted(r["file"] for r in records) == [str(folder / "a.pdf"), str(folder / "link.pdf")]
+    assert all(r["error"] is None for r in records)

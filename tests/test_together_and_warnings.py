@@ -82,21 +82,85 @@ def test_together_puts_both_pages_in_one_prompt_each_after_its_label(long_bundle
     assert [len(prompt[i]) for i in images] == alone
 
 
-def test_together_is_refused_with_the_numbers_when_the_context_is_too_small(bundle, report):
+def test_together_is_refused_with_the_numbers_when_the_model_was_not_trained_for_them(bundle, report):
     loaded = resolve_bundle(str(bundle))
+    # The bundle's context is only where it starts: it grows up to the 4,096 the LLM was trained on.
     asker = Asker.load(dataclasses.replace(loaded, n_ctx=1500), device="cpu", dtype="float32")
     with pytest.raises(ContextOverflowError) as refused:
         asker.ask(report, QUESTION, OPTIONS)
     message = str(refused.value)
-    assert "2 pages together need" in message and "context holds 1500" in message
-    assert refused.value.n_ctx == 1500 and refused.value.n_needed > 1500
+    assert "2 pages together need" in message and "the context holds at most 4096 tokens, what tiny-llama was trained on" in message
+    assert refused.value.n_ctx == 4096 and refused.value.n_needed > 4096
     completed = subprocess.run([sys.executable, "-m", "fila_cli", "ask", report, QUESTION, "--model", bundle, "--pages",
                                 "1,3", "--together", "--json"], capture_output=True, text=True, timeout=300)
-    # The bundle's context, 4,096: a limit of the model (exit 4), as every context overflow.
-    assert completed.returncode == ExitCode.MODEL and completed.stdout == ""
+    # The model's trained context: a limit of the model (exit 4), as every context overflow.
+    assert completed.returncode == ExitCode.MODEL
+    failed = json.loads(completed.stdout)  # the one record, failed (issue 24: stdout is never empty with --json)
+    assert failed["error"]["kind"] == "model" and failed["answer"] is None and failed["pages"] is None
     assert "2 pages together need" in completed.stderr and "(4896 visual + " in completed.stderr
-    errors = [line for line in completed.stderr.splitlines() if line.startswith("fila: error: ")]
-    assert len(errors) == 1 and "context holds 4096" in errors[0] and "Traceback" not in completed.stderr
+    errors = [line for line in " ".join(completed.stderr.split()).split("fila: ")[1:] if line.startswith("error: ")]
+    assert len(errors) == 1 and "at most 4096 tokens, what tiny-llama was trained on" in errors[0]
+    assert "drop --together" in errors[0] and "Traceback" not in completed.stderr
+
+
+def test_a_fixed_ctx_size_refuses_naming_the_option_and_how_far_it_may_go(bundle, report):
+    completed = subprocess.run([sys.executable, "-m", "fila_cli", "ask", report, QUESTION, "--model", bundle, "--pages",
+                                "1", "--ctx-size", "1024", "--json"], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == ExitCode.MODEL, completed.stderr
+    said = " ".join(completed.stderr.split())
+    assert "LLM context 1024 tokens (--ctx-size)" in said
+    assert "the context holds 1024 tokens (--ctx-size); raise --ctx-size up to 4096, what the model was trained on," in said
+    for bad in ("0", "100"):
+        refused = subprocess.run([sys.executable, "-m", "fila_cli", "ask", report, QUESTION, "--model", bundle,
+                                  "-c", bad], capture_output=True, text=True, timeout=120)
+        assert refused.returncode == ExitCode.USAGE and "--ctx-size must be at least 256" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def bundle_8k(tmp_path_factory):
+    """The tiny bundle whose LLM was trained (as its GGUF says) on 8,192 tokens: two A4 pages fit."""
+    return build_tiny_bundle(tmp_path_factory.mktemp("bundle-8k"), n_ctx_train=8192)
+
+
+@pytest.fixture(scope="module")
+def invoice(tmp_path_factory):
+    from fila_cli.documents.sample import write_sample_invoice
+
+    return write_sample_invoice(tmp_path_factory.mktemp("invoice") / "invoice.pdf")
+
+
+def test_two_a4_pages_together_fit_a_model_trained_for_them_without_options(bundle_8k, invoice):
+    completed = subprocess.run([sys.executable, "-m", "fila_cli", "ask", invoice, QUESTION, "--model", bundle_8k,
+                                "--pages", "1,2", "--together", "--max-tokens", "3", "--json"],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    answer = json.loads(completed.stdout)
+    assert answer["pages"] == [1, 2] and answer["tokens"]["visual"] > 4096
+    said = " ".join(completed.stderr.split())
+    # What fila chose and why, on stderr: where the context starts, how far it may grow, and the growth.
+    assert "LLM context 4096 tokens, grown as prompts need up to 8192: what tiny-llama was trained on" in said
+    needed = answer["tokens"]["visual"] + answer["tokens"]["prompt"] + 1
+    assert "LLM context grown from 4096 to " in said and f"tokens for a {needed}-token prompt (at most 8192" in said
+
+
+def test_chat_adds_a_page_that_needs_a_larger_context(bundle_8k, invoice):
+    completed = subprocess.run([sys.executable, "-m", "fila_cli", "chat", invoice, "--model", bundle_8k,
+                                "--max-tokens", "3"], input=f"/page +2\n{QUESTION}\n",
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    turns = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert [t["pages"] for t in turns] == [[1, 2]] and turns[0]["tokens"]["visual"] > 4096
+    assert "LLM context grown from 4096 to " in " ".join(completed.stderr.split())
+
+
+def test_batch_together_reads_two_a4_pages_a_model_was_trained_for(bundle_8k, invoice, tmp_path):
+    out = tmp_path / "out.jsonl"
+    completed = subprocess.run([sys.executable, "-m", "fila_cli", "batch", invoice, "-q", QUESTION, "--pages", "1,2",
+                                "--together", "--model", bundle_8k, "--max-tokens", "3", "-o", out],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["error"] is None and record["pages"] == [1, 2] and record["tokens"]["visual"] > 4096
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +188,9 @@ def test_a_truncated_pdf_is_answered_with_a_warning(bundle, corpus):
 
 def test_a_pdf_with_nothing_readable_exits_3(bundle, corpus):
     completed = ask_json(bundle, corpus / "truncated_head.pdf")
-    assert completed.returncode == ExitCode.DOCUMENT and completed.stdout == ""
+    assert completed.returncode == ExitCode.DOCUMENT
+    failed = json.loads(completed.stdout)
+    assert failed["error"]["kind"] == "document" and failed["answer"] is None and failed["warnings"] is None
     assert completed.stderr.startswith("fila: error: ") and len(completed.stderr.strip().splitlines()) == 1
 
 
@@ -233,5 +299,5 @@ def test_batch_together_one_record_per_document_and_a_refusal_is_a_failed_record
     for record in records[2:]:  # two Letter pages: 4,896 visual tokens in a context of 4,096
         assert record["answer"] is None and record["error"]["kind"] == "model"
         assert "2 pages together need" in record["error"]["message"] and "(4896 visual + " in record["error"]["message"]
-        assert "context holds 4096" in record["error"]["message"]
+        assert "the context holds at most 4096 tokens, what tiny-llama was trained on" in record["error"]["message"]
     assert "2 answered; 2 failed; failures: model 2" in completed.stderr

@@ -77,6 +77,11 @@ def test_gguf_lora_adapter_matches_hf_peft(arch, tmp_path):
     random_adapter = write_lora_adapter(tmp_path / "random-lora.gguf", model.llm, model.llm.config)
     random_hf = last_logits_hf(model.llm, embeddings)
     random_cpp = last_logits_llama_cpp(gguf, embeddings, lora=random_adapter)
+    # A context grown after loading (a new llama.cpp context on the same weights) keeps the adapter.
+    with LlamaBackend(gguf, n_ctx=256, n_gpu_layers=0, lora_path=random_adapter) as grown:
+        assert grown.ensure_context(N_CTX + 256) and grown.n_ctx >= N_CTX + 256
+        grown.prefill([embeddings.numpy()])
+        np.testing.assert_allclose(grown.last_logits(), random_cpp, atol=1e-4, rtol=0)
     assert np.abs(random_hf - base_hf).max() > 50 * LOGITS_TOLERANCE
     np.testing.assert_allclose(random_cpp, random_hf, atol=LOGITS_TOLERANCE, rtol=0)
 

@@ -27,9 +27,11 @@ def write_tiny_mmproj(path: Path, *, seed: int = 0, llm_width: int = TINY_LLM_WI
     return path
 
 
-def build_tiny_bundle(directory: Path, *, seed: int = 0, llm_width: int = TINY_LLM_WIDTH, mmproj_width: int | None = None) -> Path:
-    """directory/ with an LLM GGUF and an mmproj GGUF; mmproj_width != llm_width makes a mismatched pair."""
+def build_tiny_bundle(directory: Path, *, seed: int = 0, llm_width: int = TINY_LLM_WIDTH, mmproj_width: int | None = None,
+                      n_ctx_train: int = 4096) -> Path:
+    """directory/ with an LLM GGUF and an mmproj GGUF; mmproj_width != llm_width makes a mismatched pair.
+    n_ctx_train: the context the LLM's GGUF says it was trained on (how far fila may grow its context)."""
     directory.mkdir(parents=True, exist_ok=True)
-    build_tiny_llm(directory / LLM_FILE, n_embd=llm_width, seed=seed)
+    build_tiny_llm(directory / LLM_FILE, n_embd=llm_width, seed=seed, n_ctx_train=n_ctx_train)
     write_tiny_mmproj(directory / MMPROJ_FILE, seed=seed, llm_width=mmproj_width or llm_width)
     return directory

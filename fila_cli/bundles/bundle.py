@@ -21,7 +21,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from fila_cli.config import AnyresConfig, fusion_config_path
@@ -143,12 +143,22 @@ class Manifest:
         return {role: spec for role, spec in self.files.items() if spec is not None}
 
 
+def stays_inside(name: str) -> bool:
+    """True for a relative name that stays in its folder (``sub/llm.gguf``; not ``/etc/x``, not ``../x``)."""
+    pure = PurePosixPath(name.replace("\\", "/"))
+    return bool(name) and not pure.is_absolute() and not PureWindowsPath(name).drive and ".." not in pure.parts
+
+
 def _file_spec(spec: Any, role: str, bad) -> FileSpec:
     # Local bundle.json files may name a file with a plain string.
     if isinstance(spec, str):
-        return FileSpec(filename=spec)
+        spec = {"filename": spec}
     if not isinstance(spec, dict) or not isinstance(spec.get("filename"), str):
         raise bad(f"'files.{role}' must be a file name or an object with a 'filename'")
+    if not stays_inside(spec["filename"]):
+        # A manifest from elsewhere (a download, a shared folder) must not open any file it likes.
+        raise bad(f"'files.{role}' names {spec['filename']!r}, outside the bundle's folder; name the file "
+                  f"relative to {BUNDLE_FILE}, without '..'")
     sha256 = spec.get("sha256")
     if sha256 is not None and (not isinstance(sha256, str) or not _SHA256_RE.match(sha256)):
         raise bad(f"'files.{role}.sha256' must be 64 lower-case hex digits or null")

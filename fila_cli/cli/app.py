@@ -13,6 +13,7 @@ from fila_cli.cli import serve as serve_command
 from fila_cli.cli.options import (
     CacheMaxGbOption,
     CompileOption,
+    CtxSizeOption,
     DeviceOption,
     DtypeOption,
     FusionOption,
@@ -26,6 +27,7 @@ from fila_cli.cli.options import (
     SeedOption,
     ServerOption,
     TemperatureOption,
+    TemplateOption,
     TextLayerOption,
     TopPOption,
     ask_options,
@@ -33,7 +35,7 @@ from fila_cli.cli.options import (
 )
 from fila_cli.cli.support import EXIT_CODES_HELP, VerboseOption, handle_errors, stderr
 from fila_cli.llm.sampling import SamplingParams
-from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, ModelOptions
+from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, DEFAULT_RAY_CPUS, DEFAULT_TIMEOUT_S, BatchOptions, ModelOptions
 
 # The main job first, then the tools around it.
 COMMAND_ORDER = ("ask", "chat", "batch", "serve", "sample", "crops", "encode", "eval", "train", "weights", "cache")
@@ -160,8 +162,10 @@ def encode(
 @app.command(epilog=EXIT_CODES_HELP)
 def crops(
     file: Annotated[Path, typer.Argument(help="A PDF, or an image (PNG, JPEG, WebP, TIFF).", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the picture (.png).", show_default=False)],
-    page: Annotated[int, typer.Option("--page", "-p", help="Page of a PDF, 1-based.")] = 1,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the picture (.png); optional with --find.", show_default=False)] = None,
+    page: Annotated[int | None, typer.Option("--page", "-p", help="Page of a PDF, 1-based (default: 1, or with --find the first page where TEXT is).", show_default=False)] = None,
+    find: Annotated[str | None, typer.Option("--find", "-f", help="Locate TEXT on the page (exact, normalised or partial match) and say which crops it touches.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="With --find: print one JSON object on stdout.")] = False,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Take the canvases (and fusion weights, if any) from this bundle (default: the paper's five canvases, as LLaVA-1.6).")] = None,
     mmproj: MmprojOption = None,
     fusion: FusionOption = None,
@@ -174,17 +178,29 @@ def crops(
     between two crops: the case FILA's whole-page ConvNeXt branch exists for. With fusion weights
     (--fusion, or a bundle that has them) the page is rendered at the ConvNeXt's high resolution and
     both resolutions are stated.
+
+    --find TEXT locates TEXT (no model needed; scanned pages by OCR when Tesseract is installed) and
+    prints where it lies and which crops it touches; the picture outlines it, red where a crop
+    boundary cuts it, green inside one crop. With --json: {"file", "find", "page", "canvas", "grid",
+    "evidence": [{"page", "bbox_pt", "bbox_px", "text", "match", "crops", "straddles_crop_boundary", "source"}],
+    "evidence_reason"}.
     """
     with handle_errors(verbose):
-        from fila_cli.cli.crops_view import describe_resolutions, draw_crops
+        from fila_cli.cli.crops_view import describe_resolutions, draw_crops, draw_evidence
         from fila_cli.config import AnyresConfig
         from fila_cli.documents.canvas import plan_canvas, scale_geometry
         from fila_cli.documents.document import open_document, page_index_from_user
         from fila_cli.documents.render import render_for_canvas
         from fila_cli.errors import UsageError
 
-        if output.suffix.lower() != ".png":
+        if output is None and find is None:
+            raise UsageError("pass --output FILE.png for the picture (or --find TEXT to locate text)")
+        if output is not None and output.suffix.lower() != ".png":
             raise UsageError(f"{output}: the picture is written as PNG; name it *.png")
+        if as_json and find is None:
+            raise UsageError("--json goes with --find TEXT: the picture itself is written with --output")
+        if find is not None and not find.strip():
+            raise UsageError("--find: the text is empty; pass the text to locate")
         config = AnyresConfig()
         if model is not None or mmproj is not None:
             from fila_cli.vision.load import load_vision_weights
@@ -198,12 +214,33 @@ def crops(
 
             highres_scale = load_fusion_config(fusion).convnext.input_scale()
         with open_document(file, password=password) as document:
-            image = render_for_canvas(document, page_index_from_user(page, document.page_count, name=file), config, highres_scale)
+            evidence = None
+            if page is not None:
+                index = page_index_from_user(page, document.page_count, name=file)
+            if find is not None:
+                from fila_cli.documents.evidence import locate_answer
+
+                pages = [index] if page is not None else range(document.page_count)
+                evidence = locate_answer(document, pages, find, config)
+                if page is None:
+                    index = evidence.boxes[0].page - 1 if evidence.boxes else 0
+            elif page is None:
+                index = 0
+            image = render_for_canvas(document, index, config, highres_scale)
+            page_size = document.page_size_points(index)
         geometry = plan_canvas((image.height, image.width), config)
         highres = scale_geometry(geometry, highres_scale) if highres_scale is not None else None
-        draw_crops(image, geometry, highres).save(output)
         rows, cols = geometry.grid
-        stderr.print(f"{output}: page {page}, {image.width}x{image.height} px, {describe_resolutions(geometry, highres)}, {rows}x{cols} crops")
+        if output is not None:
+            if evidence is None:
+                draw_crops(image, geometry, highres).save(output)
+            else:
+                draw_evidence(image, geometry, evidence.on_page(index + 1), page_size, highres).save(output)
+            stderr.print(f"{output}: page {index + 1}, {image.width}x{image.height} px, {describe_resolutions(geometry, highres)}, {rows}x{cols} crops")
+        if evidence is not None:
+            from fila_cli.cli.crops_view import print_found
+
+            print_found(file, find, index + 1, geometry, evidence, as_json)
 
 
 def _read_question(question: str) -> str:
@@ -237,6 +274,8 @@ def ask(
     top_p: TopPOption = SamplingParams.top_p,
     seed: SeedOption = SamplingParams.seed,
     max_tokens: MaxTokensOption = SamplingParams.max_tokens,
+    ctx_size: CtxSizeOption = ModelOptions.ctx_size,
+    template: TemplateOption = ModelOptions.template,
     gpu_layers: GpuLayersOption = ModelOptions.gpu_layers,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -249,15 +288,19 @@ def ask(
     On a terminal the answer is shown in a panel, streamed as it is generated. Piped, or with --json,
     stdout holds exactly one JSON object: {"file", "question", "answer", "pages", "confidence", "model",
     "timings": {"render_s", "encode_s", "prefill_s", "generate_s"}, "tokens": {"visual", "prompt", "generated"},
-    "page_choice": {"method", "detail"}, "warnings": [...]}. A damaged document is answered with a
+    "page_choice": {"method", "detail"}, "warnings": [...], "error": null}; when it fails, the same keys
+    with "error": {"kind", "message"} and the others null. A damaged document is answered with a
     `fila: warning: ...` line on stderr.
     """
-    with handle_errors(verbose):
-        from fila_cli.cli.ask_output import run_ask
+    from fila_cli.cli.ask_output import failed_record_on_stdout, json_output, run_ask
 
-        run_ask(file, _read_question(question),
+    as_json = json_output(as_json)
+    asked: list[str] = [question]  # the question as read (from stdin for "-"), for a failed record
+    with handle_errors(verbose), failed_record_on_stdout(file, lambda: asked[-1], model, as_json):
+        asked.append(_read_question(question))
+        run_ask(file, asked[-1],
                 model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
-                              gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
+                              gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
                 ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature,
                             top_p=top_p, seed=seed, max_tokens=max_tokens, together=together),
                 as_json=as_json, stream=not no_stream, server=server, keep_alive=keep_alive)
@@ -279,6 +322,8 @@ def chat(
     top_p: TopPOption = SamplingParams.top_p,
     seed: SeedOption = SamplingParams.seed,
     max_tokens: MaxTokensOption = SamplingParams.max_tokens,
+    ctx_size: CtxSizeOption = ModelOptions.ctx_size,
+    template: TemplateOption = ModelOptions.template,
     gpu_layers: GpuLayersOption = ModelOptions.gpu_layers,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -299,7 +344,7 @@ def chat(
         raise typer.Exit(run_chat(
             file,
             model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
-                          gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
+                          gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
             ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature, top_p=top_p,
                         seed=seed, max_tokens=max_tokens, together=True),
             as_json=as_json, server=server))
@@ -315,11 +360,11 @@ def batch(
     resume: Annotated[bool, typer.Option("--resume", help="Continue OUTPUT: skip the (document, question, model) records it already holds.")] = False,
     pages: Annotated[str | None, typer.Option("--pages", help="Pages to read in every document, 1-based (default: fila chooses).")] = None,
     together: Annotated[bool, typer.Option("--together", help="Read each document's --pages in one prompt, each introduced by its page number (one record per document and question, listing every page); a document whose pages the context cannot hold is a failed record (kind model), with the numbers.")] = False,
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds the document worker may spend on one document (opening, choosing pages, rendering, text extraction; the model's time between pages does not count) before it is recorded as a timeout.")] = 120.0,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds the document worker may spend on one document (opening, choosing pages, rendering, text extraction; the model's time between pages does not count) before it is recorded as a timeout.")] = DEFAULT_TIMEOUT_S,
     ray: Annotated[str | None, typer.Option("--ray", help="Run across a Ray cluster: 'auto' joins the running one (or starts a local one), 'local' starts a private one on this machine, or give its address (ray://host:10001, host:6379). Needs `pip install \"fila-cli[ray]\"`; the documents' paths must be visible on every node.", show_default=False)] = None,
-    ray_cpus: Annotated[float, typer.Option("--ray-cpus", help="With --ray on CPU-only nodes: CPUs per worker (one model each). On GPU nodes each worker takes one GPU.")] = 2.0,
+    ray_cpus: Annotated[float, typer.Option("--ray-cpus", help="With --ray on CPU-only nodes: CPUs per worker (one model each). On GPU nodes each worker takes one GPU.")] = DEFAULT_RAY_CPUS,
     pipeline_depth: Annotated[int | None, typer.Option("--pipeline-depth", help=f"Pages rendered and encoded ahead while the LLM answers the current one (with --ray, in each worker; each holds one page's visual tokens in memory); 0 does one stage at a time. Default: {DEFAULT_PIPELINE_DEPTH}, or --parallel's N.", show_default=False)] = None,
-    parallel: Annotated[int, typer.Option("--parallel", help="Answer up to N documents' questions side by side in one LLM context (each answer decoded in the same step). Costs N KV caches of the model's context in memory (~0.5 GB each for Mistral-7B at 4096 tokens). Meant for a GPU, where a step costs about as much for N answers as for one; on a CPU the prefill dominates and the gain is small. Records come out in the same order, with the same answers but where two candidate tokens are nearly tied (README).")] = 1,
+    parallel: Annotated[int, typer.Option("--parallel", help="Answer up to N documents' questions side by side in one LLM context (each answer decoded in the same step). Costs N KV caches of the model's context in memory (~0.5 GB each for Mistral-7B at 4096 tokens). Meant for a GPU, where a step costs about as much for N answers as for one; on a CPU the prefill dominates and the gain is small. Records come out in the same order, with the same answers but where two candidate tokens are nearly tied (docs/batch.md).")] = 1,
     compile_encoder: CompileOption = False,
     server: ServerOption = None,
     model: ModelOption = None,
@@ -332,6 +377,8 @@ def batch(
     top_p: TopPOption = SamplingParams.top_p,
     seed: SeedOption = SamplingParams.seed,
     max_tokens: MaxTokensOption = SamplingParams.max_tokens,
+    ctx_size: CtxSizeOption = ModelOptions.ctx_size,
+    template: TemplateOption = ModelOptions.template,
     gpu_layers: GpuLayersOption = ModelOptions.gpu_layers,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
@@ -344,17 +391,19 @@ def batch(
     Each record has the `fila ask --json` keys plus "sha256" (of the document) and "error" (null, or
     {"kind", "message"} with kind document, model, timeout, crash, usage or error). Records are written
     and flushed one by one, so an interrupted batch loses at most the record in flight; `--resume`
-    continues it. Exit 0 when every record succeeded, 1 when some failed, 130 on Ctrl-C.
+    continues it. Exit 0 when every record succeeded, 1 when some failed, 130 on Ctrl-C, 143 on SIGTERM.
     """
     with handle_errors(verbose):
         from fila_cli.cli.batch_output import run_batch_command
 
         raise typer.Exit(run_batch_command(
             paths, questions=question, questions_file=questions_file, recursive=recursive, output=output,
-            resume=resume, timeout=timeout, ray_address=ray, ray_cpus=ray_cpus, pipeline_depth=pipeline_depth,
-            parallel=parallel, server=server,
+            resume=resume,
+            batch=BatchOptions(timeout_s=timeout, pipeline_depth=pipeline_depth, parallel=parallel, ray_address=ray,
+                               ray_cpus=ray_cpus),
+            server=server,
             model=model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
-                                gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb,
+                                gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb,
                                 compile_encoder=compile_encoder),
             ask=ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature,
                             top_p=top_p, seed=seed, max_tokens=max_tokens, together=together)))
@@ -383,33 +432,37 @@ app.add_typer(cache_app, name="cache")
 
 
 @cache_app.command("info")
-def cache_info() -> None:
+def cache_info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False) -> None:
     """Where the caches are, how many entries they hold, their size and the cap they share ($FILA_CACHE_DIR overrides the place)."""
     with handle_errors():
-        from fila_cli.disk_cache import BYTES_PER_GB, DEFAULT_CACHE_MAX_GB
-        from fila_cli.llm.prefix_store import PREFIX_DIR_NAME, PrefixStore
-        from fila_cli.vision.token_cache import TokenCache, default_cache_dir
+        import json
 
-        info = TokenCache().info()
-        print(f"{info.path}: {info.entries} pages of visual tokens, {info.bytes / 1e6:.1f} MB")
-        prefix = PrefixStore(default_cache_dir() / PREFIX_DIR_NAME).info()
-        print(f"{prefix.path}: {prefix.entries} LLM prefix states, {prefix.bytes / 1e6:.1f} MB")
-        total = info.bytes + prefix.bytes
-        print(f"total {total / 1e6:.1f} MB ({total / BYTES_PER_GB:.2f} GB) against one cap for both, "
-              f"--cache-max-gb (default {DEFAULT_CACHE_MAX_GB:g} GB): applied at each write, least recently used first")
+        from rich.filesize import decimal
+
+        from fila_cli.caches.budget import BYTES_PER_GB, DEFAULT_CACHE_MAX_GB
+        from fila_cli.caches.folder import CacheFolder
+
+        info = CacheFolder().info()
+        if as_json:
+            print(json.dumps(info.to_json(), indent=2))
+            return
+        kinds = {"tokens": "pages of visual tokens", "llm-prefix": "LLM prefix states"}
+        for store in info.stores:
+            print(f"{store.path}: {store.entries} {kinds.get(store.name, 'entries')}, {decimal(store.bytes)}")
+        print(f"total {decimal(info.bytes)} against one cap for both, --cache-max-gb (default {DEFAULT_CACHE_MAX_GB:g}, "
+              f"{decimal(int(DEFAULT_CACHE_MAX_GB * BYTES_PER_GB))}): applied at each write, least recently used first")
 
 
 @cache_app.command("clear")
 def cache_clear() -> None:
-    """Delete every cached page: visual tokens and LLM prefix states."""
+    """Delete every cached page: visual tokens and LLM prefix states (only the files fila wrote)."""
     with handle_errors():
-        from fila_cli.llm.prefix_store import PREFIX_DIR_NAME, PrefixStore
-        from fila_cli.vision.token_cache import TokenCache, default_cache_dir
+        from fila_cli.caches.folder import CacheFolder
 
-        cache = TokenCache()
-        print(f"{cache.directory}: removed {cache.clear()} files")
-        store = PrefixStore(default_cache_dir() / PREFIX_DIR_NAME)
-        print(f"{store.directory}: removed {store.clear()} prefix states")
+        folder = CacheFolder()
+        removed = folder.clear()
+        print(f"{folder.root}: removed {removed.pop('tokens')} pages of visual tokens, {removed.pop('llm-prefix')} "
+              f"LLM prefix states" + "".join(f", {n} files of an older cache layout" for n in removed.values() if n))
 
 
 # PyMuPDF's optional add-ons, imported by ``import pymupdf`` when installed (PyMuPDF 2 installs

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
@@ -15,12 +16,13 @@ from rich.text import Text
 
 from fila_cli.cli.options import load_asker
 from fila_cli.cli.serve import remote_asker
+from fila_cli.cli.stopping import stop_signals
 from fila_cli.cli.support import stderr, warning_line
 from fila_cli.documents.document import open_document
+from fila_cli.errors import FilaError
 from fila_cli.qa.options import AskOptions, ModelOptions
-
-if TYPE_CHECKING:  # the model's code loads only to answer here, not for --server
-    from fila_cli.qa.ask import Answer
+from fila_cli.qa.records import Answer, failed_record
+from fila_cli.qa.run import json_line
 
 
 def _answer_panel(text: str, title: str, subtitle: str | None = None) -> Panel:
@@ -31,8 +33,8 @@ def _citation(answer: Answer) -> str:
     pages = ", ".join(str(p) for p in answer.pages)
     confidence = "" if answer.confidence is None else f" · confidence {answer.confidence:.2f}"
     t = answer.timings
-    return (f"page {pages} · {answer.model}{confidence} · render {t['render_s']:.1f}s encode {t['encode_s']:.1f}s "
-            f"prefill {t['prefill_s']:.1f}s generate {t['generate_s']:.1f}s")
+    return (f"page {pages} · {answer.model}{confidence} · render {t.render_s:.1f}s encode {t.encode_s:.1f}s "
+            f"prefill {t.prefill_s:.1f}s generate {t.generate_s:.1f}s")
 
 
 def _page_progress(progress: Progress):
@@ -49,20 +51,54 @@ def _page_progress(progress: Progress):
     return update
 
 
+def json_output(as_json: bool) -> bool:
+    """Whether ``fila ask`` prints its record on stdout: with --json, or when stdout is not a terminal."""
+    return as_json or not sys.stdout.isatty()
+
+
+@contextlib.contextmanager
+def failed_record_on_stdout(file: Path, question: Callable[[], str], model: ModelOptions | str | None,
+                            as_json: bool) -> Iterator[None]:
+    """With JSON output, a failure prints its record on stdout (stdout holds exactly one record,
+    a failed one too); the error line on stderr and the exit code stay as they are."""
+    try:
+        yield
+    except FilaError as error:
+        if as_json:
+            record = failed_record(file, question(), _model_name(model), error.kind, str(error))
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        raise
+
+
+def _model_name(model: ModelOptions | str | None) -> str | None:
+    """The record's name for the model; None when the model itself is what failed to resolve."""
+    try:
+        return (model if isinstance(model, ModelOptions) else ModelOptions(model=model)).bundle().name
+    except FilaError:
+        return None
+
+
 def run_ask(file: Path, question: str, model: ModelOptions, options: AskOptions, *, as_json: bool, stream: bool,
             server: str | None = None, keep_alive: str | None = None) -> None:
     # Check the document before loading gigabytes of model: a typo fails in milliseconds.
     with open_document(file, password=options.password):
         pass
-    asker = remote_asker(model, server, keep_alive) if server or keep_alive else load_asker(model)
+    # One answer, nothing to finish: Ctrl-C or SIGTERM stops it at once (exit 130 or 143).
+    with stop_signals(immediate=True):
+        asker = remote_asker(model, server, keep_alive) if server or keep_alive else load_asker(model)
+        _ask(file, question, asker, options, as_json=as_json, stream=stream)
+
+
+def _ask(file: Path, question: str, asker, options: AskOptions, *, as_json: bool, stream: bool) -> None:
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=stderr, transient=True)
-    if as_json or not sys.stdout.isatty():
+    if as_json:
         with progress:
             answer = asker.ask(file, question, options, on_page=_page_progress(progress))
         _warn(answer)
-        print(json.dumps(answer.to_json(), ensure_ascii=False), flush=True)
+        sys.stdout.write(json_line(answer.to_json()).decode("utf-8"))  # a non-UTF-8 file name: \udcXX escapes
+        sys.stdout.flush()
         return
 
     console = Console()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from rich.console import Console
@@ -14,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fila_cli.cli.options import load_asker
+from fila_cli.cli.stopping import StopRequest, stop_signals
 from fila_cli.cli.support import error_line, stderr, warning_line
 from fila_cli.documents.document import open_document
 from fila_cli.errors import ExitCode, FilaError, UsageError
@@ -32,24 +34,17 @@ COMMANDS = (
 )
 
 
-class _StopFlag:
-    """SIGINT handler while an answer streams: the answer stops, the session goes on."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self, signum: int, frame: object) -> None:
-        self.requested = True
-
-
 def run_chat(file: Path, model: ModelOptions, options: AskOptions, *, as_json: bool, server: str | None = None) -> int:
+    """Signals (cli/stopping.py): while an answer streams, Ctrl-C stops the answer and the session
+    goes on; SIGTERM stops it too, then the session ends (exit 143). Elsewhere (loading, reading a
+    page, waiting for a question) a signal stops at once; Ctrl-C at the prompt only clears the line."""
     # Check the document before loading gigabytes of model: a typo fails in milliseconds.
-    with open_document(file, password=options.password) as document:
+    with open_document(file, password=options.password) as document, stop_signals(immediate=True) as stop:
         if server is not None:
             from fila_cli.cli.serve import run_remote_chat
 
-            return run_remote_chat(server, file, options, document, lambda session: _piped(session)
-                                   if as_json or not sys.stdin.isatty() else _interactive(session))
+            return run_remote_chat(server, file, options, document, lambda session: _piped(session, stop)
+                                   if as_json or not sys.stdin.isatty() else _interactive(session, stop))
         asker = load_asker(model)
         with stderr.status("reading the page…"):
             session = ChatSession(asker, document, options, on_notice=lambda message: stderr.print(
@@ -57,37 +52,51 @@ def run_chat(file: Path, model: ModelOptions, options: AskOptions, *, as_json: b
         for warning in session.warnings:
             warning_line(warning)
         if as_json or not sys.stdin.isatty():
-            return _piped(session)
-        return _interactive(session)
+            return _piped(session, stop)
+        return _interactive(session, stop)
+
+
+@contextlib.contextmanager
+def _answering(stop: StopRequest) -> Iterator[None]:
+    """While an answer is decoded, the first signal only asks it to stop (the turn is kept, marked
+    interrupted); a second one stops at once."""
+    stop.immediate = False
+    try:
+        yield
+    finally:
+        stop.immediate = True
 
 
 # -- piped: one question a line in, one JSON line out ------------------------------------------
 
 
-def _piped(session: ChatSession) -> int:
+def _piped(session: ChatSession, stop: StopRequest) -> int:
     failed = 0
     for line in sys.stdin:
         line = line.strip()
         if not line:
             continue
         if line.startswith("/"):
-            _run_command(session, line, stderr)  # what a command says goes to stderr: stdout is JSON only
+            _run_command(session, line, stderr, stop)  # what a command says goes to stderr: stdout is JSON only
             continue
         try:
-            record = session.record(session.ask(line))
+            with _answering(stop):
+                record = session.record(session.ask(line, should_stop=stop.requested))
         except FilaError as error:
             failed += 1
             error_line(str(error))
-            record = {"file": session.file, "question": line, "answer": None, "model": session.asker.model_name,
-                      "error": {"kind": error.kind, "message": str(error)}}
-        print(json.dumps(record, ensure_ascii=False), flush=True)
+            record = session.failed_record(line, error)
+        print(json.dumps(record, ensure_ascii=False), flush=True)  # whole, even when a signal stopped the answer
+        if stop.requested():
+            error_line("interrupted")
+            return stop.exit_code
     return int(ExitCode.FAILURE) if failed else int(ExitCode.OK)
 
 
 # -- on a terminal ---------------------------------------------------------------------------------
 
 
-def _interactive(session: ChatSession) -> int:
+def _interactive(session: ChatSession, stop: StopRequest) -> int:
     console = Console(highlight=False)
     console.print(_header(session))
     while True:
@@ -96,37 +105,41 @@ def _interactive(session: ChatSession) -> int:
         except EOFError:  # Ctrl-D
             console.print()
             return int(ExitCode.OK)
-        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, as shells do
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh line, as shells do; SIGTERM: the end
+            if stop.signum == signal.SIGTERM:
+                raise
+            stop.reset()
             console.print(Text("\n(Ctrl-D to leave)", style="dim"))
             continue
         line = line.strip()
         if not line:
             continue
         if line.startswith("/"):
-            _run_command(session, line, console)
+            _run_command(session, line, console, stop)
             continue
-        turn = _ask_streaming(session, line, console)
+        turn = _ask_streaming(session, line, console, stop)
         if turn is not None:
             stderr.print(Text(_turn_footer(session, turn), style="dim"))
+        if stop.signum == signal.SIGTERM:  # the answer in flight stopped, shown whole: now leave
+            error_line("interrupted")
+            return stop.exit_code
+        stop.reset()  # Ctrl-C stopped that answer; the session goes on
 
 
-def _ask_streaming(session: ChatSession, question: str, console: Console) -> Turn | None:
-    stop = _StopFlag()
-    previous = signal.signal(signal.SIGINT, stop)
-
+def _ask_streaming(session: ChatSession, question: str, console: Console, stop: StopRequest) -> Turn | None:
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
     try:
         console.print(Text("fila> ", style="bold cyan"), end="")
-        return session.ask(question, on_text=show, should_stop=lambda: stop.requested)
+        with _answering(stop):
+            return session.ask(question, on_text=show, should_stop=stop.requested)
     except FilaError as error:
         console.print()
         error_line(str(error))
         return None
     finally:
-        signal.signal(signal.SIGINT, previous)
         console.print()
 
 
@@ -144,14 +157,14 @@ def _turn_footer(session: ChatSession, turn: Turn) -> str:
     confidence = "" if turn.confidence is None else f" · confidence {turn.confidence:.2f}"
     stopped = " · stopped" if turn.interrupted else ""
     return (f"page {', '.join(map(str, turn.pages))}{confidence}{stopped} · {turn.tokens['prompt']} new prompt tokens, "
-            f"{turn.tokens['generated']} generated · prefill {turn.timings['prefill_s']:.1f}s generate "
-            f"{turn.timings['generate_s']:.1f}s · context {session.context_used}/{session.backend.n_ctx}")
+            f"{turn.tokens['generated']} generated · prefill {turn.timings.prefill_s:.1f}s generate "
+            f"{turn.timings.generate_s:.1f}s · context {session.context_used}/{session.backend.n_ctx}")
 
 
 # -- slash commands --------------------------------------------------------------------------------
 
 
-def _run_command(session: ChatSession, line: str, out: Console) -> None:
+def _run_command(session: ChatSession, line: str, out: Console, stop: StopRequest) -> None:
     name, _, argument = line.partition(" ")
     argument = argument.strip()
     handler = _HANDLERS.get(name)
@@ -164,6 +177,9 @@ def _run_command(session: ChatSession, line: str, out: Console) -> None:
         error_line(str(error))
     except KeyboardInterrupt:  # Ctrl-C while a page was read: the session stays as it was
         session.recover()
+        if stop.signum == signal.SIGTERM:
+            raise
+        stop.reset()
         error_line(f"{name} interrupted; the pages and the conversation are as before")
 
 

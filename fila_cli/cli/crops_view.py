@@ -1,4 +1,5 @@
-"""A picture of how a page is cut: crop boundaries and the global view drawn on the page.
+"""A picture of how a page is cut: crop boundaries and the global view drawn on the page, and
+where an answer lies on it (evidence boxes, red where a crop boundary cuts them).
 
 Text that a crop boundary cuts in half is what FILA's whole-page ConvNeXt branch exists for;
 this lets a user see where those cuts fall on their own page.
@@ -6,9 +7,13 @@ this lets a user see where those cuts fall on their own page.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from PIL import Image, ImageDraw
 
 from fila_cli.documents.canvas import CanvasGeometry
+from fila_cli.documents.evidence import Evidence, EvidenceBox
 
 CROP_LINE_COLOR = (220, 30, 30)  # red: crop boundaries
 GLOBAL_VIEW_COLOR = (30, 90, 220)  # blue: the global view sees the whole page
@@ -68,3 +73,50 @@ def draw_crops(page: Image.Image, geometry: CanvasGeometry, highres: CanvasGeome
     draw.rectangle(box, fill=LABEL_BACKGROUND)
     draw.text((line * 2, line * 2), label, fill=CROP_LINE_COLOR)
     return picture
+
+
+# Evidence boxes: red where a crop boundary cuts the text, green where it lies inside one crop.
+EVIDENCE_STRADDLING_COLOR = (255, 0, 0)
+EVIDENCE_INSIDE_COLOR = (0, 170, 0)
+
+
+def draw_evidence(page: Image.Image, geometry: CanvasGeometry, boxes: list[EvidenceBox], page_size: tuple[float, float],
+                  highres: CanvasGeometry | None = None) -> Image.Image:
+    """The crop picture (``draw_crops``) with each evidence box of this page outlined, red where it
+    straddles a crop boundary. ``page_size``: the page's (width, height) in points, which the
+    boxes' ``bbox_pt`` are in (the picture may be any render of the page)."""
+    picture = draw_crops(page, geometry, highres)
+    draw = ImageDraw.Draw(picture)
+    line = line_width_for(picture)
+    scale_x, scale_y = picture.width / page_size[0], picture.height / page_size[1]
+    for box in boxes:
+        color = EVIDENCE_STRADDLING_COLOR if box.straddles_crop_boundary else EVIDENCE_INSIDE_COLOR
+        for x0, y0, x1, y1 in box.line_boxes_pt:
+            # Just outside the text, so that the outline hides none of it.
+            draw.rectangle([x0 * scale_x - line, y0 * scale_y - line, x1 * scale_x + line, y1 * scale_y + line],
+                           outline=color, width=line)
+    return picture
+
+
+def describe_evidence_box(box: EvidenceBox, grid: tuple[int, int]) -> str:
+    """'page 2: "2,510.40 GBP" (exact) at 151.2,167.9-237.6,182.9 pt, in crop 1 (row 1, column 1)'."""
+    _, cols = grid
+    x0, y0, x1, y1 = box.bbox_pt
+    crops = ", ".join(f"{c + 1} (row {c // cols + 1}, column {c % cols + 1})" for c in box.crops)
+    where = (f"across a crop boundary: crops {crops}" if box.straddles_crop_boundary
+             else f"inside crop {crops}" if box.crops else "outside every crop")
+    return f'page {box.page}: "{box.text}" ({box.match}{", OCR" if box.source == "ocr" else ""}) at {x0:.1f},{y0:.1f}-{x1:.1f},{y1:.1f} pt, {where}'
+
+
+def print_found(file: Path, text: str, page: int, geometry: CanvasGeometry, evidence: Evidence, as_json: bool) -> None:
+    """What ``fila crops --find`` prints on stdout: one line per place, or one JSON object."""
+    if as_json:
+        record = {"file": str(file), "find": text, "page": page, "canvas": list(geometry.canvas_size),
+                  "grid": list(geometry.grid), **evidence.to_json()}
+        print(json.dumps(record), flush=True)
+        return
+    if not evidence.boxes:
+        print(f"{file}: {text!r}: {evidence.reason}", flush=True)
+        return
+    for box in evidence.boxes:
+        print(describe_evidence_box(box, geometry.grid), flush=True)

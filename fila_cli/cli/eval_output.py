@@ -17,6 +17,7 @@ from rich.table import Table
 
 from fila_cli.cli.options import (
     CompileOption,
+    CtxSizeOption,
     DeviceOption,
     DtypeOption,
     FusionOption,
@@ -26,6 +27,7 @@ from fila_cli.cli.options import (
     ModelOption,
     SeedOption,
     TemperatureOption,
+    TemplateOption,
     TopPOption,
     load_asker,
     model_options,
@@ -68,21 +70,26 @@ def eval_command(
     top_p: TopPOption = SamplingParams.top_p,
     seed: SeedOption = SamplingParams.seed,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate per answer.")] = EVAL_MAX_TOKENS,
+    ctx_size: CtxSizeOption = ModelOptions.ctx_size,
+    template: TemplateOption = ModelOptions.template,
     gpu_layers: GpuLayersOption = ModelOptions.gpu_layers,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     cache: Annotated[bool, typer.Option("--cache", help="Also keep every page's visual tokens in the on-disk cache (`fila cache`); off by default, as a split's pages take tens of GB there. Recent pages are always reused from memory.")] = False,
     compile_encoder: CompileOption = False,
+    gold_ocr: Annotated[bool, typer.Option("--gold-ocr", help="Locate gold answers on pages without a text layer (image benchmarks) by OCR, for the accuracy split by crop boundaries; needs Tesseract (apt install tesseract-ocr), a second or two per question.")] = False,
     verbose: VerboseOption = False,
 ) -> None:
     """Answer every question of a benchmark split and score the answers with the task's official metric.
 
     `fila eval --task docvqa --data DocVQA/ -o predictions.jsonl` asks each question with the prompt
     suffix "Answer the question using a single word or phrase.", writes one JSON line per question
-    ({"task", "question_id", "question", "model", "group", "answer", "score", "confidence", "timings",
-    "error"}), and prints the scores: ANLS (docvqa, infovqa), VQA accuracy (textvqa), relaxed accuracy
-    (chartqa), exact match per placement (fragmentation). Exit 0 when every question was answered, 1 when
-    some failed, 130 on Ctrl-C (`--resume` continues).
+    ({"task", "question_id", "question", "model", "group", "gold_evidence", "answer", "score", "confidence",
+    "timings", "error"}), and prints the scores: ANLS (docvqa, infovqa), VQA accuracy (textvqa), relaxed accuracy
+    (chartqa), exact match per placement (fragmentation). Every task's score is also split by where the gold
+    answer lies on the page (gold_evidence: "inside" one crop or "straddling" a crop boundary of this model's
+    canvas; located in the text layer, or by OCR with --gold-ocr). Exit 0 when every question was answered, 1 when
+    some failed, 130 on Ctrl-C, 143 on SIGTERM (`--resume` continues).
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -92,12 +99,12 @@ def eval_command(
         raise typer.Exit(run_eval_command(
             task, data, limit=limit, output=output, resume=resume, as_json=as_json,
             model=model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
-                                gpu_layers=gpu_layers, no_cache=not cache, verbose=verbose, compile_encoder=compile_encoder),
-            sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens)))
+                                gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=not cache, verbose=verbose, compile_encoder=compile_encoder),
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens), gold_ocr=gold_ocr))
 
 
 def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path | None, resume: bool, as_json: bool,
-                     model: ModelOptions, sampling: SamplingParams) -> int:
+                     model: ModelOptions, sampling: SamplingParams, gold_ocr: bool = False) -> int:
     from fila_cli.eval.datasets import BadRows, count_rows, data_files, read_examples
     from fila_cli.eval.scores import read_predictions, score_predictions
     from fila_cli.eval.tasks import task_spec
@@ -113,8 +120,9 @@ def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path |
     files = data_files(data)
     total = count_rows(files) if limit is None else min(limit, count_rows(files))
     # The model code (torch, llama.cpp) loads only once the command line is known to be good.
+    from fila_cli.cli.stopping import stop_signals
     from fila_cli.eval.run import RecentPages, prediction_key, run_eval
-    from fila_cli.qa.batch import RecordSink, load_done
+    from fila_cli.qa.run import RecordSink, load_done
 
     asker = load_asker(model)
     # No LLM prefix states on disk for a benchmark: thousands of pages asked about once each would write
@@ -134,10 +142,10 @@ def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path |
     progress = Progress(TextColumn(f"{spec.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TextColumn("eta"), TimeRemainingColumn(), console=stderr, transient=True)
     try:
-        with progress:
+        with progress, stop_signals() as stop:  # Ctrl-C or SIGTERM: the question in flight, the scores, then exit
             bar = progress.add_task("eval", total=total)
             run = run_eval(asker, spec, examples, sink, AskOptions(sampling=sampling), done=done,
-                           on_record=lambda: progress.advance(bar))
+                           on_record=lambda: progress.advance(bar), should_stop=stop.requested, gold_ocr=gold_ocr)
             progress.update(bar, completed=total)
     finally:
         if sink is not None:
@@ -151,7 +159,7 @@ def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path |
     stderr.print(f"fila eval: {'interrupted: ' if run.interrupted else ''}{summary}", highlight=False, soft_wrap=True)
     print_scores(scores, as_json)
     if run.interrupted:
-        return int(ExitCode.INTERRUPTED)
+        return stop.exit_code
     return int(ExitCode.FAILURE) if run.failed else int(ExitCode.OK)
 
 
@@ -205,12 +213,20 @@ def print_scores(scores, as_json: bool) -> None:
     table.add_row("all", _percent(scores.score), str(scores.questions))
     for name, group in sorted(scores.groups.items()):
         table.add_row(name, _percent(group.score), str(group.questions))
+    for name, group in sorted(scores.evidence.items()):  # where the gold answer lies on the page
+        table.add_row(EVIDENCE_ROWS.get(name, name), _percent(group.score), str(group.questions))
     console = Console(highlight=False)
     console.print(table)
     notes = [f"{scores.answered} answered", f"{scores.failed} failed", f"{scores.missing} without a prediction"]
+    if scores.evidence:
+        notes.append(f"gold answer not located on {scores.not_located}")
     if scores.bad_rows:
         notes.append("bad rows: " + ", ".join(f"{reason} {n}" for reason, n in sorted(scores.bad_rows.items())))
     console.print("; ".join(notes))
+
+
+# Table rows of the accuracy split by where the gold answer lies (``eval.evidence_split``).
+EVIDENCE_ROWS = {"inside": "gold inside one crop", "straddling": "gold across a crop boundary"}
 
 
 def _percent(value: float | None) -> str:

@@ -20,7 +20,7 @@ EXIT_CODES_HELP = (
     "Exit codes: 0 answered/done; 1 anything else (some batch records failed, or a bug); 2 usage; "
     "3 the input document is missing, unreadable, encrypted without the right password, or has no such page; "
     "4 the model or weights are missing, incompatible or corrupt, or the input is past the model's limits "
-    "(a page whose tokens do not fit its context); 130 interrupted."
+    "(a page whose tokens do not fit its context); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM)."
 )
 
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log and full tracebacks.")]
@@ -48,9 +48,11 @@ def handle_errors(verbose: bool = False) -> Iterator[None]:
             traceback.print_exc()
         error_line(str(error))
         raise typer.Exit(int(error.exit_code)) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, or a second signal (cli/stopping.py): SIGTERM exits 143
+        from fila_cli.cli.stopping import interrupted_exit_code
+
         error_line("interrupted")
-        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        raise typer.Exit(interrupted_exit_code()) from None
     except Exception as error:  # a bug: say so briefly, details on request
         if verbose:
             traceback.print_exc()

@@ -237,6 +237,28 @@ class Document:
             return self._render_pdf_page(i, scale, max_pixels)
         return self._render_image_page(i, scale, max_pixels)
 
+    def render_scale(self, i: int, scale: float, max_pixels: int = DEFAULT_MAX_PIXELS) -> float:
+        """The scale ``render_page(i, scale, max_pixels)`` really renders at (lowered to fit ``max_pixels``)."""
+        self._check_index(i)
+        if self._pdf is not None:
+            rect = self._load_pdf_page(i).rect
+            return _fit_scale(scale, max_pixels, lambda s: _pdf_render_size(rect, s))
+        page = self._image_pages[i]
+        return _fit_scale(scale, max_pixels, lambda s: _image_render_size(page.width, page.height, s))
+
+    def render_size(self, i: int, scale: float) -> tuple[int, int]:
+        """(width, height) in pixels of page ``i`` rendered at ``scale`` (no pixel cap applied)."""
+        self._check_index(i)
+        if self._pdf is not None:
+            return _pdf_render_size(self._load_pdf_page(i).rect, scale)
+        page = self._image_pages[i]
+        return _image_render_size(page.width, page.height, scale)
+
+    def pdf_page(self, i: int) -> pymupdf.Page | None:
+        """Page ``i`` of a PDF as PyMuPDF's page (for its text and geometry); None for an image."""
+        self._check_index(i)
+        return self._load_pdf_page(i) if self._pdf is not None else None
+
     def _render_pdf_page(self, i: int, scale: float, max_pixels: int) -> Image.Image:
         page = self._load_pdf_page(i)
         rect = page.rect
@@ -344,10 +366,20 @@ def _read_head(path: Path) -> bytes:
     return head
 
 
+def _utf8_name(path: Path) -> bool:
+    """False for a name whose bytes are not UTF-8 (a Latin-1 name from an old zip, held by Python
+    as lone surrogates): MuPDF takes names as UTF-8 and fails to open it, so fila reads its bytes."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _open_pdf(path: Path, password: str | None) -> Document:
     pymupdf.TOOLS.reset_mupdf_warnings()
     try:
-        pdf = pymupdf.open(path, filetype="pdf")
+        pdf = pymupdf.open(path, filetype="pdf") if _utf8_name(path) else pymupdf.open(stream=path.read_bytes(), filetype="pdf")
     except Exception as error:  # PyMuPDF raises FileDataError, RuntimeError, ValueError... for bad files
         # MuPDF's first complaint says more than PyMuPDF's "Failed to open file ...".
         complaints = pymupdf.TOOLS.mupdf_warnings(reset=True).splitlines()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fila_cli.bundles.bundle import stays_inside
 from fila_cli.errors import UsageError
 from fila_cli.eval.tasks import TaskSpec
 
@@ -164,7 +165,7 @@ def _json_rows(file: Path) -> Iterator[dict[str, Any] | None]:
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"{file}: cannot read it ({error}); check the file") from None
     if file.suffix == ".jsonl":
-        for line in text.splitlines():
+        for line in text.split("\n"):  # \n only: a row may hold U+2028 raw
             if line.strip():
                 yield _object_or_none(line)
         return
@@ -202,6 +203,9 @@ def _example(task: TaskSpec, row: dict[str, Any] | None, index: int, source: Pat
         bad.add("no gold answer")
         return None
     image_bytes, image_path = _image(row.get(task.image_column), source)
+    if image_path == _OUTSIDE:
+        bad.add("image path outside the data folder")
+        return None
     if image_bytes is None and image_path is None:
         bad.add("missing image")
         return None
@@ -226,7 +230,7 @@ def _image(value: Any, source: Path) -> tuple[bytes | None, Path | None]:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value) or None, None
     if isinstance(value, str):
-        return None, _existing(source.parent / value)
+        return None, _existing(source.parent, value)
     if isinstance(value, dict):
         data = value.get("bytes")
         if isinstance(data, (bytes, bytearray)) and data:
@@ -239,9 +243,17 @@ def _image(value: Any, source: Path) -> tuple[bytes | None, Path | None]:
             if decoded:
                 return decoded, None
         if isinstance(value.get("path"), str) and value["path"]:
-            return None, _existing(source.parent / value["path"])
+            return None, _existing(source.parent, value["path"])
     return None, None
 
 
-def _existing(path: Path) -> Path | None:
+# A row's image path is relative to its data file's folder and stays in it (no absolute path, no
+# ".."): a dataset from elsewhere must not make fila read any file it names.
+_OUTSIDE = Path("/dev/null/outside")
+
+
+def _existing(folder: Path, name: str) -> Path | None:
+    if not stays_inside(name):
+        return _OUTSIDE
+    path = folder / name
     return path if path.is_file() else None

@@ -6,7 +6,8 @@ form-like, with varied page shapes, fonts and sizes) where each question's answe
 amount or a name) is placed, in PDF points, either wholly inside one crop or straddling a crop
 boundary of the canvas fila itself will pick for that page: the same canvas choice
 (``plan_canvas``) at the same render zoom (``canvas_fill_scale``, the integer pixel size MuPDF
-gives) that ``fila ask`` and ``fila eval`` use. Every row records which, and the answer's box.
+gives) that ``fila ask`` and ``fila eval`` use. Every row records which, and the answer's box as
+the evidence locator (``documents.evidence``, ``fila crops --find``) finds it on the written page.
 
     rows = make_fragmentation(Path("frag"), n=200, seed=0)
     # frag/fragmentation.jsonl, frag/pages/0001.pdf ..., frag/generator.json
@@ -25,8 +26,12 @@ from typing import Any
 import pymupdf
 
 from fila_cli.config import AnyresConfig
-from fila_cli.documents.canvas import CanvasGeometry, plan_canvas
-from fila_cli.documents.render import canvas_fill_scale
+
+# The page's geometry is the one evidence uses (`fila crops --find`, the answer records): "inside" and
+# "straddling" here mean what they mean there.
+from fila_cli.documents.document import open_document
+from fila_cli.documents.evidence import locate_answer
+from fila_cli.documents.page_geometry import PageGeometry, page_geometry
 from fila_cli.errors import UsageError
 
 DATA_FILE = "fragmentation.jsonl"
@@ -86,49 +91,6 @@ FILLER_FIELDS = (
 )
 LINE_ITEMS = ("Paper A4", "Toner cartridge", "Cables", "Service hours", "Freight", "Licence", "Support plan", "Binders",
               "Printer stand", "Ink set", "Labels", "Maintenance")
-
-
-@dataclass(frozen=True)
-class PageGeometry:
-    """A PDF page as the model sees it: the render fila makes of it, and that render's canvas."""
-
-    page_size: tuple[float, float]  # (width, height) in points
-    zoom: float  # pixels per point of the render
-    canvas: CanvasGeometry  # original_size is the render's (height, width) in pixels
-
-    def to_canvas(self, x: float, y: float) -> tuple[float, float]:
-        """A point of the page (points) on the canvas (pixels)."""
-        (orig_h, orig_w), (res_h, res_w) = self.canvas.original_size, self.canvas.resized_size
-        return (self.canvas.pad_left + x * self.zoom * res_w / orig_w,
-                self.canvas.pad_top + y * self.zoom * res_h / orig_h)
-
-    def from_canvas(self, cx: float, cy: float) -> tuple[float, float]:
-        x, y = self.canvas.canvas_to_original(cx, cy)
-        return x / self.zoom, y / self.zoom
-
-    def box_to_canvas(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-        x0, y0 = self.to_canvas(box[0], box[1])
-        x1, y1 = self.to_canvas(box[2], box[3])
-        return x0, y0, x1, y1
-
-    def points_per_canvas_pixel(self) -> float:
-        """The larger of the two axes' scales, so a clearance in pixels is at least that on both."""
-        (orig_h, orig_w), (res_h, res_w) = self.canvas.original_size, self.canvas.resized_size
-        return max(orig_w / (res_w * self.zoom), orig_h / (res_h * self.zoom))
-
-
-def page_geometry(page_size: tuple[float, float], config: AnyresConfig) -> PageGeometry:
-    """The render fila makes of a page this size, and the canvas anyres picks for that render."""
-    zoom = canvas_fill_scale(page_size, config)
-    render = (pymupdf.Rect(0, 0, *page_size) * pymupdf.Matrix(zoom, zoom)).irect  # MuPDF's own rounding
-    return PageGeometry(page_size, zoom, plan_canvas((render.height, render.width), config))
-
-
-def crops_touched(box_on_canvas: tuple[float, float, float, float], canvas: CanvasGeometry) -> list[int]:
-    """Row-major indices of the crops a canvas box overlaps (open intervals: touching is not overlapping)."""
-    x0, y0, x1, y1 = box_on_canvas
-    return [i for i, (left, top, right, bottom) in enumerate(canvas.crop_boxes_on_canvas())
-            if x0 < right and left < x1 and y0 < bottom and top < y1]
 
 
 @functools.cache
@@ -214,12 +176,23 @@ def _make_page(out_dir: Path, index: int, placement: str, rng: random.Random, co
         raise RuntimeError(f"could not place a {placement} answer on a {size_name} page")
     x, baseline, cut = spot
     path = Path(PAGES_DIR) / f"{index + 1:04d}.pdf"
-    box = _write_page(out_dir / path, kind, geometry, style, label, answer, x, baseline, rng)
+    _write_page(out_dir / path, kind, geometry, style, label, answer, x, baseline, rng)
+    box = _located(out_dir / path, answer, placement, config)
     return FragmentationRow(
         question_id=f"frag-{index + 1:04d}", question=question, answers=[answer], image=str(path),
         placement=placement, cut=cut, kind=kind, page_size=list(geometry.page_size), answer_box=[round(v, 3) for v in box],
         answer_box_on_canvas=[round(v, 2) for v in geometry.box_to_canvas(box)], canvas=list(geometry.canvas.canvas_size),
         grid=list(geometry.canvas.grid), font=style.font, font_size=style.size)
+
+
+def _located(path: Path, answer: str, placement: str, config: AnyresConfig) -> Box:
+    """The answer's box as `fila crops --find` (and an answer's evidence) locates it on the written
+    page; its placement must be the one intended."""
+    with open_document(path) as document:
+        evidence = locate_answer(document, [0], answer, config, ocr=False)
+    if len(evidence.boxes) != 1 or evidence.boxes[0].straddles_crop_boundary != (placement == "straddling"):
+        raise RuntimeError(f"{path}: the answer is not located {placement} once ({evidence.to_json()})")  # a bug here
+    return evidence.boxes[0].bbox_pt
 
 
 def _value(kind: str, rng: random.Random) -> str:
@@ -420,7 +393,7 @@ def _table_row(cells: tuple[str, str, str], page_w: float, style: TextStyle) -> 
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text().split("\n") if line.strip()]
 
 
 def generator_config(data_file: Path) -> AnyresConfig | None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from fila_cli.errors import UsageError
 from fila_cli.eval.datasets import BadRows, EvalExample
+from fila_cli.eval.evidence_split import PLACEMENTS
 from fila_cli.eval.tasks import TaskSpec
 
 
@@ -37,6 +38,10 @@ class TaskScores:
     bad_rows: dict[str, int] = field(default_factory=dict)
     groups: dict[str, GroupScore] = field(default_factory=dict)
     model: str | None = None
+    # By where the gold answer lies on the page ("inside" one crop, "straddling" a boundary), for
+    # the questions whose gold answer was located (``evidence_split``); the rest are "not located".
+    evidence: dict[str, GroupScore] = field(default_factory=dict)
+    not_located: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -44,6 +49,8 @@ class TaskScores:
             "answered": self.answered, "failed": self.failed, "missing": self.missing,
             "bad_rows": dict(sorted(self.bad_rows.items())), "model": self.model,
             "groups": {name: {"score": _rounded(g.score), "questions": g.questions} for name, g in sorted(self.groups.items())},
+            "evidence": {name: {"score": _rounded(g.score), "questions": g.questions} for name, g in sorted(self.evidence.items())},
+            "evidence_not_located": self.not_located,
         }
 
 
@@ -55,11 +62,13 @@ def _rounded(value: float | None) -> float | None:
 class Prediction:
     answer: str | None  # None: the question failed (``error`` says why)
     error: str | None = None
+    evidence: str | None = None  # where the gold answer lies: "inside", "straddling", or None (not located)
 
 
 def score_predictions(task: TaskSpec, examples: Iterable[EvalExample], predictions: dict[str, Prediction],
                       bad: BadRows | None = None, model: str | None = None) -> TaskScores:
     per_group: dict[str, list[float]] = {}
+    per_placement: dict[str, list[float]] = {}
     values: list[float] = []
     answered = failed = missing = 0
     for example in examples:
@@ -76,9 +85,13 @@ def score_predictions(task: TaskSpec, examples: Iterable[EvalExample], predictio
         values.append(value)
         if example.group is not None:
             per_group.setdefault(example.group, []).append(value)
+        if prediction is not None and prediction.evidence is not None:
+            per_placement.setdefault(prediction.evidence, []).append(value)
     groups = {name: GroupScore(sum(v) / len(v), len(v)) for name, v in per_group.items()}
+    placements = {name: GroupScore(sum(v) / len(v), len(v)) for name, v in per_placement.items()}
     return TaskScores(task.name, task.metric_name, sum(values) / len(values) if values else None, len(values),
-                      answered, failed, missing, dict(bad.counts) if bad else {}, groups, model)
+                      answered, failed, missing, dict(bad.counts) if bad else {}, groups, model, placements,
+                      len(values) - sum(len(v) for v in per_placement.values()))
 
 
 def read_predictions(path: Path, *, model: str | None = None, task: str | None = None) -> dict[str, Prediction]:
@@ -87,7 +100,7 @@ def read_predictions(path: Path, *, model: str | None = None, task: str | None =
     ``model``/``task``: keep only records of that model and task (records without the key are kept).
     """
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # \n only: a record may hold U+2028 raw
     except FileNotFoundError:
         raise UsageError(f"{path}: no such predictions file; check the path") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -104,9 +117,10 @@ def read_predictions(path: Path, *, model: str | None = None, task: str | None =
             continue
         question_id = str(record["question_id"])
         answer = record.get("answer")
+        evidence = record.get("gold_evidence") if record.get("gold_evidence") in PLACEMENTS else None
         if isinstance(answer, str) and record.get("error") is None:
-            predictions[question_id] = Prediction(answer)
+            predictions[question_id] = Prediction(answer, evidence=evidence)
         elif question_id not in predictions or predictions[question_id].answer is None:
             error = record.get("error")
-            predictions[question_id] = Prediction(None, error.get("message") if isinstance(error, dict) else str(error))
+            predictions[question_id] = Prediction(None, error.get("message") if isinstance(error, dict) else str(error), evidence)
     return predictions

@@ -1,6 +1,10 @@
 """Visual tokens and text in, an answer out: a GGUF LLM run by llama.cpp.
 
 - ``backend``: ``LlamaBackend`` (prefill of text + embedding segments, generation, prefix reuse).
+- ``parallel``: several prompts answered side by side (``LlamaBackend.generate_many``).
+- ``generation``: ``Generation`` (an answer and its cost) and the rule that stops an answer.
+- ``context_size``: how far the context may grow (trained context, memory), ``ContextOverflowError``.
+- ``_internals``: llama.cpp's batches, and every use of llama-cpp-python's private members.
 - ``sampling``: ``SamplingParams`` (greedy by default) and streaming/log-probability helpers.
 - ``templates``: prompt templates per model family, or from the GGUF's own chat template.
 
@@ -14,9 +18,9 @@ import importlib
 
 # public name -> module that defines it
 _EXPORTS = {
-    "ContextOverflowError": "backend",
+    "ContextOverflowError": "context_size",
     "StateRefusedError": "backend",
-    "Generation": "backend",
+    "Generation": "generation",
     "LlamaBackend": "backend",
     "LlamaSettings": "backend",
     "PrefixState": "backend",

@@ -2,43 +2,55 @@
 
 A prompt is a list of *segments*: ``str`` (text, tokenised with special tokens parsed) or a
 float32 array ``[n, n_embd]`` of embeddings (the visual tokens). Text goes through the
-high-level ``Llama.eval``; embeddings go in as rows of ``llama_batch.embd``, ``n_batch`` rows at a
-time, copied with ``ctypes.memmove``. After every embedding chunk the ``Llama`` object's own
-bookkeeping (``n_tokens``, ``input_ids``) is advanced, because ``Llama.eval`` starts by removing
-every KV-cache cell at or beyond ``n_tokens``: without it the next eval would erase the image.
+high-level ``Llama.eval``; embeddings go in as rows of an embedding batch (``_internals``),
+``n_batch`` rows at a time. After every embedding chunk the ``Llama`` object's own bookkeeping
+(``n_tokens``, ``input_ids``) is advanced, because ``Llama.eval`` starts by removing every KV-cache
+cell at or beyond ``n_tokens``: without it the next eval would erase the image.
 
     backend = LlamaBackend("model.gguf", n_ctx=4096)
     answer = backend.generate([before, visual_tokens, after], SamplingParams(max_tokens=64))
     print(answer.text, answer.mean_logprob)
 
 ``Llama.scores`` is not filled when ``logits_all=False``, so the log-probabilities of the answer
-are read from ``llama_get_logits_ith`` after each decode.
+are read from llama.cpp's logits after each decode.
 
-Several prompts can be answered side by side (``generate_many``, with ``LlamaSettings.n_seq_max``
-> 1): each is prefilled into its own sequence id, then one ``llama_decode`` a step carries the next
-token of every unfinished answer. That path drives llama.cpp's batch directly (sequence ids and
-positions of its own) and leaves the ``Llama`` object's bookkeeping at an empty context.
+The context grows when a prompt needs more than it holds (``ensure_context``, ``context_size``),
+unless it was set explicitly (``grow=False``, ``--ctx-size``). Several prompts are answered side by
+side by ``generate_many`` (``parallel``). Every use of llama-cpp-python's private members is in
+``_internals``.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
-import sys
 import time
-import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import llama_cpp
 import numpy as np
 
 from fila_cli.errors import ModelError
 from fila_cli.gguf_files import CLIP_ARCHITECTURE, GGUFHeader, read_gguf_header, require_gguf
-from fila_cli.llm.sampling import SamplingParams, TextCallback, TextStream, log_softmax_at
+from fila_cli.llm import _internals
+from fila_cli.llm._internals import DECODE_NO_KV_SLOT, IMAGE_PLACEHOLDER_ID
+from fila_cli.llm.context_size import (
+    ContextLimit,
+    ContextOverflowError,
+    KVShape,
+    available_memory,
+    grown_size,
+    kv_shape,
+    memory_limit,
+)
+from fila_cli.llm.generation import DecodeStats, Generation, StopReason, stop_after
+from fila_cli.llm.sampling import DEFAULT_MAX_TOKENS, SamplingParams, TextCallback, TextStream, log_softmax_at
+
+log = logging.getLogger(__name__)
 
 
 class StateRefusedError(ModelError):
@@ -47,29 +59,23 @@ class StateRefusedError(ModelError):
 
 # One prompt segment: text, or embedding rows [n, n_embd] (float32).
 Segment = str | np.ndarray
-StopReason = Literal["eos", "max_tokens", "context_full"]
 
-# ``input_ids`` entry for a position filled from embeddings. Never a real token id, so the
-# prefix matching of ``Llama.generate(reset=True)`` can never mistake an image for cached text.
-IMAGE_PLACEHOLDER_ID = -1
 ALL_LAYERS = -1  # llama-cpp-python's n_gpu_layers for "offload every layer"
-# llama_decode return code: no KV-cache slot for the batch (context full).
-DECODE_NO_KV_SLOT = 1
 TOKEN_PIECE_BUFFER = 64  # bytes; llama_token_to_piece asks for more when a piece is longer
 # Architectures that are GGUF files of this project but not language models.
 NOT_LLM_ARCHITECTURES = {CLIP_ARCHITECTURE: "a vision projector (mmproj)"}
 # Sampling knobs of llama-cpp-python that fila leaves neutral (only temperature/top_p are exposed).
 NEUTRAL_SAMPLER = dict(top_k=0, min_p=0.0, typical_p=1.0, repeat_penalty=1.0)
+# Room for the answer when the context grows for a prompt: the default --max-tokens.
+ANSWER_ROOM = DEFAULT_MAX_TOKENS
 
 
 @dataclass(frozen=True)
 class LlamaSettings:
     """How llama.cpp runs the model: batch sizes, attention kernel, threads.
 
-    The defaults are for a page's ~2,300 visual tokens on a 7B model (README "Speed";
-    ``benchmarks/llm_prefill.py`` measures them): llama.cpp's own defaults for the batch sizes (fila
-    used to pass 512 for both), and its fused attention, which llama.cpp enables by default but
-    llama-cpp-python switches off unless asked."""
+    The defaults are for a page's ~2,300 visual tokens on a 7B model (``benchmarks/llm_prefill.py``
+    measures them; docs/speed-and-benchmarks.md, "LLM settings", has the figures)."""
 
     # Rows fila hands llama_decode at once (the logical batch: a whole page in one call) and rows
     # per compute graph (the physical batch).
@@ -102,37 +108,6 @@ def physical_cores() -> int:
     return max(len(siblings), 1)
 
 
-class ContextOverflowError(ModelError):
-    """The prompt (text + visual tokens) does not fit in the model's context: a limit of the model
-    (exit 4), not a bad option."""
-
-    def __init__(self, message: str, *, n_needed: int, n_ctx: int):
-        super().__init__(message)
-        self.n_needed = n_needed
-        self.n_ctx = n_ctx
-
-
-@dataclass
-class Generation:
-    """One answer and what it cost."""
-
-    text: str
-    n_prompt_tokens: int  # text tokens of the prompt (BOS included)
-    n_visual_tokens: int  # embedding rows of the prompt
-    n_generated: int  # answer tokens (the end-of-generation token not counted)
-    # Mean natural-log probability of the sampled tokens under the model's raw distribution
-    # (before temperature/top_p), the end-of-generation token included when one was sampled:
-    # the model's confidence in the answer *and* in stopping there.
-    mean_logprob: float
-    prefill_s: float
-    generate_s: float
-    token_ids: list[int]
-    stop_reason: StopReason
-    # Seconds from the end of the prefill to the first sampled token (its text may be streamed
-    # later: a piece of a UTF-8 character waits for the rest); nan when nothing was sampled.
-    first_token_s: float = float("nan")
-
-
 @dataclass
 class PrefixState:
     """A decoded prefix (e.g. system prompt + image) to restore with ``load_state``.
@@ -157,35 +132,6 @@ class PrefixState:
 class _PromptCounts:
     n_prompt_tokens: int = 0
     n_visual_tokens: int = 0
-
-
-@dataclass
-class DecodeStats:
-    """Positions this backend decoded over its lifetime (tests and benchmarks count reuse with it)."""
-
-    text_tokens: int = 0  # prompt text tokens (generated tokens not counted)
-    embedding_rows: int = 0  # visual tokens
-
-
-# --- llama.cpp logging ---------------------------------------------------------------------------
-
-_log_verbose = False
-
-
-@llama_cpp.llama_log_callback
-def _llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    # Called from C for every llama.cpp/ggml log line: dropped unless --verbose.
-    if _log_verbose and text:
-        sys.stderr.write(text.decode("utf-8", errors="replace"))
-        sys.stderr.flush()
-
-
-def _install_log_callback(verbose: bool) -> None:
-    """Route llama.cpp's (and ggml's) log through ``_llama_log``. The callback is a module
-    global, so ctypes' trampoline is never garbage-collected while C may call it."""
-    global _log_verbose
-    _log_verbose = verbose
-    llama_cpp.llama_log_set(_llama_log, ctypes.c_void_p(0))
 
 
 # --- model loading -------------------------------------------------------------------------------
@@ -219,48 +165,6 @@ def _default_gpu_layers() -> int:
     return ALL_LAYERS if llama_cpp.llama_supports_gpu_offload() else 0
 
 
-class _ParallelLlama(llama_cpp.Llama):
-    """``Llama`` whose context holds ``n_seq_max`` sequences, each in its own KV cache.
-
-    ``Llama.__init__`` makes its ``context_params`` and the context in one go, and sets n_seq_max
-    only for embedding models; this property hands the sequence settings to the params as soon as
-    ``__init__`` creates them, before the context is made from them."""
-
-    def __init__(self, *args, n_seq_max: int, **kwargs):
-        self._n_seq_max = n_seq_max
-        super().__init__(*args, **kwargs)
-
-    @property
-    def context_params(self) -> llama_cpp.llama_context_params:
-        return self._context_params
-
-    @context_params.setter
-    def context_params(self, params: llama_cpp.llama_context_params) -> None:
-        params.n_seq_max = self._n_seq_max
-        # One KV stream per sequence, n_ctx / n_seq_max cells each: a sequence attends only to its
-        # own cells, so its prompt decodes as it does alone, and one long answer cannot crowd out
-        # another's room.
-        params.kv_unified = False
-        self._context_params = params
-
-
-@dataclass
-class _Answering:
-    """One sequence of ``generate_many`` while it is answered."""
-
-    seq: int  # llama.cpp sequence id
-    pieces: list[np.ndarray]
-    sampler: object  # llama-cpp-python's LlamaSampler: this sequence's own chain and random state
-    stream: TextStream
-    n_past: int = 0  # positions decoded
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    stop: StopReason | None = None  # None while it goes on
-    prefill_s: float = 0.0
-    first_token_s: float = float("nan")
-    generate_s: float = 0.0
-
-
 # --- the backend ---------------------------------------------------------------------------------
 
 
@@ -279,10 +183,13 @@ class LlamaBackend:
         verbose: bool = False,
         lora_path: str | os.PathLike | None = None,
         settings: LlamaSettings | None = None,
+        grow: bool = True,
     ):
-        """lora_path: a GGUF LoRA adapter (as ``fila train`` stage 2 writes), applied through
-        llama.cpp's adapter API on top of the model. settings: batch sizes, flash attention and
-        threads (default ``LlamaSettings()``); ``n_batch`` / ``n_threads`` override its fields."""
+        """n_ctx: the context to start with (per prompt), capped at the model's training. grow: let
+        the context grow past it when a prompt needs more (``ensure_context``); False keeps it fixed,
+        as ``--ctx-size`` asks. lora_path: a GGUF LoRA adapter (as ``fila train`` stage 2 writes),
+        applied through llama.cpp's adapter API on top of the model. settings: batch sizes, flash
+        attention and threads (default ``LlamaSettings()``); ``n_batch`` / ``n_threads`` override its fields."""
         settings = settings or LlamaSettings()
         if n_batch is not None:
             settings = replace(settings, n_batch=n_batch, n_ubatch=min(settings.n_ubatch, n_batch))
@@ -295,6 +202,9 @@ class LlamaBackend:
         # The context the model was trained for; None when its GGUF does not say.
         self.n_ctx_train = header.context_length if header is not None else None
         self.n_ctx_requested = n_ctx
+        self.grow = grow
+        # Called with one line when the context grows (the CLI prints it on stderr); default: logged.
+        self.on_context_note: Callable[[str], None] = log.info
         # Past its training a model's positions are out of distribution: never run it there.
         if self.n_ctx_train is not None and n_ctx > self.n_ctx_train:
             n_ctx = self.n_ctx_train
@@ -302,9 +212,10 @@ class LlamaBackend:
             _check_gguf(Path(lora_path))
         if settings.n_seq_max < 1:
             raise ValueError(f"n_seq_max must be at least 1 (got {settings.n_seq_max})")
-        _install_log_callback(verbose)
+        _internals.install_log_callback(verbose)
         parallel = settings.n_seq_max > 1
-        make_llama = partial(_ParallelLlama, n_seq_max=settings.n_seq_max) if parallel else llama_cpp.Llama
+        make_llama = partial(_internals.ParallelLlama, n_seq_max=settings.n_seq_max) if parallel else llama_cpp.Llama
+        self._n_gpu_layers = _default_gpu_layers() if n_gpu_layers is None else n_gpu_layers
         try:
             self._llm = make_llama(
                 str(self.path),
@@ -313,7 +224,7 @@ class LlamaBackend:
                 n_batch=settings.n_batch,
                 n_ubatch=settings.n_ubatch,
                 flash_attn=settings.flash_attn,
-                n_gpu_layers=_default_gpu_layers() if n_gpu_layers is None else n_gpu_layers,
+                n_gpu_layers=self._n_gpu_layers,
                 seed=seed,
                 # llama-cpp-python's defaults: half the logical CPUs for generation, all of them for
                 # prompts; on a 2-core machine without hyper-threads that left one core idle.
@@ -332,20 +243,19 @@ class LlamaBackend:
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
         self._n_vocab = self._llm.n_vocab()
         self._n_embd = self._input_width()
-        # llama.cpp rounds its context up (to a multiple of 256), but Llama.input_ids holds only
-        # the n_ctx asked for: the smaller is the real limit (per sequence with several).
-        n_ctx_seq = llama_cpp.llama_n_ctx_seq(self._llm.ctx) if parallel else self._llm.n_ctx()
-        self._n_ctx = min(n_ctx_seq, n_ctx)
+        self._n_ctx = self._context_cells(n_ctx)
         self._counts = _PromptCounts()
         self.stats = DecodeStats()
-        # One embedding batch for the backend's lifetime: n_batch rows of n_embd floats, 1 sequence.
-        self._embd_batch = llama_cpp.llama_batch_init(self._n_batch, self._n_embd, 1)
-        self._embd_batch_seq = -1
-        self._set_embd_batch_sequence(0)
-        self._free_batch = weakref.finalize(self, llama_cpp.llama_batch_free, self._embd_batch)
-        # Token ids for generate_many, any sequence: a prompt chunk, or one token of each sequence.
-        self._token_batch = llama_cpp.llama_batch_init(max(self._n_batch, settings.n_seq_max), 0, 1)
-        self._free_token_batch = weakref.finalize(self, llama_cpp.llama_batch_free, self._token_batch)
+        # One embedding batch for the backend's lifetime (n_batch rows), and token ids for
+        # generate_many (a prompt chunk, or one token of each sequence).
+        self.embedding_batch = _internals.EmbeddingBatch(self._n_batch, self._n_embd)
+        self.token_batch = _internals.TokenBatch(max(self._n_batch, settings.n_seq_max))
+
+    def _context_cells(self, n_ctx: int) -> int:
+        # llama.cpp rounds its context up (to a multiple of 256), but Llama.input_ids holds only
+        # the n_ctx asked for: the smaller is the real limit (per sequence with several).
+        cells = llama_cpp.llama_n_ctx_seq(self._llm.ctx) if self.n_seq_max > 1 else self._llm.n_ctx()
+        return min(cells, n_ctx)
 
     # -- properties --
 
@@ -361,7 +271,7 @@ class LlamaBackend:
 
     @property
     def n_ctx(self) -> int:
-        """Positions one prompt and its answer may fill (per sequence with ``n_seq_max`` > 1)."""
+        """Positions one prompt and its answer may fill now (per sequence with ``n_seq_max`` > 1)."""
         return self._n_ctx
 
     @property
@@ -378,16 +288,98 @@ class LlamaBackend:
                 f"({self.n_ctx_requested} asked)")
 
     @property
+    def context_summary(self) -> str:
+        """One line: the context now and how far it may grow, and why (said once at load)."""
+        limit = self.context_limit()
+        if not self.grow:
+            return f"LLM context {self._n_ctx} tokens (--ctx-size)"
+        if limit.n_ctx <= self._n_ctx:
+            return f"LLM context {self._n_ctx} tokens ({limit.describe()})"
+        return f"LLM context {self._n_ctx} tokens, grown as prompts need up to {limit.n_ctx}: {limit.why()}"
+
+    @property
+    def kv_shape(self) -> KVShape:
+        """One KV-cache position's shape: layers, KV heads, head dimensions."""
+        model = self._llm.model
+        metadata = _internals.model_metadata(self._llm)
+        return kv_shape(n_layer=llama_cpp.llama_model_n_layer(model), n_head=llama_cpp.llama_model_n_head(model),
+                        n_head_kv=llama_cpp.llama_model_n_head_kv(model), n_embd=llama_cpp.llama_model_n_embd(model),
+                        metadata=metadata, architecture=metadata.get("general.architecture", ""))
+
+    def context_limit(self) -> ContextLimit:
+        """The largest context a prompt may have: now (fixed), or after growing (the trained context,
+        or less when memory does not allow it)."""
+        if not self.grow:
+            return ContextLimit(self._n_ctx, "fixed", self.model_name, self.n_ctx_train)
+        if self.n_ctx_train is None:
+            return ContextLimit(self._n_ctx, "unknown", self.model_name)
+        bytes_per_token = self.kv_shape.bytes_per_token
+        memory = available_memory(on_gpu=self._n_gpu_layers != 0 and llama_cpp.llama_supports_gpu_offload())
+        allowed = memory_limit(self._n_ctx, self.n_seq_max, bytes_per_token, memory)
+        if allowed is not None and allowed < self.n_ctx_train:
+            return ContextLimit(max(allowed, self._n_ctx), "memory", self.model_name, self.n_ctx_train, memory,
+                                bytes_per_token)
+        return ContextLimit(self.n_ctx_train, "trained", self.model_name, self.n_ctx_train)
+
+    def ensure_context(self, n_needed: int, *, room: int = ANSWER_ROOM) -> bool:
+        """Whether a prompt of ``n_needed`` positions (its answer's first token included) fits the
+        context, grown when it must and may: to ``n_needed + room`` in llama.cpp's steps, up to
+        ``context_limit()``. Growing makes a new context on the same weights, so what is decoded
+        is lost (saved ``PrefixState``s stay valid); the user is told with ``on_context_note``."""
+        if n_needed <= self._n_ctx:
+            return True
+        if not self.grow:
+            return False
+        limit = self.context_limit()
+        if n_needed > limit.n_ctx:
+            return False
+        self._resize(grown_size(n_needed, room, limit.n_ctx), n_needed, limit)
+        return True
+
+    def _resize(self, n_ctx: int, n_needed: int, limit: ContextLimit) -> None:
+        old = self._n_ctx
+        try:
+            _internals.recreate_context(self._llm, n_ctx * self.n_seq_max)
+        except (ValueError, RuntimeError) as e:
+            raise ModelError(f"{self.path}: llama.cpp could not make a context of {n_ctx} tokens ({e}); "
+                             "set a smaller one with --ctx-size") from e
+        self._n_ctx = self._context_cells(n_ctx)
+        self._counts = _PromptCounts()
+        self.on_context_note(f"LLM context grown from {old} to {self._n_ctx} tokens for a {n_needed}-token prompt "
+                             f"(at most {limit.n_ctx}: {limit.why()})")
+
+    def overflow(self, n_needed: int, subject: str, detail: str, advice: str | None = None) -> ContextOverflowError:
+        """The refusal of a prompt that cannot fit: ``subject`` needs ``n_needed`` tokens (``detail``),
+        the real limit, and what would make it fit (``advice`` first when given)."""
+        limit = self.context_limit()
+        advice = f"{advice}; or {limit.advice()}" if advice else limit.advice()
+        return ContextOverflowError(f"{subject} {n_needed} tokens ({detail}) but {limit.describe()}; {advice}",
+                                    n_needed=n_needed, n_ctx=limit.n_ctx)
+
+    @property
     def n_vocab(self) -> int:
         return self._n_vocab
 
     @property
+    def vocab(self) -> llama_cpp.llama_vocab_p:
+        return self._vocab
+
+    @property
+    def ctx(self) -> llama_cpp.llama_context_p:
+        """llama.cpp's context (a new one after the context grows)."""
+        return self._llm.ctx
+
+    @property
+    def n_batch(self) -> int:
+        return self._n_batch
+
+    @property
     def model_name(self) -> str:
-        return self._llm.metadata.get("general.name") or self.path.stem
+        return _internals.model_metadata(self._llm).get("general.name") or self.path.stem
 
     @property
     def chat_template(self) -> str | None:
-        return self._llm.metadata.get("tokenizer.chat_template") or None
+        return _internals.model_metadata(self._llm).get("tokenizer.chat_template") or None
 
     @property
     def eos(self) -> int:
@@ -400,6 +392,10 @@ class LlamaBackend:
     def token_text(self, token: int) -> str:
         """The vocabulary entry of ``token`` (e.g. "<s>"), for chat templates that name it."""
         return llama_cpp.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
+
+    def is_end(self, token: int) -> bool:
+        """Whether ``token`` ends generation (end of sequence, end of turn, ...)."""
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     @property
     def n_past(self) -> int:
@@ -434,17 +430,17 @@ class LlamaBackend:
 
     def last_logits(self) -> np.ndarray:
         """Logits [n_vocab] after the last decoded position (a copy)."""
-        ptr = llama_cpp.llama_get_logits_ith(self._llm.ctx, -1)
-        if not ptr:
+        logits = _internals.logits_row(self._llm.ctx, -1, self._n_vocab)
+        if logits is None:
             raise RuntimeError("no logits available: nothing was decoded with logits requested")
-        return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
+        return logits.copy()
 
     # -- decoding the prompt --
 
     def reset(self) -> None:
         """Forget everything decoded (the next decode starts at position 0)."""
         self._llm.reset()
-        self._remove_kv_from(0)
+        _internals.remove_kv_from(self._llm.ctx, 0)
         self._counts = _PromptCounts()
 
     def prefill(self, segments: Sequence[Segment], *, append: bool = False) -> None:
@@ -452,8 +448,8 @@ class LlamaBackend:
         prompt (only when its first segment is text); with it, decoding continues at ``n_past``."""
         if not append:
             self.reset()
-        pieces = self._prepare(segments, at_start=self._llm.n_tokens == 0)
-        self._check_fits(pieces)
+        pieces = self.prepare(segments, at_start=self._llm.n_tokens == 0)
+        self.check_fits(pieces)
         last = len(pieces) - 1
         for i, piece in enumerate(pieces):
             if piece.dtype == np.float32:
@@ -479,7 +475,7 @@ class LlamaBackend:
         self._counts.n_prompt_tokens += len(tokens)
         self.stats.text_tokens += len(tokens)
 
-    def _prepare(self, segments: Sequence[Segment], *, at_start: bool) -> list[np.ndarray]:
+    def prepare(self, segments: Sequence[Segment], *, at_start: bool) -> list[np.ndarray]:
         """Segments -> non-empty token arrays (intc) and embedding arrays (float32, [n, n_embd])."""
         pieces: list[np.ndarray] = []
         for segment in segments:
@@ -499,24 +495,21 @@ class LlamaBackend:
             raise ValueError("empty prompt: no text tokens and no embeddings")
         return pieces
 
-    def _check_fits(self, pieces: Sequence[np.ndarray]) -> None:
+    def check_fits(self, pieces: Sequence[np.ndarray]) -> None:
+        """ContextOverflowError when ``pieces`` cannot follow what is decoded; on an empty context
+        the context grows for them when it may."""
         n_visual = sum(len(p) for p in pieces if p.dtype == np.float32)
         n_text = sum(len(p) for p in pieces) - n_visual
         n_needed = self._llm.n_tokens + n_text + n_visual
-        if n_needed > self.n_ctx:
-            raise self._overflow(n_needed, f"{n_visual} visual + {n_text} text tokens")
+        if n_needed <= self.n_ctx:
+            return
+        if self._llm.n_tokens == 0 and self.ensure_context(n_needed + 1):  # + 1: the answer's first token
+            return
+        raise self._overflow(n_needed, f"{n_visual} visual + {n_text} text tokens")
 
     def _overflow(self, n_needed: int, detail: str) -> ContextOverflowError:
-        if self.n_ctx_train is not None and self.n_ctx >= self.n_ctx_train:
-            limit = f"the model's context holds {self.n_ctx} (what it was trained on)"
-        else:
-            limit = f"the model's context holds {self.n_ctx} (the bundle's n_ctx)"
-        return ContextOverflowError(
-            f"{self.path}: the prompt needs {n_needed} tokens ({detail}, {self._llm.n_tokens} already decoded) but "
-            f"{limit}; use a model with a longer context, or read fewer or smaller pages (--pages)",
-            n_needed=n_needed,
-            n_ctx=self.n_ctx,
-        )
+        return self.overflow(n_needed, f"{self.path}: the prompt needs",
+                             f"{detail}, {self._llm.n_tokens} already decoded")
 
     def _decode_tokens(self, tokens: list[int]) -> None:
         try:
@@ -524,30 +517,18 @@ class LlamaBackend:
         except RuntimeError as e:
             raise ModelError(f"{self.path}: llama.cpp failed to decode the prompt ({e})") from e
 
-    def _set_embd_batch_sequence(self, seq: int) -> None:
-        # Every row belongs to one sequence (0 but in generate_many), set only when it changes:
-        # otherwise only embd, pos and logits change between calls.
-        if seq == self._embd_batch_seq:
-            return
-        batch = self._embd_batch
-        ones = np.ones(self._n_batch, dtype=np.int32)
-        ctypes.memmove(batch.n_seq_id, ones.ctypes.data, ones.nbytes)
-        for row in range(self._n_batch):
-            batch.seq_id[row][0] = seq
-        self._embd_batch_seq = seq
-
     def _decode_embeddings(self, rows: np.ndarray, *, logits_last: bool) -> None:
         """Decode embedding rows [n, n_embd] at positions n_past.., n_batch rows a call."""
-        self._set_embd_batch_sequence(0)
-        batch = self._embd_batch
+        batch = self.embedding_batch
+        batch.set_sequence(0)
         n_rows = len(rows)
         for start in range(0, n_rows, self._n_batch):
             chunk = rows[start : start + self._n_batch]  # contiguous: a slice of C-ordered rows
             n = len(chunk)
             n_past = self._llm.n_tokens
-            self._load_embd_chunk(chunk, n_past, logits_last=logits_last and start + n == n_rows)
-            self._remove_kv_from(n_past)
-            rc = llama_cpp.llama_decode(self._llm.ctx, batch)
+            batch.fill(chunk, n_past, logits_last=logits_last and start + n == n_rows)
+            _internals.remove_kv_from(self._llm.ctx, n_past)
+            rc = _internals.decode(self._llm.ctx, batch)
             if rc == DECODE_NO_KV_SLOT:
                 raise self._overflow(n_past + n_rows - start, f"{n_rows} visual tokens")
             if rc != 0:
@@ -555,22 +536,6 @@ class LlamaBackend:
             # Tell the high-level object what now sits at these positions (see module docstring).
             self._llm.input_ids[n_past : n_past + n] = IMAGE_PLACEHOLDER_ID
             self._llm.n_tokens = n_past + n
-
-    def _load_embd_chunk(self, chunk: np.ndarray, n_past: int, *, logits_last: bool) -> None:
-        """Put embedding rows [n <= n_batch, n_embd] into the embedding batch at positions n_past..,
-        logits for the last row only when ``logits_last``."""
-        batch, n = self._embd_batch, len(chunk)
-        positions = np.arange(n_past, n_past + n, dtype=np.int32)
-        ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
-        ctypes.memmove(batch.pos, positions.ctypes.data, positions.nbytes)
-        ctypes.memset(batch.logits, 0, n)
-        batch.logits[n - 1] = logits_last
-        batch.n_tokens = n
-
-    def _remove_kv_from(self, position: int) -> None:
-        memory = llama_cpp.llama_get_memory(self._llm.ctx)
-        if memory is not None:
-            llama_cpp.llama_memory_seq_rm(memory, -1, position, -1)
 
     # -- generation --
 
@@ -594,8 +559,9 @@ class LlamaBackend:
         return PrefixState(data[:n_bytes], input_ids, self._counts.n_prompt_tokens, self._counts.n_visual_tokens)
 
     def load_state(self, state: PrefixState) -> None:
-        """Restore a snapshot of ``save_state`` (of this model, possibly from another process)."""
-        if state.n_tokens > self.n_ctx:
+        """Restore a snapshot of ``save_state`` (of this model, possibly from another process); the
+        context grows for it when it must and may."""
+        if state.n_tokens > self.n_ctx and not self.ensure_context(state.n_tokens + 1):
             raise ModelError(f"{self.path}: a saved state of {state.n_tokens} positions does not fit the context of {self.n_ctx}")
         data = np.ascontiguousarray(state.data, dtype=np.uint8)
         n_read = int(llama_cpp.llama_state_set_data(self._llm.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)),
@@ -607,8 +573,8 @@ class LlamaBackend:
         # The high-level object's bookkeeping, as Llama.load_state sets it (without its logits copy).
         self._llm.input_ids[: state.n_tokens] = state.input_ids
         self._llm.n_tokens = state.n_tokens
-        self._llm._requires_eval = True  # the logits came from a restore, not a live decode
-        self._remove_kv_from(self._llm.n_tokens)
+        _internals.mark_logits_restored(self._llm)
+        _internals.remove_kv_from(self._llm.ctx, self._llm.n_tokens)
         self._counts = _PromptCounts(state.n_prompt_tokens, state.n_visual_tokens)
 
     def generate_from_state(
@@ -632,171 +598,12 @@ class LlamaBackend:
         self.prefill(segments, append=True)
         return self._sample(params or SamplingParams(), on_text, prefill_s=time.perf_counter() - started)
 
-    # -- several prompts side by side --
-
-    def prompt_size(self, segments: Sequence[Segment]) -> int:
-        """Positions the prompt fills from the start of a context (text tokens, BOS included, and
-        embedding rows): it fits when this is at most ``n_ctx``."""
-        return sum(len(piece) for piece in self._prepare(segments, at_start=True))
-
-    def generate_many(self, prompts: Sequence[Sequence[Segment]], params: SamplingParams | None = None) -> list[Generation]:
-        """Answer up to ``n_seq_max`` prompts together, one ``Generation`` each, in order.
-
-        Each prompt is prefilled into its own sequence, in its own KV cache, one after another (a
-        page's rows already fill a decode), and its first token is sampled from that prefill. Then
-        every step is ONE ``llama_decode`` carrying the last token of each unfinished answer at its
-        own position. Each answer stops on its own (end of generation, ``max_tokens``, its context
-        full), exactly as ``generate`` stops, and the others go on.
-
-        Sampling: each sequence has its own sampler chain, built as ``generate`` builds it, seeded
-        with ``params.seed``. An answer is ``generate``'s for the prompt alone wherever the logits
-        are: its prompt is decoded as alone, so its first token and that token's log-probability are
-        exactly the same. A later step computes the sequence's row in a several-token batch, which
-        llama.cpp may compute with other kernels than a one-token step: without flash attention the
-        logits agree to rounding (1e-5 on the tests' tiny models, after 2,448 rows too); with flash
-        attention on a CPU the attention of several queries runs another kernel than one query's, and
-        the logits drift apart with the context (1e-3 after 50 positions, 0.04 after 2,448 random
-        rows, up to 0.5 with its pages' visual tokens, on the tiny test bundle's LLM). Greedy answers are the same
-        unless two candidates are that close; with temperature > 0 the random draws are the same, and
-        a token differs only when a draw falls that close to the boundary between two tokens. A
-        single prompt (one sequence a step) is decoded exactly as ``generate`` decodes it.
-
-        Times, as ``generate``'s fields hold them: ``prefill_s`` is this prompt's own prefill (the
-        prefills run one after another, so they add up to the group's); ``first_token_s`` the
-        sampling of its first token after that prefill; ``generate_s`` that sampling plus the shared
-        steps until this answer stopped. The steps serve every unfinished answer at once, so the
-        answers' ``generate_s`` overlap: the group's generation took the largest, not their sum.
-
-        A prompt that cannot fit ``n_ctx`` raises ``ContextOverflowError`` before anything is decoded.
-        The prompts share no prefix store: the context is empty before and after.
-        """
-        params = params or SamplingParams()
-        if len(prompts) > self.n_seq_max:
-            raise ValueError(f"{len(prompts)} prompts but this backend decodes at most {self.n_seq_max} together "
-                             "(LlamaSettings.n_seq_max)")
-        if not prompts:
-            return []
-        self.reset()
-        prepared = [self._prepare(segments, at_start=True) for segments in prompts]
-        for pieces in prepared:
-            self._check_fits(pieces)  # every prompt, before any decoding
-        answering: list[_Answering] = []
-        try:
-            for seq, pieces in enumerate(prepared):
-                self._llm.set_seed(params.seed)  # the seed _init_sampler gives the chain's random draws
-                sampler = self._llm._init_sampler(temp=params.temperature, top_p=params.top_p, **NEUTRAL_SAMPLER)
-                answering.append(_Answering(seq, pieces, sampler, TextStream()))
-            for sequence in answering:
-                self._prefill_sequence(sequence)
-                started = time.perf_counter()
-                self._take(sequence, self._sample_row(sequence, -1), params)
-                sequence.first_token_s = sequence.generate_s = time.perf_counter() - started
-            steps_started = time.perf_counter()
-            while unfinished := [s for s in answering if s.stop is None]:
-                self._decode_step(unfinished)
-                for row, sequence in enumerate(unfinished):
-                    self._take(sequence, self._sample_row(sequence, row), params)
-                    if sequence.stop is not None:
-                        sequence.generate_s += time.perf_counter() - steps_started
-        except RuntimeError as e:
-            raise ModelError(f"{self.path}: llama.cpp failed while generating ({e})") from e
-        finally:
-            for sequence in answering:
-                sequence.sampler.close()
-            self.reset()  # no sequence's cells left behind for the next single-prompt call
-        return [self._generation(sequence) for sequence in answering]
-
-    def _prefill_sequence(self, sequence: _Answering) -> None:
-        """Decode a prompt's pieces into its sequence from position 0, chunked as ``prefill`` chunks
-        them (n_batch rows a call, logits for each chunk's last row), then wait for the result."""
-        started = time.perf_counter()
-        for i, piece in enumerate(sequence.pieces):
-            is_embedding = piece.dtype == np.float32
-            for start in range(0, len(piece), self._n_batch):
-                chunk = piece[start : start + self._n_batch]
-                last_chunk = i == len(sequence.pieces) - 1 and start + len(chunk) == len(piece)
-                if is_embedding:
-                    self._set_embd_batch_sequence(sequence.seq)
-                    self._load_embd_chunk(chunk, sequence.n_past, logits_last=last_chunk)
-                    batch = self._embd_batch
-                else:
-                    batch = self._token_batch
-                    for row, token in enumerate(chunk.tolist()):  # logits for the last row, as Llama.eval asks
-                        self._set_token_row(row, token, sequence.n_past + row, sequence.seq, logits=row == len(chunk) - 1)
-                    batch.n_tokens = len(chunk)
-                self._decode_batch(batch, "the prompt")
-                sequence.n_past += len(chunk)
-            if is_embedding:
-                self.stats.embedding_rows += len(piece)
-            else:
-                self.stats.text_tokens += len(piece)
-        llama_cpp.llama_synchronize(self._llm.ctx)  # as prefill: the prefill's whole cost
-        sequence.prefill_s = time.perf_counter() - started
-
-    def _decode_step(self, unfinished: Sequence[_Answering]) -> None:
-        """One llama_decode: row i holds the last sampled token of ``unfinished[i]`` at its position."""
-        for row, sequence in enumerate(unfinished):
-            self._set_token_row(row, sequence.tokens[-1], sequence.n_past, sequence.seq, logits=True)
-        self._token_batch.n_tokens = len(unfinished)
-        self._decode_batch(self._token_batch, "the answers")
-        for sequence in unfinished:
-            sequence.n_past += 1
-
-    def _set_token_row(self, row: int, token: int, position: int, seq: int, *, logits: bool) -> None:
-        batch = self._token_batch
-        batch.token[row] = token
-        batch.pos[row] = position
-        batch.n_seq_id[row] = 1
-        batch.seq_id[row][0] = seq
-        batch.logits[row] = logits
-
-    def _decode_batch(self, batch: llama_cpp.llama_batch, what: str) -> None:
-        rc = llama_cpp.llama_decode(self._llm.ctx, batch)
-        if rc != 0:  # DECODE_NO_KV_SLOT cannot happen: every prompt was checked against its own cache
-            raise ModelError(f"{self.path}: llama.cpp failed to decode {what} (llama_decode returned {rc})")
-
-    def _sample_row(self, sequence: _Answering, row: int) -> int:
-        """Sample ``sequence``'s next token from the logits of the last decode's ``row`` (-1: its last)
-        with its own chain (which also takes the token into its history), and keep its log-probability."""
-        token = int(llama_cpp.llama_sampler_sample(sequence.sampler.sampler, self._llm.ctx, row))
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._llm.ctx, row), shape=(self._n_vocab,))
-        sequence.logprobs.append(log_softmax_at(logits, token))
-        return token
-
-    def _take(self, sequence: _Answering, token: int, params: SamplingParams) -> None:
-        """A sampled token, and whether the answer stops there: ``_sample``'s rules, in its order."""
-        if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-            sequence.stop = "eos"
-            return
-        sequence.tokens.append(token)
-        sequence.stream.push(self.token_bytes(token))
-        if len(sequence.tokens) >= params.max_tokens:
-            sequence.stop = "max_tokens"
-        elif sequence.n_past + 1 > self.n_ctx:  # no room to decode this token
-            sequence.stop = "context_full"
-
-    def _generation(self, sequence: _Answering) -> Generation:
-        sequence.stream.close()
-        n_visual = sum(len(p) for p in sequence.pieces if p.dtype == np.float32)
-        return Generation(
-            text=sequence.stream.text,
-            n_prompt_tokens=sum(len(p) for p in sequence.pieces) - n_visual,
-            n_visual_tokens=n_visual,
-            n_generated=len(sequence.tokens),
-            mean_logprob=float(np.mean(sequence.logprobs)) if sequence.logprobs else float("nan"),
-            prefill_s=sequence.prefill_s,
-            generate_s=sequence.generate_s,
-            token_ids=list(sequence.tokens),
-            stop_reason=sequence.stop or "max_tokens",
-            first_token_s=sequence.first_token_s,
-        )
-
     def _sample(self, params: SamplingParams, on_text: TextCallback | None, *, prefill_s: float) -> Generation:
         started = time.perf_counter()
         stream = TextStream(on_text)
         tokens: list[int] = []
         logprobs: list[float] = []
-        stop: StopReason = "max_tokens"
+        stop: StopReason | None = None
         self._llm.set_seed(params.seed)
         # Nothing new to eval (reset=False, no tokens): the first token comes from the prefill's
         # logits; each later one after Llama.eval of the previous, which keeps n_tokens right.
@@ -810,15 +617,13 @@ class LlamaBackend:
                     first_token_s = time.perf_counter() - started
                 # The logits the sampler just used: the last decode's, as nothing ran since.
                 logprobs.append(log_softmax_at(self.last_logits(), token))
-                if llama_cpp.llama_vocab_is_eog(self._vocab, token):
-                    stop = "eos"
-                    break
-                tokens.append(token)
-                stream.push(self.token_bytes(token))
-                if len(tokens) >= params.max_tokens:
-                    break
-                if self._llm.n_tokens + 1 > self.n_ctx:  # no room to decode this token
-                    stop = "context_full"
+                is_end = self.is_end(token)
+                if not is_end:
+                    tokens.append(token)
+                    stream.push(self.token_bytes(token))
+                stop = stop_after(is_end=is_end, n_answer=len(tokens), n_decoded=self._llm.n_tokens,
+                                  max_tokens=params.max_tokens, n_ctx=self.n_ctx)
+                if stop is not None:
                     break
         except RuntimeError as e:
             raise ModelError(f"{self.path}: llama.cpp failed while generating ({e})") from e
@@ -834,15 +639,29 @@ class LlamaBackend:
             prefill_s=prefill_s,
             generate_s=time.perf_counter() - started,
             token_ids=tokens,
-            stop_reason=stop,
+            stop_reason=stop or "max_tokens",
             first_token_s=first_token_s,
         )
+
+    # -- several prompts side by side --
+
+    def prompt_size(self, segments: Sequence[Segment]) -> int:
+        """Positions the prompt fills from the start of a context (text tokens, BOS included, and
+        embedding rows): it fits when this is at most ``n_ctx``."""
+        return sum(len(piece) for piece in self.prepare(segments, at_start=True))
+
+    def generate_many(self, prompts: Sequence[Sequence[Segment]], params: SamplingParams | None = None) -> list[Generation]:
+        """Answer up to ``n_seq_max`` prompts together, one ``Generation`` each, in order
+        (``parallel.generate_many`` says how)."""
+        from fila_cli.llm.parallel import generate_many
+
+        return generate_many(self, prompts, params or SamplingParams())
 
     # -- lifetime --
 
     def close(self) -> None:
-        self._free_batch()
-        self._free_token_batch()
+        self.embedding_batch.close()
+        self.token_batch.close()
         self._llm.close()
 
     def __enter__(self) -> LlamaBackend:
@@ -853,6 +672,7 @@ class LlamaBackend:
 
 
 __all__ = [
+    "IMAGE_PLACEHOLDER_ID",
     "ContextOverflowError",
     "DecodeStats",
     "Generation",
@@ -860,4 +680,6 @@ __all__ = [
     "LlamaSettings",
     "PrefixState",
     "Segment",
+    "StateRefusedError",
+    "StopReason",
 ]

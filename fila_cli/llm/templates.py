@@ -19,18 +19,21 @@ already start with it, so it is never doubled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from fila_cli.errors import ModelError
+from fila_cli.errors import ModelError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ SYSTEM_SLOT = "{system}"
 QUESTION_SLOT = "{question}"
 EOS_SLOT = "{eos}"  # the model's end-of-sequence text, in follow-up turns
 GGUF_TEMPLATE_NAME = "gguf"
+TEMPLATE_FILE_SUFFIX = ".jinja"
 DEFAULT_FAMILY = "vicuna"
 # A question used once to check that a GGUF chat template renders at all.
 PROBE_QUESTION = "What is shown?"
@@ -74,6 +78,10 @@ class PromptTemplate:
     # A later question of a conversation: the text from the end of the previous answer (its
     # end-of-turn marker, which generation stops at without decoding) to the next answer.
     follow_up: str = ""
+    # Where a jinja chat template came from, for messages ("the GGUF's chat template", a file).
+    origin: str = "the GGUF's chat template"
+    # Why this format was guessed (for the user); None when the model or the user named it.
+    guessed_because: str | None = None
 
     def render(self, question: str, system: str | None = None) -> tuple[str, str]:
         """(text before the image, text after the image). ``system`` None = the default."""
@@ -189,9 +197,9 @@ def _render_chat_template(template: PromptTemplate, question: str, system: str |
         else:
             text = render([user])
     except TemplateError as e:
-        raise ModelError(f"the GGUF's chat template cannot render a question: {e}") from e
+        raise ModelError(f"{template.origin} cannot render a question: {e}") from e
     if text.count(placeholder) != 1:
-        raise ModelError("the GGUF's chat template does not place the user's message exactly once")
+        raise ModelError(f"{template.origin} does not place the user's message exactly once")
     before, after = text.split(placeholder)
     return before, after
 
@@ -207,14 +215,17 @@ def _render_follow_up(template: PromptTemplate, question: str, eos_text: str) ->
             messages=messages, add_generation_prompt=True, bos_token=template.bos_token,
             eos_token=template.eos_token or eos_text)
     except TemplateError as e:
-        raise ModelError(f"the GGUF's chat template cannot render a conversation: {e}") from e
+        raise ModelError(f"{template.origin} cannot render a conversation: {e}") from e
     if text.count(answer) != 1:
-        raise ModelError("the GGUF's chat template does not place an answer exactly once in a conversation")
+        raise ModelError(f"{template.origin} does not place an answer exactly once in a conversation")
     return text.split(answer)[1]
 
 
-def template_from_chat_template(chat_template: str, *, bos_token: str = "", eos_token: str = "") -> PromptTemplate:
-    """A PromptTemplate from a GGUF ``tokenizer.chat_template``; ModelError if it cannot render.
+def template_from_chat_template(chat_template: str, *, bos_token: str = "", eos_token: str = "",
+                                origin: str = "the GGUF's chat template",
+                                name: str = GGUF_TEMPLATE_NAME) -> PromptTemplate:
+    """A PromptTemplate from a GGUF ``tokenizer.chat_template`` (or a jinja file: ``origin`` names
+    it in messages); ModelError if it cannot render.
 
     bos_token/eos_token: the texts the template may insert (``{{ bos_token }}``); with "" the
     backend still adds the model's BOS when the model asks for one.
@@ -222,19 +233,50 @@ def template_from_chat_template(chat_template: str, *, bos_token: str = "", eos_
     try:
         _jinja_env().from_string(chat_template)
     except TemplateError as e:
-        raise ModelError(f"the GGUF's chat template is not valid jinja: {e}") from e
-    template = PromptTemplate(name=GGUF_TEMPLATE_NAME, chat_template=chat_template, bos_token=bos_token, eos_token=eos_token)
+        raise ModelError(f"{origin} is not valid jinja: {e}") from e
+    template = PromptTemplate(name=name, chat_template=chat_template, bos_token=bos_token, eos_token=eos_token,
+                              origin=origin)
     template.render(PROBE_QUESTION)  # fail now, not at the first question
     return template
 
 
-def guess_family(model_name: str) -> str:
-    """Family from a model name ("llava-v1.6-mistral-7b" -> "mistral"); vicuna when unsure."""
+def guess_family(model_name: str) -> str | None:
+    """Family from a model name ("llava-v1.6-mistral-7b" -> "mistral"); None when the name does not tell."""
     lowered = model_name.lower()
     for fragments, family in NAME_HINTS:
         if any(fragment in lowered for fragment in fragments):
             return family
-    return DEFAULT_FAMILY
+    return None
+
+
+def is_template_file(choice: str) -> bool:
+    """Whether a ``--template`` value names a jinja file rather than a family."""
+    return choice.endswith(TEMPLATE_FILE_SUFFIX) or "/" in choice or os.sep in choice
+
+
+def check_template_choice(choice: str) -> None:
+    """UsageError unless ``choice`` is a known family or an existing .jinja file (before any model loads)."""
+    if choice in FAMILIES:
+        return
+    if not is_template_file(choice):
+        raise UsageError(f"--template {choice}: not a known prompt format ({', '.join(FAMILIES)}) "
+                         f"nor a {TEMPLATE_FILE_SUFFIX} file")
+    if not Path(choice).is_file():
+        raise UsageError(f"--template {choice}: no such file; pass a jinja chat template, or one of "
+                         f"{', '.join(FAMILIES)}")
+
+
+def template_from_file(path: str | os.PathLike) -> PromptTemplate:
+    """A PromptTemplate from a jinja chat template file (as a GGUF's ``tokenizer.chat_template``)."""
+    path = Path(path)
+    try:
+        source = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot read the chat template ({e}); pass a UTF-8 jinja file") from e
+    try:
+        return template_from_chat_template(source, origin=str(path), name=path.name)
+    except ModelError as e:
+        raise UsageError(f"{e}; fix the template, or pass one of {', '.join(FAMILIES)}") from e
 
 
 def select_template(
@@ -244,16 +286,37 @@ def select_template(
     *,
     bos_token: str = "",
     eos_token: str = "",
+    user_choice: str | None = None,
 ) -> PromptTemplate:
-    """The bundle's own template name if given, else the GGUF's chat template (when it renders),
-    else the family guessed from the model name, else vicuna."""
+    """The user's choice (``--template``: a family or a jinja file), else the bundle's own template
+    name, else the GGUF's chat template (when it renders), else the family guessed from the model
+    name, else vicuna. A guess carries ``guessed_because`` for the user."""
+    if user_choice:
+        check_template_choice(user_choice)
+        return FAMILIES[user_choice] if user_choice in FAMILIES else template_from_file(user_choice)
     if name:
         if name not in FAMILIES:
             raise ModelError(f"unknown prompt template '{name}'; known: {', '.join(sorted(FAMILIES))}")
         return FAMILIES[name]
+    why_not_gguf = "its GGUF has no chat template"
     if gguf_chat_template:
         try:
             return template_from_chat_template(gguf_chat_template, bos_token=bos_token, eos_token=eos_token)
         except ModelError as e:
             log.warning("%s; guessing the prompt format from the model name '%s'", e, model_name)
-    return FAMILIES[guess_family(model_name)]
+            why_not_gguf = "its GGUF's chat template cannot be used"
+    family = guess_family(model_name)
+    if family is not None:
+        because = f"guessed from the model name '{model_name}': {why_not_gguf}"
+    else:
+        family = DEFAULT_FAMILY
+        because = f"fila's default, as {why_not_gguf} and the model name '{model_name}' does not tell"
+    return dataclasses.replace(FAMILIES[family], guessed_because=because)
+
+
+def template_note(template: PromptTemplate) -> str | None:
+    """One line for the user when the prompt format was guessed, else None."""
+    if template.guessed_because is None:
+        return None
+    return (f"prompt format: {template.name} ({template.guessed_because}); "
+            f"choose one with --template ({', '.join(FAMILIES)} or a FILE{TEMPLATE_FILE_SUFFIX})")

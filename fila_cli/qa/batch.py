@@ -6,7 +6,8 @@
   cutting a torn last line left by a kill mid-write.
 - Documents are opened and rendered in an isolated worker (``isolation.py``): a crash or hang is
   that document's error record, and the batch goes on.
-- Ctrl-C stops after the record in flight (with ``parallel``, the group's records in flight).
+- ``should_stop`` (the CLI sets it on Ctrl-C or SIGTERM) stops after the record in flight (with
+  ``parallel``, the group's records in flight); the batch installs no signal handler.
 - Stages overlap: ``prepare_units`` (open and render in the worker, encode here) runs in a thread
   (``pipeline.RunAhead``), ``--pipeline-depth`` pages ahead of ``answer_units`` (the LLM). Both sides
   walk the units in the same order and every unit ends in exactly one record, so the output is the
@@ -20,10 +21,6 @@
 from __future__ import annotations
 
 import glob
-import json
-import os
-import signal
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -33,10 +30,13 @@ from typing import Any
 from fila_cli.documents.document import file_sha256
 from fila_cli.documents.notices import ReadNotices, warning_lines
 from fila_cli.errors import DocumentError, FilaError, UsageError
-from fila_cli.qa.ask import Answer, Asker, AskOptions, OnePromptQuestion, PageSource, PreparedPage, new_timings
+from fila_cli.qa.ask import Answer, Asker, AskOptions, OnePromptQuestion, PageSource, PreparedPage
 from fila_cli.qa.isolation import DocumentPlan, DocumentWorker, WorkerFailure
-from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH
+from fila_cli.qa.options import BatchOptions
 from fila_cli.qa.pipeline import RunAhead
+from fila_cli.qa.records import error_of, failed_record
+from fila_cli.qa.run import BatchSummary, RecordSink, StopCheck, WarningReporter, never_stop, unit_key
+from fila_cli.qa.timings import Timings
 
 DOCUMENT_SUFFIXES = {".pdf", ".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff"}
 _GLOB_CHARACTERS = set("*?[")
@@ -62,139 +62,12 @@ def read_questions(questions: list[str], questions_file: Path | None) -> list[st
     all_questions = [q.strip() for q in questions if q.strip()]
     if questions_file is not None:
         try:
-            all_questions += [line.strip() for line in questions_file.read_text().splitlines() if line.strip()]
+            all_questions += [line.strip() for line in questions_file.read_text().split("\n") if line.strip()]
         except OSError as error:
             raise UsageError(f"{questions_file}: cannot read the questions file ({error.strerror})") from None
     if not all_questions:
         raise UsageError("no question: pass -q QUESTION (repeatable) or --questions FILE (one per line)")
     return list(dict.fromkeys(all_questions))
-
-
-def record_key(record: dict[str, Any]) -> tuple[str | None, str, str]:
-    return record.get("sha256"), record.get("question", ""), record.get("model", "")
-
-
-def load_done(out: Path, key: Callable[[dict[str, Any]], tuple] = record_key) -> set[tuple]:
-    """Prepare ``out`` for ``--resume``; return the keys of the records it holds that succeeded.
-
-    ``key`` names a record's unit of work (``fila batch``: document sha256, question, model).
-
-    A torn last line (a kill in the middle of a write) is cut off. Failed records are removed, so
-    that they are tried again without leaving two records for one (document, question, model).
-    """
-    if not out.exists():
-        return set()
-    data = out.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    kept: list[bytes] = []
-    done = set()
-    for line in complete.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # not a record of ours: dropped rather than carried along
-        if isinstance(record, dict) and record.get("error") is None and key(record) not in done:
-            done.add(key(record))
-            kept.append(line)
-    rewritten = b"".join(line + b"\n" for line in kept)
-    if rewritten != data:
-        _replace_atomically(out, rewritten)
-    return done
-
-
-def _replace_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` beside ``path`` and rename it over ``path``: a kill leaves the old or the new file."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(partial, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # make the rename itself durable
-    finally:
-        os.close(directory)
-
-
-class RecordSink:
-    """JSON lines to stdout or to a file, each flushed (and fsync'd) as soon as it is written.
-
-    To a file, a record goes out in one ``write`` system call on an ``O_APPEND`` descriptor (no
-    user-space buffer that could split it), then fsync: Ctrl-C between records cannot tear one, and
-    only a ``kill -9`` landing inside that one call could, which ``--resume`` cuts off.
-    """
-
-    def __init__(self, out: Path | None):
-        self.out = out
-        self._fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if out is not None else None
-
-    def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record, ensure_ascii=False) + "\n"
-        if self._fd is None:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            return
-        data = line.encode("utf-8")
-        while data:  # a regular file takes it whole; the loop only guards against a short write
-            data = data[os.write(self._fd, data):]
-        os.fsync(self._fd)
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
-@dataclass
-class BatchSummary:
-    answered: int = 0
-    failed: int = 0
-    skipped: int = 0
-    interrupted: bool = False
-    failures: dict[str, int] = field(default_factory=dict)
-    restarted_workers: int = 0  # --ray: worker processes that died and were replaced (their documents retried)
-
-    def line(self) -> str:
-        parts = [f"{self.answered} answered", f"{self.failed} failed"]
-        if self.skipped:
-            parts.append(f"{self.skipped} already done (--resume)")
-        if self.failures:
-            parts.append("failures: " + ", ".join(f"{kind} {n}" for kind, n in sorted(self.failures.items())))
-        if self.restarted_workers:
-            parts.append(f"{self.restarted_workers} worker(s) restarted, their documents retried")
-        return ("interrupted: " if self.interrupted else "") + "; ".join(parts)
-
-
-class WarningReporter:
-    """Says each document's warnings once (every record of the document carries them), on the
-    first of its records that has any: the local batch and ``--ray`` print the same lines."""
-
-    def __init__(self, say: Callable[[str], None]):
-        self.say = say
-        self._warned: set[str] = set()
-
-    def __call__(self, record: dict[str, Any]) -> None:
-        if record.get("warnings") and record["file"] not in self._warned:
-            self._warned.add(record["file"])
-            for warning in record["warnings"]:
-                self.say(warning)
-
-
-class StopFlag:
-    """Ctrl-C sets it; the batch stops after the record in flight."""
-
-    def __init__(self) -> None:
-        self.requested = False
-
-    def __call__(self, signum: int, frame: object) -> None:
-        self.requested = True
-
-
-def failed_record(file: Path, question: str, model: str, sha256: str | None, kind: str, message: str) -> dict[str, Any]:
-    return {"file": str(file), "question": question, "answer": None, "pages": None, "confidence": None, "model": model,
-            "timings": None, "tokens": None, "page_choice": None, "warnings": [], "sha256": sha256,
-            "error": {"kind": kind, "message": message}}
 
 
 # -- the units of work, prepared (stages A and B) then answered (stage C) --
@@ -209,7 +82,7 @@ class Unit:
     question: str
     name: str | None = None  # the path as the user gave it, which warnings name (default: ``file``)
     plan: DocumentPlan | None = None
-    timings: dict[str, float] = field(default_factory=new_timings)  # render and encode times land here first
+    timings: Timings = field(default_factory=Timings)  # render and encode times land here first
 
 
 @dataclass
@@ -243,8 +116,8 @@ PreparedItem = Skipped | PageReady | UnitFailed
 
 def prepare_units(asker: Asker, worker: DocumentWorker, documents: Iterable[tuple[Path, str | None, str | None]],
                   questions: list[str], options: AskOptions, done: set | None = None) -> Iterator[PreparedItem]:
-    """Stages A and B, one item per page: each (document, question) not in ``done`` opened and
-    planned in the worker, its pages rendered there and encoded here, in the batch's order.
+    """Stages A and B, one item per page: each (document, question) not in ``done`` planned in the
+    worker, its pages rendered there and encoded here, in the batch's order.
 
     A unit yields its pages (the last one marked), or ``UnitFailed`` in place of the rest once
     something fails; a unit ``done`` holds yields ``Skipped``. Every unit yields something, so
@@ -252,28 +125,81 @@ def prepare_units(asker: Asker, worker: DocumentWorker, documents: Iterable[tupl
     """
     done = done or set()
     for file, sha256, name in documents:  # name: the path as the user gave it (None: ``file``)
-        for question in questions:
-            unit = Unit(file, sha256, question, name)
-            if (sha256, question, asker.model_name) in done:
-                yield Skipped(unit)
-            else:
-                yield from _prepare_unit(asker, worker, unit, options)
+        units = [Unit(file, sha256, question, name) for question in questions]
+        skipped = [unit_key(file, sha256, question, asker.model_name) in done for question in questions]
+        yield from _prepare_document(asker, worker, units, skipped, options)
 
 
-def _prepare_unit(asker: Asker, worker: DocumentWorker, unit: Unit, options: AskOptions) -> Iterator[PreparedItem]:
+def _prepare_document(asker: Asker, worker: DocumentWorker, units: list[Unit], skipped: list[bool],
+                      options: AskOptions) -> Iterator[PreparedItem]:
+    """One document's units: opened and planned once for all its questions (one ``--timeout``
+    budget), each page rendered and encoded once however many questions read it (up to
+    ``SHARED_PAGES_MAX`` held at a time), and a crash or a timeout the record of every question
+    left, without a second worker or budget spent on it."""
+    todo = [unit for unit, skip in zip(units, skipped) if not skip]
+    failure: Exception | None = None
+    if todo:
+        try:
+            if todo[0].sha256 is None:
+                raise DocumentError(f"{todo[0].file}: no such file or not readable; check the path")
+            plans = worker.open_for(todo[0].file, [unit.question for unit in todo], options.pages, options.password)
+            for unit, plan in zip(todo, plans):
+                unit.plan = plan
+        except Exception as error:  # every question's record says it
+            failure = error
+    shared = _SharedPages([unit.plan.page_indices for unit in todo if unit.plan is not None])
+    for unit, skip in zip(units, skipped):
+        if skip:
+            yield Skipped(unit)
+        elif failure is not None:
+            yield UnitFailed(unit, failure)
+        else:
+            for item in _prepare_unit(asker, worker, unit, options, shared):
+                if isinstance(item, UnitFailed) and isinstance(item.error, WorkerFailure):
+                    failure = item.error  # the document crashed or timed out: not again for the next question
+                yield item
+
+
+# Pages of one document held for its later questions (visual tokens, float32): a scanned document
+# read whole (page_select.MAX_PAGES_WITHOUT_TEXT pages) is encoded once for all its questions.
+SHARED_PAGES_MAX = 20
+
+
+class _SharedPages:
+    """A document's prepared pages that a later question of it reads again, until its last reader."""
+
+    def __init__(self, plans: list[list[int]]):
+        self._readers: dict[int, int] = {}
+        for indices in plans:
+            for index in indices:
+                self._readers[index] = self._readers.get(index, 0) + 1
+        self._pages: dict[int, PreparedPage] = {}
+
+    def take(self, index: int) -> PreparedPage | None:
+        self._readers[index] = self._readers.get(index, 1) - 1
+        return self._pages.get(index) if self._readers[index] > 0 else self._pages.pop(index, None)
+
+    def keep(self, page: PreparedPage) -> None:
+        if self._readers.get(page.index, 0) > 0 and len(self._pages) < SHARED_PAGES_MAX:
+            self._pages[page.index] = page
+
+
+def _prepare_unit(asker: Asker, worker: DocumentWorker, unit: Unit, options: AskOptions,
+                  shared: _SharedPages) -> Iterator[PreparedItem]:
     file = unit.file
     try:
-        if unit.sha256 is None:
-            raise DocumentError(f"{file}: no such file or not readable; check the path")
-        unit.plan = worker.open(file, unit.question, options.pages, options.password)
+        assert unit.plan is not None
         if not unit.plan.page_indices:
             raise DocumentError(f"{file}: no page to read; check --pages")
         anyres, highres_scale = asker.encoder.anyres, asker.encoder.highres_scale
-        sources = [PageSource(index, render=partial(worker.render, file, index, anyres, options.text_layer, highres_scale),
-                              text=partial(worker.text, file, index)) for index in unit.plan.page_indices]
-        pages = asker.prepare_pages(str(file), sources, unit.sha256, unit.timings, options.text_layer)
-        for position, page in enumerate(pages):
-            last = position == len(sources) - 1
+        for position, index in enumerate(unit.plan.page_indices):
+            page = shared.take(index)
+            if page is None:
+                source = PageSource(index, render=partial(worker.render, file, index, anyres, options.text_layer, highres_scale),
+                                    text=partial(worker.text, file, index))
+                page = next(asker.prepare_pages(str(file), [source], unit.sha256, unit.timings, options.text_layer))
+                shared.keep(page)
+            last = position == len(unit.plan.page_indices) - 1
             # After the last render: MuPDF reports broken streams while rendering.
             yield PageReady(unit, page, last, worker.notices(file) if last else ReadNotices())
     except Exception as error:  # the record says what happened; one bad document never ends the batch
@@ -469,94 +395,69 @@ def _answer_drawn(asker: Asker, unit: Unit, pages: list[PreparedPage], heard: Re
 def _answered_record(unit: Unit, answer: Answer, heard: ReadNotices) -> dict[str, Any]:
     # What the worker heard opening and rendering (with the last page), and what the cached pages' renders heard.
     answer.warnings = warning_lines(unit.name or unit.file, heard.merged(answer.notices))
-    return {**answer.to_json(), "sha256": unit.sha256, "error": None}
+    return {**answer.to_json(), "sha256": unit.sha256}
 
 
 def _failure_record(asker: Asker, unit: Unit, error: Exception) -> dict[str, Any]:
-    if isinstance(error, (WorkerFailure, FilaError)):
-        kind, message = error.kind, str(error)
-    else:
-        kind, message = "error", f"{unit.file}: unexpected {type(error).__name__}: {error}"
-    return failed_record(unit.file, unit.question, asker.model_name, unit.sha256, kind, message)
+    kind, message = error_of(error, unit.file, known=(WorkerFailure, FilaError))
+    return failed_record(unit.file, unit.question, asker.model_name, kind, message, sha256=unit.sha256)
 
 
 # -- the batch --
 
 
-def run_batch(asker: Asker, documents: list[Path], questions: list[str], options: AskOptions, sink: RecordSink, *,
-              timeout_s: float, done: set | None = None, on_record: Callable[[], None] | None = None,
-              on_warning: Callable[[str], None] | None = None, pipeline_depth: int | None = None,
-              parallel: int = 1) -> BatchSummary:
+def run_batch(asker: Asker, documents: list[Path], questions: list[str], options: AskOptions, sink: RecordSink,
+              batch: BatchOptions | None = None, *, done: set | None = None,
+              on_record: Callable[[], None] | None = None, on_warning: Callable[[str], None] | None = None,
+              should_stop: StopCheck = never_stop) -> BatchSummary:
     """Answer every (document, question) not in ``done``, one record each to ``sink``, in order.
 
-    ``pipeline_depth`` > 0: pages are rendered and encoded in a thread, up to that many ahead of
-    the LLM (``pipeline.RunAhead``); 0: each page is rendered, encoded and answered in turn; None:
-    the default, and at least ``parallel``.
-    ``parallel`` > 1: up to that many units of one prompt each are answered side by side
+    ``batch.depth`` > 0: pages are rendered and encoded in a thread, up to that many ahead of the
+    LLM (``pipeline.RunAhead``); 0: each page is rendered, encoded and answered in turn.
+    ``batch.parallel`` > 1: up to that many units of one prompt each are answered side by side
     (``answer_groups``; the asker's backend loaded with ``n_seq_max`` >= ``parallel``). The records
     are the one-at-a-time batch's, in its order (greedy: the same answers, but where
     ``LlamaBackend.generate_many`` says a later token can differ).
+    ``should_stop``: checked between records; True stops the batch after the record(s) in flight,
+    written whole (``summary.interrupted``). Runs in any thread: no signal handler is installed.
     """
-    pipeline_depth = check_parallel(parallel, pipeline_depth, asker.backend.n_seq_max)
+    batch = batch or BatchOptions()
+    check_parallel(batch, asker.backend.n_seq_max)
     summary = BatchSummary()
-    stop = StopFlag()
-    previous_handler = signal.signal(signal.SIGINT, stop)
-    worker = DocumentWorker(timeout_s)
+    worker = DocumentWorker(batch.timeout_s)
     report_warnings = WarningReporter(on_warning or (lambda warning: None))
     hashed = ((file, sha256_or_none(file), None) for file in documents)
     items: Iterator[PreparedItem] = prepare_units(asker, worker, hashed, questions, options, done)
     ahead: RunAhead | None = None
     try:
-        if pipeline_depth > 0:
-            items = ahead = RunAhead(items, pipeline_depth, name="fila-batch-prepare")
-        groups = answer_groups(asker, items, options, parallel=parallel)
-        while not stop.requested:
+        if batch.depth > 0:
+            items = ahead = RunAhead(items, batch.depth, name="fila-batch-prepare")
+        groups = answer_groups(asker, items, options, parallel=batch.parallel)
+        while not should_stop():
             group = next(groups, None)
             if group is None:
                 break
-            for _unit, record in group:  # the records in flight: written whole, even after a Ctrl-C
+            for _unit, record in group:  # the records in flight: written whole, even after a stop request
                 if record is None:
                     summary.skipped += 1
                 else:
                     sink.write(record)
-                    _count(summary, record)
+                    summary.count(record)
                     report_warnings(record)
                 if on_record is not None:
                     on_record()
-        summary.interrupted = stop.requested
+        summary.interrupted = should_stop()
         return summary
     finally:
         if ahead is not None:
             ahead.close()  # before the worker closes: the producer may be rendering in it
         worker.close()
-        signal.signal(signal.SIGINT, previous_handler)
 
 
-def check_parallel(parallel: int, pipeline_depth: int | None, n_seq_max: int) -> int:
-    """The pipeline depth for ``parallel`` (None: the default, raised to ``parallel``); UsageError
-    for settings under which groups could never fill."""
-    if parallel < 1:
-        raise UsageError(f"--parallel must be at least 1 (got {parallel})")
-    if parallel > n_seq_max:
-        raise UsageError(f"--parallel {parallel}: the model was loaded to answer {n_seq_max} at a time")
-    if pipeline_depth is None:
-        return max(DEFAULT_PIPELINE_DEPTH, parallel)
-    if pipeline_depth < 0:
-        raise UsageError(f"--pipeline-depth must be 0 (no overlap) or more (got {pipeline_depth})")
-    if 0 < pipeline_depth < parallel:
-        raise UsageError(f"--pipeline-depth {pipeline_depth} is less than --parallel {parallel}: at most "
-                         f"{pipeline_depth + 1} pages would ever be ready together; pass --pipeline-depth "
-                         f"{parallel} or more (or 0, to prepare each group's pages in turn)")
-    return pipeline_depth
-
-
-def _count(summary: BatchSummary, record: dict[str, Any]) -> None:
-    if record["error"] is None:
-        summary.answered += 1
-    else:
-        summary.failed += 1
-        kind = record["error"]["kind"]
-        summary.failures[kind] = summary.failures.get(kind, 0) + 1
+def check_parallel(batch: BatchOptions, n_seq_max: int) -> None:
+    """UsageError when the model was loaded to answer fewer questions side by side than ``batch.parallel``."""
+    if batch.parallel > n_seq_max:
+        raise UsageError(f"--parallel {batch.parallel}: the model was loaded to answer {n_seq_max} at a time")
 
 
 def sha256_or_none(file: Path) -> str | None:

@@ -28,20 +28,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fila_cli.atomic_files import write_bytes_atomically
 from fila_cli.documents.document import Document, page_index_from_user, parse_page_spec
 from fila_cli.documents.notices import ReadNotices, document_warnings
 from fila_cli.documents.page_select import METHOD_GIVEN
-from fila_cli.errors import UsageError
+from fila_cli.errors import FilaError, UsageError
 from fila_cli.llm import ContextOverflowError, PrefixState
-from fila_cli.qa.ask import Asker, AskOptions, PageSource, PreparedPage, new_timings
+from fila_cli.qa.ask import Asker, AskOptions
+from fila_cli.qa.choice import confidence
+from fila_cli.qa.pages import PageSource, PreparedPage
+from fila_cli.qa.records import Answer, chat_record, failed_record, rounded_confidence
+from fila_cli.qa.timings import Timings
 
 TextCallback = Callable[[str], None]
 StopCheck = Callable[[], bool]
@@ -66,7 +69,7 @@ class Turn:
     answer_ids: list[int] = field(repr=False)  # the answer's token ids, as decoded in the KV cache
     confidence: float | None
     interrupted: bool
-    timings: dict[str, float]
+    timings: Timings
     # visual: tokens of the pages in context; prompt: text tokens decoded for this turn;
     # visual_decoded: visual tokens decoded for this turn (0 once the page is in the context);
     # generated: answer tokens.
@@ -74,19 +77,21 @@ class Turn:
     dropped_turns: int = 0  # oldest turns dropped just before this one, to make room
 
     def to_json(self) -> dict[str, Any]:
+        """The turn in a transcript (``ChatSession.save``); ``ChatSession.record`` is its output record."""
         return {"question": self.question, "answer": self.answer, "pages": self.pages,
-                "confidence": None if self.confidence is None else round(self.confidence, 6),
-                "interrupted": self.interrupted, "timings": {k: round(v, 4) for k, v in self.timings.items()},
-                "tokens": dict(self.tokens), "dropped_turns": self.dropped_turns}
+                "confidence": rounded_confidence(self.confidence), "interrupted": self.interrupted,
+                "timings": self.timings.to_json(), "tokens": dict(self.tokens), "dropped_turns": self.dropped_turns}
 
 
 class ChatSession:
     """A loaded model talking about one open document."""
 
     def __init__(self, asker: Asker, document: Document, options: AskOptions | None = None, *,
-                 on_notice: Notice | None = None):
+                 on_notice: Notice | None = None, owns_document: bool = False):
+        """``owns_document``: ``close`` closes the document too (else its opener does)."""
         self.asker = asker
         self.document = document
+        self._owns_document = owns_document
         self.options = options or AskOptions()
         self.file = str(document.path)
         self.on_notice = on_notice or (lambda message: None)
@@ -99,10 +104,10 @@ class ChatSession:
         # What MuPDF said about every page read in this session (rendered now or cached with its tokens).
         self._notices = ReadNotices()
         self._sha256 = document.content_hash() if asker.caches_on else None
-        self._before = asker.template.render("")[0]  # the prompt's start does not depend on the question
+        self._before = asker.prompts.prompt_start()
         self._eos_text = asker.backend.token_text(asker.backend.eos)
         # What reading the pages cost, charged to the next turn (as `fila ask` charges it to its answer).
-        self._load_timings = {"render_s": 0.0, "encode_s": 0.0, "prefill_s": 0.0}
+        self._load_timings = Timings()
         if self.options.pages is not None:
             indices = parse_page_spec(self.options.pages, document.page_count, name=document.path)
             self.load_pages(indices, METHOD_GIVEN, "pages given with --pages")
@@ -140,27 +145,32 @@ class ChatSession:
     def load_pages(self, indices: list[int], method: str, detail: str) -> None:
         """Make ``indices`` (0-based) the pages in the context, decoded once; the conversation so
         far is kept (its oldest turns dropped if it no longer fits)."""
-        timings = new_timings()
-        prepared = [self.asker.prepare_page(self.file, self._source(i), self._sha256, timings) for i in indices]
+        timings = Timings()
+        prepared = [self.asker.pages.prepare_page(self.file, self._source(i), self._sha256, timings) for i in indices]
         if self.options.text_layer:  # read once here, not at every turn that counts its length
             prepared = [p if p.text is not None else dataclasses.replace(p, text=self._source(p.index).text())
                         for p in prepared]
         self._notices = self._notices.merged(*(p.notices for p in prepared))
-        if len(prepared) == 1:
-            segments = [self._before, prepared[0].visual]
-        else:
-            segments = self.asker.together_segments(self._before, prepared)
-        self.asker.check_together_fits(self.file, segments, self._turn_text("?", first=True, pages=prepared))
-        state, prefill_s = self.asker.prefix_state(segments, prepared)
-        for key in self._load_timings:
-            self._load_timings[key] += prefill_s if key == "prefill_s" else timings[key]
-        self.pages, self._page_state = prepared, state
+        segments = self.asker.prompts.pages_segments(self._before, prepared)
+        self.asker.prompts.check_fits(self.file, segments, self._turn_text("?", first=True, pages=prepared),
+                                      hint="/page N to read one page")
+        before = list(self._context)
+
+        def settle() -> list[Turn]:
+            """The pages' state (the prefix module's: from memory, disk or decoded), restored with
+            the turns that still fit; a stored state llama.cpp refuses is dropped and decoded again."""
+            state, prefill_s = self.asker.prefix.state(segments, prepared)
+            self.pages, self._page_state = prepared, state
+            kept = self._fitting_turns(before, None)
+            self._restore(kept)
+            timings.prefill_s = prefill_s
+            return kept
+
+        kept = self.asker.prefix.retrying_refused(segments, prepared, settle)
+        self._load_timings.add(timings)
         self.page_method, self.page_detail = method, detail
         if len(prepared) > 1:
             self.page_detail += f"; pages {', '.join(map(str, self.page_numbers))} together ({self.n_visual} visual tokens)"
-        before = list(self._context)
-        kept = self._fitting_turns(before, None)
-        self._restore(kept)
         self._say_dropped(len(before) - len(kept))
 
     def go_to_page(self, number: int) -> None:
@@ -178,7 +188,7 @@ class ChatSession:
         self.load_pages(indices, METHOD_COMMAND, f"added page {number} with /page +{number}")
 
     def _source(self, index: int) -> PageSource:
-        return self.asker.local_page_source(self.document, index, self.options)
+        return self.asker.pages.local_source(self.document, index, self.options.text_layer)
 
     # -- turns --
 
@@ -186,11 +196,8 @@ class ChatSession:
         """A turn's text after the pages (first: with their text layer, under --text-layer) or after
         the previous answer. ``pages``: those about to be loaded (default: those in the context)."""
         if first:
-            if self.options.text_layer:
-                pages = self.pages if pages is None else pages
-                question = self.asker.with_text_layer(question, pages)
-            return self.asker.template.render(question)[1]
-        return self.asker.template.render_follow_up(question, self._eos_text)
+            return self.asker.prompts.first_turn(question, self.pages if pages is None else pages, self.options.text_layer)
+        return self.asker.prompts.follow_up(question, self._eos_text)
 
     def _turns_length(self, turns: list[Turn]) -> int:
         return sum(len(self.backend.tokenize(self._turn_text(t.question, first=i == 0))) + len(t.answer_ids)
@@ -270,17 +277,16 @@ class ChatSession:
             answer=self._text_of(answer_ids) if generation is None else generation.text.strip(),
             pages=self.page_numbers,
             answer_ids=answer_ids,
-            confidence=None if generation is None or not math.isfinite(generation.mean_logprob)
-            else math.exp(generation.mean_logprob),
+            confidence=None if generation is None else confidence(generation.mean_logprob),
             interrupted=generation is None,
-            timings={"render_s": self._load_timings["render_s"], "encode_s": self._load_timings["encode_s"],
-                     "prefill_s": self._load_timings["prefill_s"] + (generation.prefill_s if generation else elapsed),
-                     "generate_s": generation.generate_s if generation else 0.0},
+            timings=dataclasses.replace(self._load_timings,
+                                        prefill_s=self._load_timings.prefill_s + (generation.prefill_s if generation else elapsed),
+                                        generate_s=generation.generate_s if generation else 0.0),
             tokens={"visual": self.n_visual, "prompt": decoded_text, "visual_decoded": decoded_visual,
                     "generated": len(answer_ids)},
             dropped_turns=dropped,
         )
-        self._load_timings = dict.fromkeys(self._load_timings, 0.0)
+        self._load_timings = Timings()
         self.history.append(turn)
         self._context.append(turn)
         if not complete:  # the answer's tail could not be decoded (context full): next turn starts afresh
@@ -313,13 +319,30 @@ class ChatSession:
     # -- records --
 
     def record(self, turn: Turn) -> dict[str, Any]:
-        """One ``--json`` line: the ``fila ask --json`` keys, plus the turn's own."""
-        return {"file": self.file, "question": turn.question, "answer": turn.answer, "pages": turn.pages,
-                "confidence": turn.to_json()["confidence"], "model": self.asker.model_name,
-                "timings": turn.to_json()["timings"], "tokens": dict(turn.tokens),
-                "page_choice": {"method": self.page_method, "detail": self.page_detail},
-                "warnings": self.warnings, "turn": self.history.index(turn) + 1,
-                "interrupted": turn.interrupted, "dropped_turns": turn.dropped_turns}
+        """One ``--json`` line: the record (``records``), plus the turn's own keys."""
+        return chat_record(self.answer_of(turn), self.history.index(turn) + 1, turn.interrupted, turn.dropped_turns)
+
+    def answer_of(self, turn: Turn) -> Answer:
+        """The turn as an ``Answer``: what ``fila ask`` would say of it."""
+        return Answer(file=self.file, question=turn.question, answer=turn.answer, pages=list(turn.pages),
+                      confidence=turn.confidence, model=self.asker.model_name, timings=turn.timings,
+                      tokens=dict(turn.tokens), page_reason=self.page_detail, page_method=self.page_method,
+                      warnings=self.warnings)
+
+    def failed_record(self, question: str, error: FilaError) -> dict[str, Any]:
+        """The ``--json`` line of a question that got no answer: a failed record, as batch writes it."""
+        return chat_record(failed_record(self.file, question, self.asker.model_name, error.kind, str(error)),
+                           None, None, None)
+
+    def close(self) -> None:
+        if self._owns_document:
+            self.document.close()
+
+    def __enter__(self) -> ChatSession:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def transcript(self) -> dict[str, Any]:
         return {"file": self.file, "model": self.asker.model_name, "pages": self.page_numbers,
@@ -330,11 +353,8 @@ class ChatSession:
         path = Path(path)
         if path.suffix.lower() != ".json":
             raise UsageError(f"{path}: the transcript is JSON; name it *.json")
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
-            partial.write_text(json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-            os.replace(partial, path)
+            write_bytes_atomically(path, (json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n").encode())
         except OSError as error:
-            partial.unlink(missing_ok=True)
             raise UsageError(f"{path}: cannot write the transcript ({error.strerror or error}); check the folder") from None
         return path

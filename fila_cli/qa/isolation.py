@@ -12,7 +12,13 @@ not a model stack's.
 
 ``--timeout`` bounds the untrusted work alone: the time the worker spends on one document's
 requests (opening, choosing pages, rendering, text extraction) adds up against it, while the model
-encodes and answers between renders does not.
+encodes and answers between renders does not. A document is opened once for all its questions
+(``open_for``), so its budget is one for all of them, and a document that crashes the worker
+crashes one.
+
+A worker whose parent is gone (killed with ``kill -9``, by the OOM killer) exits quietly when it
+next talks to it: at once when idle (its ``recv`` meets the closed pipe), or when the request in
+hand is done.
 """
 
 from __future__ import annotations
@@ -94,26 +100,35 @@ def limit_memory(budget_bytes: int | None) -> None:
 
 def _serve(connection: Connection, memory_budget_bytes: int | None = DEFAULT_MEMORY_BUDGET_BYTES) -> None:
     """Child: answer requests until told to stop. Runs only what touches the untrusted file."""
+    from fila_cli.documents import document, render  # noqa: F401  (imported before the memory cap)
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    limit_memory(memory_budget_bytes)  # after the imports: the budget is the document's alone
+    try:
+        connection.send(("ready",))  # start-up is not the document's time
+        _answer_requests(connection, memory_budget_bytes)
+    except (EOFError, OSError):  # the parent is gone (killed): nobody to answer, nothing to say
+        return
+
+
+def _answer_requests(connection: Connection, memory_budget_bytes: int | None) -> None:
     from fila_cli.documents.document import open_document
     from fila_cli.documents.notices import document_notices, page_notices
     from fila_cli.documents.render import render_for_canvas
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    limit_memory(memory_budget_bytes)  # after the imports: the budget is the document's alone
-    connection.send(("ready",))  # start-up is not the document's time
     document = None
     path = ""
     while True:
         request = connection.recv()
         try:
             if request[0] == "open":
-                _, path, password, question, pages = request
+                _, path, password, questions, pages = request
                 if document is not None:
                     document.close()
                     document = None
                 document = open_document(path, password=password)
-                plan = plan_pages(document, question, pages)
-                connection.send(("ok", plan.indices, plan.detail, plan.method, document.page_count))
+                plans = [plan_pages(document, question, pages) for question in questions]
+                connection.send(("ok", [(plan.indices, plan.detail, plan.method) for plan in plans], document.page_count))
             elif request[0] == "render":
                 _, index, anyres, highres_scale, text_layer = request
                 started = time.perf_counter()
@@ -212,10 +227,15 @@ class DocumentWorker:
         return reply
 
     def open(self, file: Path, question: str, pages: str | None, password: str | None) -> DocumentPlan:
-        """Open the document in the worker and choose its pages; the document's time budget starts afresh."""
+        """``open_for`` one question."""
+        return self.open_for(file, [question], pages, password)[0]
+
+    def open_for(self, file: Path, questions: list[str], pages: str | None, password: str | None) -> list[DocumentPlan]:
+        """Open the document in the worker and choose its pages for each question; the document's
+        time budget starts afresh, one budget for all its questions."""
         self._busy_s = 0.0
-        _, indices, reason, method, page_count = self._call(file, ("open", str(file), password, question, pages))
-        return DocumentPlan(indices, reason, method, page_count)
+        _, plans, page_count = self._call(file, ("open", str(file), password, list(questions), pages))
+        return [DocumentPlan(indices, reason, method, page_count) for indices, reason, method in plans]
 
     def render(self, file: Path, index: int, anyres: AnyresConfig, text_layer: bool,
                highres_scale: Fraction | None = None) -> RenderedPage:

@@ -41,6 +41,7 @@ Ray is imported only here, and only when ``--ray`` is given.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -53,8 +54,10 @@ from pathlib import Path
 from typing import Any
 
 from fila_cli.errors import FilaError, UsageError
-from fila_cli.qa.batch import BatchSummary, RecordSink, StopFlag, WarningReporter, answer_document, failed_record
-from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, AskOptions, ModelOptions
+from fila_cli.qa.batch import answer_document
+from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, AskOptions, BatchOptions, ModelOptions
+from fila_cli.qa.records import failed_record
+from fila_cli.qa.run import BatchSummary, RecordSink, StopCheck, WarningReporter, never_stop
 
 RAY_EXTRA_INSTALL = 'pip install "fila-cli[ray]"'
 # A document is retried once after the worker process handling it died; a second death is its crash.
@@ -113,7 +116,7 @@ class DocumentAnswerer:
     """
 
     def __init__(self, model: ModelOptions, options: AskOptions, n_questions: int, timeout_s: float,
-                 pipeline_depth: int = DEFAULT_PIPELINE_DEPTH):
+                 pipeline_depth: int = DEFAULT_PIPELINE_DEPTH, password: Any = None):
         import ray
 
         from fila_cli.qa.ask import Asker
@@ -122,6 +125,8 @@ class DocumentAnswerer:
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle
         self.where = f"{socket.gethostname()}:{os.getpid()}"
+        if password is not None:  # an object-store reference: not in the actor's creation arguments
+            options = dataclasses.replace(options, password=ray.get(password) if isinstance(password, ray.ObjectRef) else password)
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.options = options
         self.model_error: str | None = None
@@ -134,23 +139,25 @@ class DocumentAnswerer:
                          if self.asker is not None and pipeline_depth > 0 else None)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        records, where, restarted, finished_at = [], [], [], []
-        for file, name, sha256, questions in zip(batch["file"], batch["name"], batch["sha256"], batch["questions"]):
+        records, items, where, restarted, finished_at = [], [], [], [], []
+        for item, file, name, sha256, questions in zip(batch["item"], batch["file"], batch["name"], batch["sha256"],
+                                                        batch["questions"]):
             answered = self._answer(str(file), str(name), None if sha256 == "" else str(sha256), [str(q) for q in questions])
             finished = time.time()  # the worker's clock: a record reaches the driver later, by how much varies
             for record in answered:
                 records.append(record)
+                items.append(int(item))
                 where.append(self.where)
                 restarted.append(self.restarted)
                 finished_at.append(finished)
         # load_failed: the driver reports a model that cannot load once, apart from the model-kind
         # records of a loaded model (pages that overflow its context, with --together).
-        return {"record": records, "worker": where, "restarted": restarted, "finished_at": finished_at,
+        return {"record": records, "item": items, "worker": where, "restarted": restarted, "finished_at": finished_at,
                 "load_failed": [self.asker is None] * len(records)}
 
     def _answer(self, file: str, name: str, sha256: str | None, questions: list[str]):
         if self.asker is None:
-            return [failed_record(Path(file), q, "", sha256, "model", self.model_error or "no model") for q in questions]
+            return [failed_record(Path(file), q, "", "model", self.model_error or "no model", sha256=sha256) for q in questions]
         if self.pipeline is not None:
             return self.pipeline.submit(Path(file), sha256, questions, name=name or None)
         return answer_document(self.asker, self.worker, Path(file), sha256, questions, self.options, name=name or None)
@@ -178,20 +185,24 @@ class ClusterProgress:
         return 60.0 * self.pages / elapsed
 
 
-def run_batch_on_ray(items: list[WorkItem], model: ModelOptions, options: AskOptions, sink: RecordSink, *,
-                     address: str, model_name: str, timeout_s: float, actors: int | None, cpus_per_actor: float,
-                     pipeline_depth: int = DEFAULT_PIPELINE_DEPTH,
+def run_batch_on_ray(items: list[WorkItem], model: ModelOptions, options: AskOptions, sink: RecordSink,
+                     batch: BatchOptions, *, model_name: str,
                      on_record: Callable[[ClusterProgress], None] | None = None,
                      on_message: Callable[[str], None] = lambda message: None,
-                     on_warning: Callable[[str], None] = lambda warning: None) -> BatchSummary:
-    """Answer ``items`` on the cluster at ``address``; write each record to ``sink`` as it arrives.
-    ``pipeline_depth``: pages each worker renders and encodes ahead of its LLM (0: one stage at a
-    time). ``on_warning``: each damaged document's warnings, once, as a local batch says them."""
+                     on_warning: Callable[[str], None] = lambda warning: None,
+                     should_stop: StopCheck = never_stop) -> BatchSummary:
+    """Answer ``items`` on the cluster at ``batch.ray_address``; write each record to ``sink`` as it
+    arrives. ``batch.depth``: pages each worker renders and encodes ahead of its LLM (0: one stage
+    at a time). ``on_warning``: each damaged document's warnings, once, as a local batch says them.
+    ``should_stop``: checked after each record; True stops the run there (no signal handler is
+    installed: the caller owns the signals)."""
+    if batch.ray_address is None:
+        raise UsageError("run_batch_on_ray needs BatchOptions.ray_address (auto, local, or the cluster's address)")
+    address, timeout_s, pipeline_depth = batch.ray_address, batch.timeout_s, batch.depth
+    actors, cpus_per_actor = batch.ray_actors, batch.ray_cpus
     ray = import_ray()
     on_message(f"ray: {connect(ray, address)}")
     summary = BatchSummary()
-    stop = StopFlag()
-    previous_handler = signal.signal(signal.SIGINT, stop)
     progress = ClusterProgress(started=time.monotonic())
     model_errors_reported: set[str] = set()
     report_warnings = WarningReporter(on_warning)
@@ -203,7 +214,11 @@ def run_batch_on_ray(items: list[WorkItem], model: ModelOptions, options: AskOpt
             warnings.simplefilter("ignore", category=DeprecationWarning)
             answered = dataset.map_batches(
                 DocumentAnswerer,
-                fn_constructor_kwargs=dict(model=model, options=options, timeout_s=timeout_s,
+                # The password goes by reference to the object store, not in the actors' creation
+                # arguments, which Ray shows (`ray list actors --detail`, the dashboard) and logs.
+                fn_constructor_kwargs=dict(model=model, options=dataclasses.replace(options, password=None),
+                                           password=None if options.password is None else ray.put(options.password),
+                                           timeout_s=timeout_s,
                                            n_questions=max(len(item.questions) for item in items),
                                            pipeline_depth=pipeline_depth),
                 batch_size=1,
@@ -213,35 +228,36 @@ def run_batch_on_ray(items: list[WorkItem], model: ModelOptions, options: AskOpt
                 max_task_retries=DOCUMENT_RETRIES,  # a worker that dies: its document goes to the replacement
                 max_restarts=-1,  # dead workers are always replaced
             )
-        pending = {(item.file, question) for item in items for question in item.questions}
-        names = {item.file: item.name or item.file for item in items}
+        # By the item's position: two given paths of one file (a link, a copy's bind mount) are two items.
+        pending = {(position, question) for position, item in enumerate(items) for question in item.questions}
         for row in answered.iter_rows():
             record = row["record"]
-            pending.discard((record["file"], record["question"]))
-            record["file"] = names.get(record["file"], record["file"])
+            item = items[row["item"]]
+            pending.discard((row["item"], record["question"]))
+            record["file"] = item.name or item.file
             if row["load_failed"]:
                 _report_model_error_once(record["error"]["message"], model_errors_reported, on_message)
             record = {**record, "model": record["model"] or model_name}
             sink.write(record)
             report_warnings(record)
-            _count(summary, record)
+            summary.count(record)
             progress.add(record, row["worker"], row["restarted"], row["finished_at"])
             if on_record is not None:
                 on_record(progress)
-            if stop.requested:
+            if should_stop():
                 summary.interrupted = True
                 return summary
-        for item in items:  # documents whose block failed twice: they killed their workers
+        for position, item in enumerate(items):  # documents whose block failed twice: they killed their workers
             for question in item.questions:
-                if (item.file, question) in pending:
-                    record = failed_record(Path(item.name or item.file), question, model_name, item.sha256, "crash",
-                                           f"{item.file}: a fila worker died twice on it (killed, out of memory, or a crash)")
+                if (position, question) in pending:
+                    record = failed_record(Path(item.name or item.file), question, model_name, "crash",
+                                           f"{item.file}: a fila worker died twice on it (killed, out of memory, or a crash)",
+                                           sha256=item.sha256)
                     sink.write(record)
-                    _count(summary, record)
+                    summary.count(record)
         summary.restarted_workers = len(progress.restarted_workers or ())
         return summary
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
         ray.shutdown()
 
 
@@ -251,8 +267,8 @@ def _dataset(ray, items: list[WorkItem]):
     context = DataContext.get_current()
     context.max_errored_blocks = -1  # a document that fails twice is recorded as crash; the rest go on
     context.enable_progress_bars = False  # the driver draws one bar for the cluster
-    rows = [{"file": item.file, "name": item.name, "sha256": item.sha256 or "", "questions": item.questions}
-            for item in items]
+    rows = [{"item": position, "file": item.file, "name": item.name, "sha256": item.sha256 or "", "questions": item.questions}
+            for position, item in enumerate(items)]
     return ray.data.from_items(rows, override_num_blocks=len(rows))  # one document a block: retried alone
 
 
@@ -288,11 +304,3 @@ def _report_model_error_once(message: str, reported: set[str], on_message: Calla
         reported.add(message)
         on_message(f"fila: error: the model cannot load {message}")
 
-
-def _count(summary: BatchSummary, record: dict[str, Any]) -> None:
-    if record["error"] is None:
-        summary.answered += 1
-        return
-    summary.failed += 1
-    kind = record["error"]["kind"]
-    summary.failures[kind] = summary.failures.get(kind, 0) + 1

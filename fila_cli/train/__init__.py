@@ -8,7 +8,7 @@ and measured once, bad ones skipped), ``loop`` (the optimiser loop, data paralle
 ``checkpoint`` (safetensors + JSON, no pickles), ``report`` (metrics.jsonl, loss.png), ``export``
 and ``gguf_export`` (fusion weights, GGUF LoRA adapter or full GGUF, ``bundle.json``).
 
-    from fila_cli import TrainConfig
+    from fila_cli.train.config import TrainConfig
     from fila_cli.train.loop import train
     result = train(TrainConfig(stage=1, data="conv.json", images="imgs", base="llava-next", out="runs/s1"))
 """

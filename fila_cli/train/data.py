@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from fila_cli.bundles.bundle import stays_inside
 from fila_cli.errors import UsageError
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -44,10 +45,13 @@ class Conversation:
 
 
 def parse_image_ref(value: str, images_dir: Path) -> ImageRef:
+    """``value`` (``scan.pdf#page=2``, ``img.png``) in ``images_dir``. The name stays in that folder
+    (no absolute path, no ".."): a dataset from elsewhere must not make fila read any file it names."""
     match = _PAGE_FRAGMENT.match(value)
-    if match:
-        return ImageRef(images_dir / match["path"], int(match["page"]))
-    return ImageRef(images_dir / value, 1)
+    name, page = (match["path"], int(match["page"])) if match else (value, 1)
+    if not stays_inside(name):
+        raise BadSample(f"image {value!r} is outside --images; name it relative to that folder, without '..'")
+    return ImageRef(images_dir / name, page)
 
 
 def read_records(path: Path) -> list[object]:
@@ -65,7 +69,7 @@ def read_records(path: Path) -> list[object]:
             raise UsageError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}); fix the file or write it as JSON Lines") from None
         return list(records)
     records: list[object] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n"), start=1):  # \n only: a row may hold U+2028 raw
         if not line.strip():
             continue
         try:
@@ -102,4 +106,7 @@ def parse_conversation(record: object, index: int, images_dir: Path) -> Conversa
         raise BadSample(f"sample {sample_id}: more than one {IMAGE_PLACEHOLDER}; one image per sample is supported")
     if not any(role == "assistant" for role, _ in messages):
         raise BadSample(f"sample {sample_id}: no gpt answer to learn")
-    return Conversation(sample_id, parse_image_ref(image, images_dir), tuple(messages))
+    try:
+        return Conversation(sample_id, parse_image_ref(image, images_dir), tuple(messages))
+    except BadSample as error:
+        raise BadSample(f"sample {sample_id}: {error}") from None

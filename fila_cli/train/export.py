@@ -42,10 +42,7 @@ def export_run(run_dir: Path, config: TrainConfig, encoder: HybridEncoder, llm=N
         written.append(full)
         llm_files["llm"] = full.name
     fusion = run_dir / FUSION_FILE
-    partial = fusion.with_name(fusion.stem + ".partial" + SAFETENSORS_SUFFIX)
-    save_fusion_weights(partial, encoder.fusion_config, encoder.state_dict())
-    partial.replace(fusion)
-    fusion_config_path(partial).replace(fusion_config_path(fusion))
+    save_fusion_weights(fusion, encoder.fusion_config, encoder.state_dict())  # atomically
     written += [fusion, fusion_config_path(fusion)]
     if config.llm_gguf is not None:
         bundle = {

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fila_cli.atomic_files import atomic_path
 from fila_cli.errors import ModelError
 
 # HF model_type -> llama.cpp architecture, and whether q/k rows are permuted for rope.
@@ -122,14 +123,15 @@ def write_lora_adapter(path: Path, peft_model, text_config) -> Path:
 
     tensors, alpha = lora_tensors(peft_model, text_config)
     arch, _ = architecture_of(text_config)
-    partial = path.with_name(path.name + ".partial")
-    writer = GGUFWriter(str(partial), arch)
-    writer.add_type(GGUFType.ADAPTER)
-    writer.add_string(Keys.Adapter.TYPE, "lora")
-    writer.add_float32(Keys.Adapter.LORA_ALPHA, float(alpha))
-    for name, array in tensors.items():
-        writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
-    return _finish(writer, partial, path)
+    with atomic_path(path) as partial:
+        writer = GGUFWriter(str(partial), arch)
+        writer.add_type(GGUFType.ADAPTER)
+        writer.add_string(Keys.Adapter.TYPE, "lora")
+        writer.add_float32(Keys.Adapter.LORA_ALPHA, float(alpha))
+        for name, array in tensors.items():
+            writer.add_tensor(name, np.ascontiguousarray(array, dtype=np.float32))
+        _write_out(writer)
+    return path
 
 
 # Metadata a whole-LLM export does not copy from the base GGUF: the writer's own header fields,
@@ -178,29 +180,27 @@ def _write_f16(path: Path, llm, metadata_from: Path) -> Path:
     for name, array in tensors.items():
         if name in base_shapes and base_shapes[name] != array.shape:
             raise ModelError(f"{metadata_from}: tensor {name} is {base_shapes[name]} there, {array.shape} in the trained LLM; --llm-gguf is another model")
-    partial = path.with_name(path.name + ".partial")
-    writer = GGUFWriter(str(partial), arch)
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in _NOT_COPIED:
-            continue
-        vtype = field.types[0]
-        sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
-    writer.add_file_type(_FTYPE_MOSTLY_F16)
-    for name, array in tensors.items():
-        # Matrices in f16, norms and biases in f32, as llama.cpp's converter writes an f16 model.
-        writer.add_tensor(name, array.astype(np.float16 if array.ndim == 2 else np.float32))
-    return _finish(writer, partial, path)
+    with atomic_path(path) as partial:  # a crash never leaves half a file at ``path``
+        writer = GGUFWriter(str(partial), arch)
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name in _NOT_COPIED:
+                continue
+            vtype = field.types[0]
+            sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
+        writer.add_file_type(_FTYPE_MOSTLY_F16)
+        for name, array in tensors.items():
+            # Matrices in f16, norms and biases in f32, as llama.cpp's converter writes an f16 model.
+            writer.add_tensor(name, array.astype(np.float16 if array.ndim == 2 else np.float32))
+        _write_out(writer)
+    return path
 
 
-def _finish(writer, partial: Path, path: Path) -> Path:
-    """Write the GGUF to ``partial``, then rename it over ``path``: a crash never leaves half a file there."""
+def _write_out(writer) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    partial.replace(path)
-    return path
 
 
 def quantize(source: Path, target: Path, quantization: str) -> Path:
@@ -209,9 +209,8 @@ def quantize(source: Path, target: Path, quantization: str) -> Path:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = quantization_ftype(quantization)
-    partial = target.with_name(target.name + ".partial")
-    status = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)
-    if status != 0:
-        raise ModelError(f"{source}: llama.cpp could not quantise it to {quantization} (status {status})")
-    partial.replace(target)
+    with atomic_path(target) as partial:
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params)
+        if status != 0:
+            raise ModelError(f"{source}: llama.cpp could not quantise it to {quantization} (status {status})")
     return target

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from fila_cli.atomic_files import write_bytes_atomically
+
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
 
@@ -17,16 +19,14 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text().split("\n"):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
         if record.get("step", 0) <= last_step:
             kept.append(line)
-    partial = path.with_suffix(".partial")
-    partial.write_text("".join(line + "\n" for line in kept))
-    partial.replace(path)
+    write_bytes_atomically(path, "".join(line + "\n" for line in kept).encode())
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
@@ -40,7 +40,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
 
 
 def plot_loss(run_dir: Path) -> Path | None:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from fila_cli.atomic_files import atomic_path
 from fila_cli.config import AnyresConfig
 from fila_cli.documents.document import open_document, page_index_from_user
 from fila_cli.documents.render import render_for_canvas
@@ -88,7 +89,5 @@ def check_output_path(output: str | Path) -> Path:
 def save_visual_tokens(output: str | Path, tokens: torch.Tensor, metadata: dict[str, str]) -> None:
     output = check_output_path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside, then rename: an interrupted run never leaves a half-written file.
-    partial = output.with_name(output.name + ".partial")
-    save_file({VISUAL_TOKENS_KEY: tokens.float().contiguous()}, str(partial), metadata=metadata)
-    partial.replace(output)
+    with atomic_path(output) as temporary:  # an interrupted run never leaves a half-written file
+        save_file({VISUAL_TOKENS_KEY: tokens.float().contiguous()}, str(temporary), metadata=metadata)

@@ -1,6 +1,6 @@
 """Library entry points for the vision half: load weights, build the encoder, encode a page.
 
-    from fila_cli import load_encoder
+    from fila_cli.vision.load import load_encoder
     encoder = load_encoder("mmproj-model-f16.gguf")
     page = encoder.encode(image)        # page.tokens: [n_tokens, d] visual tokens for the LLM
 """

@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from fila_cli.atomic_files import atomic_path
 from fila_cli.config import FusionConfig, fusion_config_path, load_json, save_json
 from fila_cli.errors import ModelError
 
@@ -22,7 +23,8 @@ _PARTS = ("cvfm.", "convnext.", "projector.", "image_newline")
 def save_fusion_weights(path: str | Path, config: FusionConfig, state: dict[str, torch.Tensor]) -> None:
     """state: the encoder's state dict restricted to the trained parts (keys as HybridEncoder's)."""
     kept = {k: v.detach().contiguous().cpu() for k, v in state.items() if k.startswith(_PARTS)}
-    save_file(kept, str(path), metadata={"format": "fila-fusion"})
+    with atomic_path(path) as temporary:  # each file whole, old or new, whatever interrupts the write
+        save_file(kept, str(temporary), metadata={"format": "fila-fusion"})
     save_json(config, fusion_config_path(path))
 
 
