@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +13,7 @@ import typer
 from fila_cli.cli.options import (
     CacheMaxGbOption,
     CompileOption,
+    CtxSizeOption,
     DeviceOption,
     DtypeOption,
     FusionOption,
@@ -20,6 +22,8 @@ from fila_cli.cli.options import (
     MmprojOption,
     ModelOption,
     NoCacheOption,
+    TemplateOption,
+    load_asker,
     model_options,
 )
 from fila_cli.cli.support import EXIT_CODES_HELP, VerboseOption, handle_errors, stderr
@@ -55,6 +59,8 @@ def serve(
     mmproj: MmprojOption = None,
     fusion: FusionOption = None,
     gpu_layers: GpuLayersOption = ModelOptions.gpu_layers,
+    ctx_size: CtxSizeOption = None,
+    template: TemplateOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
     no_cache: NoCacheOption = False,
@@ -87,8 +93,8 @@ def serve(
             raise UsageError(f"--host {host} would let anyone who reaches this machine use the model: pass --api-key KEY "
                              "(or set FILA_API_KEY), or bind 127.0.0.1")
         options = model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
-                                gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb,
-                                compile_encoder=compile_encoder)
+                                gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=no_cache,
+                                verbose=verbose, cache_max_gb=cache_max_gb, compile_encoder=compile_encoder)
         listener = bind_unix(socket_path) if socket_path is not None else bind_tcp(host, port)
         try:
             _run(listener, options, settings, shutdown_timeout, verbose, parallel)
@@ -99,15 +105,21 @@ def serve(
 
 
 def _run(listener, options: ModelOptions, settings, shutdown_timeout: float, verbose: bool, parallel: int) -> None:
+    from fila_cli.serve.engine import Engine
+
+    engine = Engine.load(options, timeout_s=settings.timeout_s, parallel=parallel, load_asker=load_asker)
+    try:
+        _listen(listener, engine, settings, shutdown_timeout, verbose)
+    finally:
+        engine.close()  # the server's threads have stopped (the app's lifespan joined them)
+
+
+def _listen(listener, engine, settings, shutdown_timeout: float, verbose: bool) -> None:
     import uvicorn
 
     from fila_cli.serve.app import create_app
-    from fila_cli.serve.engine import Engine
     from fila_cli.serve.listen import url_of
 
-    bundle = options.bundle()
-    with stderr.status(f"loading {bundle.name}…"):
-        engine = Engine.load(options, bundle=bundle, timeout_s=settings.timeout_s, parallel=parallel)
     app = create_app(engine, settings)
     config = uvicorn.Config(app, log_level="info" if verbose else "warning", access_log=verbose,
                             timeout_graceful_shutdown=max(1, round(shutdown_timeout)), lifespan="on")
@@ -143,6 +155,8 @@ def server_args(options: ModelOptions) -> list[str]:
     pairs = [("--model", model), ("--llm", path(options.llm)), ("--mmproj", path(options.mmproj)),
              ("--fusion", path(options.fusion)), ("--device", options.device), ("--dtype", options.dtype),
              ("--gpu-layers", None if options.gpu_layers is None else str(options.gpu_layers)),
+             ("--ctx-size", None if options.ctx_size is None else str(options.ctx_size)),
+             ("--template", _template_arg(options.template)),
              ("--cache-max-gb", f"{options.cache_max_gb:g}")]
     args = [item for name, value in pairs if value is not None for item in (name, value)]
     if not options.use_cache:
@@ -150,6 +164,13 @@ def server_args(options: ModelOptions) -> list[str]:
     if options.compile_encoder:
         args.append("--compile")
     return args
+
+
+def _template_arg(template: str | None) -> str | None:
+    """--template as the server must see it: a family name as given, a jinja file made absolute."""
+    if template is None or not Path(template).exists():
+        return template
+    return str(Path(template).resolve())
 
 
 def remote_asker(options: ModelOptions, server: str | None, keep_alive: str | None):
@@ -166,17 +187,20 @@ def remote_asker(options: ModelOptions, server: str | None, keep_alive: str | No
 
 
 def run_remote_batch(server: str, documents: list[Path], questions: list[str], options, output: Path | None,
-                     done: set):
+                     done: set, should_stop: Callable[[], bool] = lambda: False):
     """``fila batch --server``: every (document, question) not ``done`` asked of the server, one
     record each, written in order as ``fila batch`` writes them (two requests in flight, so the
-    server renders the next document while its LLM answers this one)."""
+    server renders the next document while its LLM answers this one). ``should_stop``: checked
+    between records, as ``run_batch`` does (the records in flight are written whole)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fila_cli.cli.support import warning_line
     from fila_cli.errors import FilaError
-    from fila_cli.qa.batch import BatchSummary, RecordSink, WarningReporter, failed_record, sha256_or_none
+    from fila_cli.qa.batch import sha256_or_none
+    from fila_cli.qa.records import failed_record
+    from fila_cli.qa.run import BatchSummary, RecordSink, WarningReporter, unit_key
     from fila_cli.serve.client import RemoteAsker, ServerClient, ServerUnreachable
 
     asker = RemoteAsker(ServerClient(server))
@@ -185,20 +209,21 @@ def run_remote_batch(server: str, documents: list[Path], questions: list[str], o
     report_warnings = WarningReporter(warning_line)
 
     def answer(file: Path, sha256: str | None, question: str) -> dict:
-        if sha256 is None:
-            return failed_record(file, question, model_name, None, "document", f"{file}: no such file or not readable; check the path")
+        if sha256 is None:  # as the local batch says it (qa.batch)
+            return failed_record(file, question, model_name, "document",
+                                 f"{file}: no such file or not readable; check the path", sha256=None)
         try:
-            return {**asker.ask_record(file, question, options, name=str(file)), "sha256": sha256, "error": None}
+            return {**asker.ask_record(file, question, options, name=str(file)), "sha256": sha256}
         except ServerUnreachable:
             raise
         except FilaError as error:  # the server said why: the unit's record
-            return failed_record(file, question, model_name, sha256, error.kind, str(error))
+            return failed_record(file, question, model_name, error.kind, str(error), sha256=sha256)
 
     units = []
     for file in documents:
         sha256 = sha256_or_none(file)
         for question in questions:
-            if (sha256, question, model_name) in done:
+            if unit_key(file, sha256, question, model_name) in done:
                 summary.skipped += 1
             else:
                 units.append((file, sha256, question))
@@ -206,23 +231,24 @@ def run_remote_batch(server: str, documents: list[Path], questions: list[str], o
     progress = Progress(TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=stderr, transient=True)
     in_flight = 2
+    pool = ThreadPoolExecutor(in_flight)
     try:
-        with progress, ThreadPoolExecutor(in_flight) as pool:
+        with progress:
             task = progress.add_task("batch", total=len(units))
             futures = [pool.submit(answer, *unit) for unit in units[:in_flight]]
             for index in range(len(units)):
                 record = futures[index].result()
-                if index + in_flight < len(units):
-                    futures.append(pool.submit(answer, *units[index + in_flight]))
                 sink.write(record)
-                if record["error"] is None:
-                    summary.answered += 1
-                else:
-                    summary.failed += 1
-                    summary.failures[record["error"]["kind"]] = summary.failures.get(record["error"]["kind"], 0) + 1
+                summary.count(record)
                 report_warnings(record)
                 progress.advance(task)
+                if should_stop():  # after the record in flight, written whole; the next one is dropped
+                    break
+                if index + in_flight < len(units):
+                    futures.append(pool.submit(answer, *units[index + in_flight]))
+        summary.interrupted = should_stop()
     finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # a request still in flight: its unit is not done
         sink.close()
     return summary
 

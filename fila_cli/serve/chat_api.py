@@ -197,7 +197,7 @@ def register_chat(app: FastAPI, server, authorized: list) -> None:
 
         job = Job(asyncio.get_running_loop())
         scheduler.submit_llm(job, answer)
-        return await respond(job, request, Path(session._upload), session.file, body.stream, None)
+        return await respond(job, request, Path(session.upload), session.file, body.stream, None)
 
     @app.post("/v1/chat/sessions/{session_id}/pages", dependencies=authorized)
     async def page(session_id: str, body: PageRequest, request: Request):
@@ -257,7 +257,7 @@ def register_chat(app: FastAPI, server, authorized: list) -> None:
         scheduler.submit_llm(job, call)
         kind, value = await _final(job, request)
         if kind == "error":
-            return error_response(*renamed(value, Path(session._upload), session.file))
+            return error_response(*renamed(value, Path(session.upload), session.file))
         return value
 
     async def _final(job: Job, request: Request):

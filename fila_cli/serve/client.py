@@ -19,7 +19,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from fila_cli.atomic_files import write_bytes_atomically
+from fila_cli.documents.page_select import METHOD_ALL
 from fila_cli.errors import FilaError, UsageError, error_from_kind
+from fila_cli.qa.records import Answer, chat_record, failed_record
+from fila_cli.qa.timings import Timings
 
 # Long enough for a cold page on a CPU; the server cancels a request whose client gives up.
 DEFAULT_TIMEOUT_S = 3600.0
@@ -209,22 +213,18 @@ class RemoteAsker:
         return self.client.upload("/v1/ask", Path(file), name or str(file), ask_fields(question, options), on_text)
 
     def ask(self, file: Path, question: str, options: Any, on_text: Callable[[str], None] | None = None,
-            on_page: Callable[[int, int], None] | None = None) -> RemoteAnswer:
-        return RemoteAnswer(self.ask_record(file, question, options, on_text))
+            on_page: Callable[[int, int], None] | None = None) -> Answer:
+        return answer_of(self.ask_record(file, question, options, on_text))
 
 
-class RemoteAnswer:
-    """What ``fila ask``'s output reads of an ``Answer``, from the server's record (no model code
-    loads in the client); ``to_json`` is the record itself."""
-
-    def __init__(self, record: dict[str, Any]):
-        self.record = record
-        for key in ("file", "question", "answer", "pages", "confidence", "model", "timings", "tokens", "warnings"):
-            setattr(self, key, record[key])
-        self.page_reason = (record.get("page_choice") or {}).get("detail", "")
-
-    def to_json(self) -> dict[str, Any]:
-        return self.record
+def answer_of(record: dict[str, Any]) -> Answer:
+    """The ``Answer`` a server's ``fila ask --json`` record was made from: its ``to_json()`` is the
+    record again, and ``fila ask``'s output reads it as it reads a local answer."""
+    choice = record.get("page_choice") or {}
+    return Answer(file=record["file"], question=record["question"], answer=record["answer"], pages=list(record["pages"]),
+                  confidence=record["confidence"], model=record["model"], timings=Timings(**record["timings"]),
+                  tokens=dict(record["tokens"]), page_reason=choice.get("detail", ""),
+                  page_method=choice.get("method", METHOD_ALL), warnings=list(record["warnings"] or []))
 
 
 class _Stopped(Exception):
@@ -324,17 +324,30 @@ class RemoteChatSession:
 
         try:
             record = self.client.stream_json(self._path("/turns"), {"question": question}, take)
-        except _Stopped:
-            record = {"question": question, "answer": "".join(streamed).strip(), "pages": self.page_numbers,
-                      "confidence": None, "interrupted": True, "timings": {}, "tokens": {"prompt": 0, "generated": 0},
-                      "dropped_turns": 0, "turn": len(self.history) + 1}
+        except _Stopped:  # the server keeps the turn, stopped; what it streamed so far is the answer here
+            record = chat_record(self._stopped_answer(question, "".join(streamed).strip()), len(self.history) + 1,
+                                 True, 0)
         self._update(self.client.request_json("GET", self._path()))
         turn = turn_from_record(record)
         self.history.append((turn, record))
         return turn
 
+    def _stopped_answer(self, question: str, text: str) -> Answer:
+        choice = self.state.get("page_choice") or {}
+        return Answer(file=self.file, question=question, answer=text, pages=self.page_numbers, confidence=None,
+                      model=self.asker.model_name, timings=Timings(),
+                      tokens={"visual": self.n_visual, "prompt": 0, "visual_decoded": 0, "generated": 0},
+                      page_reason=choice.get("detail", ""), page_method=choice.get("method", METHOD_ALL),
+                      warnings=self.warnings)
+
     def record(self, turn: Any) -> dict[str, Any]:
+        """The ``fila chat --json`` line of ``turn``: the server's (``ChatSession.record``)."""
         return next(record for known, record in self.history if known is turn)
+
+    def failed_record(self, question: str, error: FilaError) -> dict[str, Any]:
+        """The line of a question that got no answer, as ``ChatSession.failed_record`` makes it."""
+        return chat_record(failed_record(self.file, question, self.asker.model_name, error.kind, str(error)),
+                           None, None, None)
 
     def go_to_page(self, number: int) -> None:
         self._update(self.client.request_json("POST", self._path("/pages"), {"page": number}))
@@ -355,12 +368,9 @@ class RemoteChatSession:
         path = Path(path)
         if path.suffix.lower() != ".json":
             raise UsageError(f"{path}: the transcript is JSON; name it *.json")
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
         try:
-            partial.write_text(json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-            os.replace(partial, path)
+            write_bytes_atomically(path, (json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n").encode())
         except OSError as error:
-            partial.unlink(missing_ok=True)
             raise UsageError(f"{path}: cannot write the transcript ({error.strerror or error}); check the folder") from None
         return path
 

@@ -1,7 +1,8 @@
 """The server's one door into the question-answering library: load, plan, prepare, answer, chat.
 
-Every use of ``fila_cli.qa`` by the server (and by the ``--server`` client, which turns a record
-back into an ``Answer``) goes through this module, so a change of that API is met here alone.
+Every use of ``fila_cli.qa``'s model code by the server goes through this module, so a change of
+that API is met here alone. (The ``--server`` client reads records with ``qa.records`` alone: it
+loads no model code.)
 
 A question about an uploaded document runs in three steps, as ``fila batch`` runs a unit:
 
@@ -22,14 +23,18 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from fila_cli.bundles.bundle import Bundle
 from fila_cli.documents.document import file_sha256
 from fila_cli.documents.notices import ReadNotices, warning_lines
+from fila_cli.errors import FilaError
 from fila_cli.llm.sampling import SamplingParams
-from fila_cli.qa.ask import Asker, AskOptions, OnePromptQuestion, PageSource, PreparedPage, new_timings
-from fila_cli.qa.chat import METHOD_COMMAND, ChatSession, Turn
+from fila_cli.qa.ask import Asker, OnePromptQuestion
+from fila_cli.qa.chat import ChatSession, Turn
 from fila_cli.qa.isolation import DocumentPlan, DocumentWorker, WorkerFailure
-from fila_cli.qa.options import ModelOptions
+from fila_cli.qa.model import Model
+from fila_cli.qa.options import AskOptions, ModelOptions
+from fila_cli.qa.pages import PageSource, PreparedPage
+from fila_cli.qa.timings import Timings
+from fila_cli.vision.model.encoder import HybridEncoder
 
 TextCallback = Callable[[str], None]
 PageProgress = Callable[[int, int], None]
@@ -59,7 +64,7 @@ class Planned:
     question: str
     plan: DocumentPlan
     sha256: str | None  # None with the caches off
-    timings: dict[str, float] = dataclasses.field(default_factory=new_timings)
+    timings: Timings = dataclasses.field(default_factory=Timings)
 
     @property
     def n_pages(self) -> int:
@@ -71,18 +76,25 @@ PreparedItem = tuple[PreparedPage, ReadNotices | None]
 
 
 class Engine:
-    """One loaded model and what the server does with it."""
+    """One loaded model (the library's front door, ``Model``) and what the server does with it."""
 
-    def __init__(self, asker: Asker, *, timeout_s: float):
-        self.asker = asker
+    def __init__(self, model: Model, *, timeout_s: float):
+        self.model = model
+        self.asker = model.asker
         self.timeout_s = timeout_s
 
     @classmethod
-    def load(cls, options: ModelOptions, *, bundle: Bundle | None = None, timeout_s: float, parallel: int = 1) -> Engine:
-        """Load the model ``options`` name (``bundle``: already resolved), able to answer ``parallel``
-        questions side by side. The prefix of the last page stays in memory, so a second question on
-        the page decodes only its own words."""
-        return cls(Asker.from_options(options, bundle, reuse_prefix=True, n_seq_max=parallel), timeout_s=timeout_s)
+    def load(cls, options: ModelOptions, *, timeout_s: float, parallel: int = 1,
+             load_asker: Callable[..., Asker] = Asker.from_options) -> Engine:
+        """Load the model ``options`` name, able to answer ``parallel`` questions side by side. The
+        prefix of the last page stays in memory, so a second question on the page decodes only its
+        own words. ``load_asker``: ``Asker.from_options``, or the CLI's (which says what it loaded)."""
+        asker = load_asker(options, reuse_prefix=True, n_seq_max=parallel)
+        return cls(Model(asker, options), timeout_s=timeout_s)
+
+    def close(self) -> None:
+        """Free the LLM (after the server's threads have stopped)."""
+        self.model.close()
 
     @property
     def parallel(self) -> int:
@@ -90,7 +102,7 @@ class Engine:
 
     @property
     def model_name(self) -> str:
-        return self.asker.model_name
+        return self.model.name
 
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/models`` says about the model."""
@@ -113,10 +125,9 @@ class Engine:
     def prepare(self, worker: DocumentWorker, planned: Planned, options: AskOptions) -> Iterator[PreparedItem]:
         """The planned pages rendered in the worker and encoded here, one at a time; the last one
         comes with what the worker heard reading the document."""
-        anyres, highres_scale = self.asker.encoder.anyres, self.asker.encoder.highres_scale
         file = planned.file
-        sources = [PageSource(index, render=partial(worker.render, file, index, anyres, options.text_layer, highres_scale),
-                              text=partial(worker.text, file, index)) for index in planned.plan.page_indices]
+        sources = [worker_page(worker, file, index, self.asker.encoder, options.text_layer)
+                   for index in planned.plan.page_indices]
         pages = self.asker.prepare_pages(planned.name, sources, planned.sha256, planned.timings, options.text_layer)
         for position, page in enumerate(pages):
             last = position == len(sources) - 1
@@ -179,86 +190,104 @@ class Engine:
         return ServedChat(self.asker, worker, file, name, options, on_notice=on_notice)
 
 
-class _UploadedDocument:
-    """What ``ChatSession`` asks of its document, for an upload the worker opened."""
+def worker_page(worker: DocumentWorker, file: Path, index: int, encoder: HybridEncoder, text_layer: bool) -> PageSource:
+    """Page ``index`` of ``file``, rendered in the isolated ``worker`` for ``encoder``'s canvas."""
+    return PageSource(index, render=partial(worker.render, file, index, encoder.anyres, text_layer, encoder.highres_scale),
+                      text=partial(worker.text, file, index))
 
-    def __init__(self, worker: DocumentWorker, file: Path, name: str, page_count: int, sha256: str | None):
+
+class _UploadedDocument:
+    """What ``ChatSession`` reads of its document, for an upload open in the isolated worker:
+    its name, page count and hash, and what MuPDF said reading it (asked of the worker)."""
+
+    def __init__(self, worker: DocumentWorker, file: Path, name: str, page_count: int):
         self.worker = worker
         self.file = file
         self.path = name
         self.page_count = page_count
-        self._sha256 = sha256
+        self._heard = ReadNotices()
 
     def content_hash(self) -> str:
-        return self._sha256 or file_sha256(self.file)
+        return file_sha256(self.file)
+
+    def _notices(self) -> ReadNotices:
+        """What the worker heard so far; after the worker failed (the upload is no longer open
+        there), what it said last."""
+        try:
+            self._heard = self.worker.notices(self.file)
+        except FilaError:  # WorkerFailure included
+            pass
+        return self._heard
+
+    @property
+    def repaired(self) -> bool:
+        return self._notices().repaired
+
+    @property
+    def warnings(self) -> list[str]:
+        return list(self._notices().complaints)
 
 
-class ServedChat(ChatSession):
-    """``ChatSession`` whose pages are rendered in the isolated worker, not in this process.
+class ServedChat:
+    """A ``ChatSession`` about an upload, its pages rendered in the session's own isolated worker.
 
     The LLM's context is shared by every request: a turn first restores this session's pages and
-    kept turns when another request used the LLM since its last turn (text only: the page state is
-    kept in memory), then decodes only its own words.
+    kept turns when another request used the LLM since its last turn (``ChatSession.recover``:
+    text only, the page state is kept in memory), then decodes only its own words.
     """
 
     def __init__(self, asker: Asker, worker: DocumentWorker, file: Path, name: str, options: AskOptions, *,
                  on_notice: Callable[[str], None] | None = None):
         self.worker = worker
-        self._upload = file
-        plan = worker.open(file, "", options.pages or "1", options.password)  # checks the pages in the worker
-        sha256 = file_sha256(file) if asker.caches_on else None
-        document = _UploadedDocument(worker, file, name, plan.page_count or max(plan.page_indices) + 1, sha256)
-        self._heard = ReadNotices()
-        super().__init__(asker, document, options, on_notice=on_notice)  # type: ignore[arg-type]
+        self.upload = file  # where it lies on the server; ``file``: as the client named it
         self.file = name
-        self.last_state_owner: object | None = None
+        self._options = options
+        self._encoder = asker.encoder
+        plan = worker.open(file, "", options.pages or "1", options.password)  # opened there; the pages checked
+        document = _UploadedDocument(worker, file, name, plan.page_count)
+        self.session = ChatSession(asker, document, options, on_notice=on_notice,  # type: ignore[arg-type]
+                                   page_source=self._source)
 
     def _source(self, index: int) -> PageSource:
-        anyres, highres_scale = self.asker.encoder.anyres, self.asker.encoder.highres_scale
-        return PageSource(index, render=partial(self.worker.render, self._upload, index, anyres, self.options.text_layer,
-                                                highres_scale),
-                          text=partial(self.worker.text, self._upload, index))
-
-    def load_pages(self, indices: list[int], method: str, detail: str) -> None:
-        super().load_pages(indices, method, detail)
-        self._heard = self._heard.merged(self.worker.notices(self._upload))
-
-    def go_to_page(self, number: int) -> None:
-        indices = self.worker.open(self._upload, "", str(number), self.options.password).page_indices
-        self.load_pages(indices, METHOD_COMMAND, f"moved to page {number} with /page")
-
-    def add_page(self, number: int) -> None:
-        index = self.worker.open(self._upload, "", str(number), self.options.password).page_indices[0]
-        if index in [page.index for page in self.pages]:
-            return
-        indices = sorted([page.index for page in self.pages] + [index])
-        self.load_pages(indices, METHOD_COMMAND, f"added page {number} with /page +{number}")
-
-    @property
-    def warnings(self) -> list[str]:
-        return warning_lines(self.file, self._heard.merged(self._notices))
+        return worker_page(self.worker, self.upload, index, self._encoder, self._options.text_layer)
 
     def restore(self) -> None:
         """Back to this session's pages and kept turns in the LLM's context."""
-        self._restore(self._context)
+        self.session.recover()
 
     def turn(self, question: str, on_text: TextCallback | None = None,
              should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-        """Answer a follow-up; the ``fila chat --json`` line."""
-        return self.record(self.ask(question, on_text=on_text, should_stop=should_stop))
+        """Answer a follow-up; the ``fila chat --json`` line (``ChatSession.record``)."""
+        return self.session.record(self.session.ask(question, on_text=on_text, should_stop=should_stop))
+
+    def go_to_page(self, number: int) -> None:
+        self.session.go_to_page(number)
+
+    def add_page(self, number: int) -> None:
+        self.session.add_page(number)
+
+    def clear(self) -> None:
+        self.session.clear()
+
+    def transcript(self) -> dict[str, Any]:
+        return self.session.transcript()
 
     def state(self) -> dict[str, Any]:
-        return {"file": self.file, "model": self.asker.model_name, "pages": self.page_numbers,
-                "page_count": self.document.page_count, "visual_tokens": self.n_visual,
-                "context_used": self.context_used, "n_ctx": self.backend.n_ctx, "turns": len(self.history),
-                "turns_in_context": self.turns_in_context, "warnings": self.warnings}
+        session = self.session
+        return {"file": self.file, "model": session.asker.model_name, "pages": session.page_numbers,
+                "page_count": session.document.page_count, "visual_tokens": session.n_visual,
+                "context_used": session.context_used, "n_ctx": session.backend.n_ctx, "turns": len(session.history),
+                "turns_in_context": session.turns_in_context, "warnings": session.warnings,
+                "page_choice": {"method": session.page_method, "detail": session.page_detail}}
 
     def close(self) -> None:
+        self.session.close()
         self.worker.close()
 
 
 def turn_from_record(record: dict[str, Any]) -> Turn:
     """The ``Turn`` a ``fila chat --json`` line was made from (its token ids are the server's)."""
     return Turn(question=record["question"], answer=record["answer"], pages=list(record["pages"]), answer_ids=[],
-                confidence=record["confidence"], interrupted=record["interrupted"], timings=dict(record["timings"]),
-                tokens=dict(record["tokens"]), dropped_turns=record.get("dropped_turns", 0))
+                confidence=record["confidence"], interrupted=record["interrupted"],
+                timings=Timings(**record["timings"]), tokens=dict(record["tokens"]),
+                dropped_turns=record.get("dropped_turns") or 0)
