@@ -64,8 +64,9 @@ def failed_record_on_stdout(file: Path, question: Callable[[], str], model: Mode
     try:
         yield
     except FilaError as error:
-        if as_json:
-            record = failed_record(file, question(), _model_name(model), error.kind, str(error))
+        if as_json:  # the record a server sent (--server), else made here
+            record = getattr(error, "record", None) or failed_record(file, question(), _model_name(model), error.kind,
+                                                                     str(error))
             print(json.dumps(record, ensure_ascii=False), flush=True)
         raise
 

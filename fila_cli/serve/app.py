@@ -4,7 +4,8 @@ Native API, mirroring the CLI:
 
 - ``POST /v1/ask``: a multipart upload (``file``) with the ``fila ask`` options as form fields;
   the ``fila ask --json`` record, or with ``stream=true`` JSON lines: ``{"delta": "..."}`` as the
-  answer is generated, then ``{"record": {...}}`` (or ``{"error": {...}}``).
+  answer is generated, then ``{"record": {...}}``. A failure is ``{"error": {...}, "record": {...}}``,
+  the record being the failed one ``fila ask --json`` prints.
 - ``/v1/chat/sessions``: ``fila chat`` over HTTP (see ``chat_api``).
 - ``GET /v1/models``, ``GET /health``.
 
@@ -36,7 +37,7 @@ from fila_cli.serve.engine import Engine, ask_options
 from fila_cli.serve.http_errors import error_response
 from fila_cli.serve.limits import BodyLimit, TooLarge, too_large_message
 from fila_cli.serve.openai_compat import register_openai
-from fila_cli.serve.responses import NDJSON, final_response, next_final, stream_events
+from fila_cli.serve.responses import NDJSON, FailedRecord, final_response, next_final, stream_events
 from fila_cli.serve.scheduler import AskWork, Cancelled, Job, QueueFull, Scheduler, Stopping
 from fila_cli.serve.settings import ServeSettings
 
@@ -148,21 +149,23 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
-        return await respond(job, request, path, name, stream, directory)
+        return await respond(job, request, path, name, stream, directory,
+                             failed=lambda kind, message: engine.failed_record(name, question, kind, message))
 
-    async def respond(job: Job, request: Request, path: Path, name: str, stream: bool, directory: Path | None):
+    async def respond(job: Job, request: Request, path: Path, name: str, stream: bool, directory: Path | None,
+                      failed: FailedRecord | None = None):
         """The job's answer as JSON, or streamed as JSON lines (an error before the first delta
-        keeps its HTTP status)."""
+        keeps its HTTP status). ``failed``: the record an error comes with."""
         handed_over = False
         try:
             if not stream:
                 kind, value = await next_final(job, request)
-                return final_response(kind, value, path, name)
+                return final_response(kind, value, path, name, failed)
             first = await job.events.get()
             if first[0] == "error":
-                return final_response(*first, path, name)
+                return final_response(*first, path, name, failed)
             handed_over = True
-            return StreamingResponse(stream_events(job, first, path, name, directory), media_type=NDJSON)
+            return StreamingResponse(stream_events(job, first, path, name, directory, failed), media_type=NDJSON)
         finally:
             if not handed_over:
                 job.cancel()

@@ -177,14 +177,17 @@ def read_stream(response: http.client.HTTPResponse, on_text: Callable[[str], Non
 
 
 def _error_of(status: int, data: bytes) -> FilaError:
+    """The CLI's error of the kind the server said, with the failed record it sent (``record``;
+    None when it sent none), which ``fila ask --json`` prints as its own."""
     try:
-        error = json.loads(data)["error"]
+        body = json.loads(data)
+        error = body["error"]
         kind, message = str(error["kind"]), str(error["message"])
     except (ValueError, KeyError, TypeError):
         return RemoteError("error", f"the server answered HTTP {status}: {data[:200].decode(errors='replace')}")
-    if kind in ("usage", "document", "model"):
-        return error_from_kind(kind, message)
-    return RemoteError(kind, message)
+    raised = error_from_kind(kind, message) if kind in ("usage", "document", "model") else RemoteError(kind, message)
+    raised.record = body.get("record")  # type: ignore[attr-defined]
+    return raised
 
 
 def ask_fields(question: str, options: Any) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from fila_cli.qa.isolation import DocumentPlan, DocumentWorker, WorkerFailure
 from fila_cli.qa.model import Model
 from fila_cli.qa.options import AskOptions, ModelOptions
 from fila_cli.qa.pages import PageSource, PreparedPage
+from fila_cli.qa.records import failed_record
 from fila_cli.qa.timings import Timings
 from fila_cli.vision.model.encoder import HybridEncoder
 
@@ -110,6 +111,10 @@ class Engine:
         return {"id": self.model_name, "object": "model", "owned_by": "fila", "n_ctx": backend.n_ctx,
                 "vision_device": encoder.device.type, "vision_dtype": str(encoder.dtype).removeprefix("torch."),
                 "caches": self.asker.caches_on}
+
+    def failed_record(self, name: str, question: str, kind: str, message: str) -> dict[str, Any]:
+        """The ``fila ask --json`` record of a question about ``name`` that got no answer."""
+        return failed_record(name, question, self.model_name, kind, message)
 
     def new_worker(self) -> DocumentWorker:
         return DocumentWorker(self.timeout_s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 
 from fila_cli.errors import FilaError
 from fila_cli.serve.engine import WorkerFailure
-from fila_cli.serve.http_errors import error_body, error_response
+from fila_cli.serve.http_errors import STATUS_BY_KIND, error_body
 from fila_cli.serve.scheduler import Cancelled, Job, Stopping
 
 # How often a handler waiting for a non-streamed answer looks whether its client is still there.
@@ -53,8 +53,20 @@ def ndjson(item: dict[str, Any]) -> bytes:
     return (json.dumps(item, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+# The record of a request that got no answer, from its error's (kind, message): ``fila ask --json``'s
+# failed record (``Engine.failed_record``), sent beside the error so a client writes what the CLI writes.
+FailedRecord = Callable[[str, str], dict[str, Any]]
+
+
+def error_content(kind: str, message: str, failed: FailedRecord | None = None) -> dict[str, Any]:
+    body = error_body(kind, message)
+    if failed is not None:
+        body["record"] = failed(kind, message)
+    return body
+
+
 async def stream_events(job: Job, first: tuple[str, Any], path: Path, name: str,
-                        cleanup: Path | None) -> AsyncIterator[bytes]:
+                        cleanup: Path | None, failed: FailedRecord | None = None) -> AsyncIterator[bytes]:
     """The job's events as JSON lines; a client that goes away cancels the job (Starlette cancels
     this generator when it sees the disconnect)."""
     try:
@@ -67,7 +79,7 @@ async def stream_events(job: Job, first: tuple[str, Any], path: Path, name: str,
                 yield ndjson({"record": value})
                 return
             else:
-                yield ndjson(error_body(*renamed(value, path, name)))
+                yield ndjson(error_content(*renamed(value, path, name), failed))
                 return
             event = await job.events.get()
     finally:
@@ -76,7 +88,8 @@ async def stream_events(job: Job, first: tuple[str, Any], path: Path, name: str,
             shutil.rmtree(cleanup, ignore_errors=True)
 
 
-def final_response(kind: str, value: Any, path: Path, name: str) -> JSONResponse:
+def final_response(kind: str, value: Any, path: Path, name: str, failed: FailedRecord | None = None) -> JSONResponse:
     if kind == "record":
         return JSONResponse(value)
-    return error_response(*renamed(value, path, name))
+    kind, message = renamed(value, path, name)
+    return JSONResponse(error_content(kind, message, failed), status_code=STATUS_BY_KIND.get(kind, 500))
