@@ -1,6 +1,6 @@
 """The package's layers, read from the source: no module imports from a layer above its own.
 
-documents < vision < llm < bundles < qa/train/eval < cli, with config, errors, gguf_files, atomic_files and
+documents < vision < llm < bundles < qa/train/eval < serve < cli, with config, errors, gguf_files, atomic_files and
 caches below them all. Imports inside functions count too: a lazy import of a higher layer is still a
 dependency on it.
 """
@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fila_cli"
 BOTTOM = 0
 LAYERS = {"config": BOTTOM, "errors": BOTTOM, "gguf_files": BOTTOM, "manifests": BOTTOM, "caches": BOTTOM,
           "atomic_files": BOTTOM,
-          "documents": 1, "vision": 2, "llm": 3, "bundles": 4, "qa": 5, "train": 5, "eval": 5, "cli": 6}
+          "documents": 1, "vision": 2, "llm": 3, "bundles": 4, "qa": 5, "train": 5, "eval": 5, "serve": 6,
+          "cli": 7}
 # The package's own __init__ (lazy exports by name) and ``python -m fila_cli`` sit outside the layers.
 ENTRY_POINTS = {"__init__", "__main__"}
 # What a command that only parses options or lists files must not load.

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
+from fila_cli.cli import serve as serve_command
 from fila_cli.cli.options import (
     CacheMaxGbOption,
     CompileOption,
@@ -24,6 +25,7 @@ from fila_cli.cli.options import (
     NoCacheOption,
     PasswordOption,
     SeedOption,
+    ServerOption,
     TemperatureOption,
     TemplateOption,
     TextLayerOption,
@@ -36,7 +38,7 @@ from fila_cli.llm.sampling import SamplingParams
 from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, DEFAULT_RAY_CPUS, DEFAULT_TIMEOUT_S, BatchOptions, ModelOptions
 
 # The main job first, then the tools around it.
-COMMAND_ORDER = ("ask", "chat", "batch", "sample", "crops", "encode", "eval", "train", "weights", "cache")
+COMMAND_ORDER = ("ask", "chat", "batch", "serve", "sample", "crops", "encode", "eval", "train", "weights", "cache")
 
 
 class _MainJobFirst(TyperGroup):
@@ -77,6 +79,8 @@ def _mount_eval_app() -> None:
 
 
 _mount_eval_app()
+
+serve_command.mount(app)
 
 def _version(value: bool) -> None:
     if value:
@@ -264,6 +268,8 @@ def ask(
     together: Annotated[bool, typer.Option("--together", help="Read the --pages in one prompt, each introduced by its page number (for questions across pages), when the model's context holds them.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (the default when stdout is not a terminal).")] = False,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the answer when it is complete instead of as it is generated.")] = False,
+    server: ServerOption = None,
+    keep_alive: Annotated[str | None, typer.Option("--keep-alive", envvar="FILA_KEEP_ALIVE", help="Keep the model loaded in a background server for this long after the last ask (e.g. 5m; $FILA_KEEP_ALIVE): later asks with the same model skip the load. See `fila serve`.", show_default=False)] = None,
     temperature: TemperatureOption = SamplingParams.temperature,
     top_p: TopPOption = SamplingParams.top_p,
     seed: SeedOption = SamplingParams.seed,
@@ -297,7 +303,7 @@ def ask(
                               gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
                 ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature,
                             top_p=top_p, seed=seed, max_tokens=max_tokens, together=together),
-                as_json=as_json, stream=not no_stream)
+                as_json=as_json, stream=not no_stream, server=server, keep_alive=keep_alive)
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -311,6 +317,7 @@ def chat(
     password: PasswordOption = None,
     text_layer: TextLayerOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Read one question a line from stdin and print one JSON line per answer (the default when stdin is not a terminal).")] = False,
+    server: ServerOption = None,
     temperature: TemperatureOption = SamplingParams.temperature,
     top_p: TopPOption = SamplingParams.top_p,
     seed: SeedOption = SamplingParams.seed,
@@ -340,7 +347,7 @@ def chat(
                           gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
             ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature, top_p=top_p,
                         seed=seed, max_tokens=max_tokens, together=True),
-            as_json=as_json))
+            as_json=as_json, server=server))
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -359,6 +366,7 @@ def batch(
     pipeline_depth: Annotated[int | None, typer.Option("--pipeline-depth", help=f"Pages rendered and encoded ahead while the LLM answers the current one (with --ray, in each worker; each holds one page's visual tokens in memory); 0 does one stage at a time. Default: {DEFAULT_PIPELINE_DEPTH}, or --parallel's N.", show_default=False)] = None,
     parallel: Annotated[int, typer.Option("--parallel", help="Answer up to N documents' questions side by side in one LLM context (each answer decoded in the same step). Costs N KV caches of the model's context in memory (~0.5 GB each for Mistral-7B at 4096 tokens). Meant for a GPU, where a step costs about as much for N answers as for one; on a CPU the prefill dominates and the gain is small. Records come out in the same order, with the same answers but where two candidate tokens are nearly tied (docs/batch.md).")] = 1,
     compile_encoder: CompileOption = False,
+    server: ServerOption = None,
     model: ModelOption = None,
     llm: LlmOption = None,
     mmproj: MmprojOption = None,
@@ -393,6 +401,7 @@ def batch(
             resume=resume,
             batch=BatchOptions(timeout_s=timeout, pipeline_depth=pipeline_depth, parallel=parallel, ray_address=ray,
                                ray_cpus=ray_cpus),
+            server=server,
             model=model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
                                 gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb,
                                 compile_encoder=compile_encoder),

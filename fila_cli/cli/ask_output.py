@@ -15,13 +15,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from fila_cli.cli.options import load_asker
+from fila_cli.cli.serve import remote_asker
 from fila_cli.cli.stopping import stop_signals
 from fila_cli.cli.support import stderr, warning_line
 from fila_cli.documents.document import open_document
 from fila_cli.errors import FilaError
-from fila_cli.qa.ask import Answer
 from fila_cli.qa.options import AskOptions, ModelOptions
-from fila_cli.qa.records import failed_record
+from fila_cli.qa.records import Answer, failed_record
 from fila_cli.qa.run import json_line
 
 
@@ -64,8 +64,9 @@ def failed_record_on_stdout(file: Path, question: Callable[[], str], model: Mode
     try:
         yield
     except FilaError as error:
-        if as_json:
-            record = failed_record(file, question(), _model_name(model), error.kind, str(error))
+        if as_json:  # the record a server sent (--server), else made here
+            record = getattr(error, "record", None) or failed_record(file, question(), _model_name(model), error.kind,
+                                                                     str(error))
             print(json.dumps(record, ensure_ascii=False), flush=True)
         raise
 
@@ -78,13 +79,15 @@ def _model_name(model: ModelOptions | str | None) -> str | None:
         return None
 
 
-def run_ask(file: Path, question: str, model: ModelOptions, options: AskOptions, *, as_json: bool, stream: bool) -> None:
+def run_ask(file: Path, question: str, model: ModelOptions, options: AskOptions, *, as_json: bool, stream: bool,
+            server: str | None = None, keep_alive: str | None = None) -> None:
     # Check the document before loading gigabytes of model: a typo fails in milliseconds.
     with open_document(file, password=options.password):
         pass
     # One answer, nothing to finish: Ctrl-C or SIGTERM stops it at once (exit 130 or 143).
     with stop_signals(immediate=True):
-        _ask(file, question, load_asker(model), options, as_json=as_json, stream=stream)
+        asker = remote_asker(model, server, keep_alive) if server or keep_alive else load_asker(model)
+        _ask(file, question, asker, options, as_json=as_json, stream=stream)
 
 
 def _ask(file: Path, question: str, asker, options: AskOptions, *, as_json: bool, stream: bool) -> None:

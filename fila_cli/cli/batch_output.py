@@ -20,7 +20,7 @@ from fila_cli.qa.run import BatchSummary, RecordSink, load_done, unit_key
 
 def run_batch_command(paths: list[str], *, questions: list[str], questions_file: Path | None, recursive: bool,
                       output: Path | None, resume: bool, batch: BatchOptions, model: ModelOptions,
-                      ask: AskOptions) -> int:
+                      ask: AskOptions, server: str | None = None) -> int:
     all_questions = read_questions(questions, questions_file)
     documents = collect_documents(paths, recursive)
     if not documents:
@@ -31,8 +31,15 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
         raise UsageError(f"{output} already holds records: pass --resume to continue it, or choose another file")
     if batch.ray_address is not None:
         import_ray()  # a missing extra is a usage error before anything else happens
+    if server is not None and (batch.ray_address is not None or batch.parallel > 1):
+        raise UsageError("--server sends the documents to a running fila serve: --ray and --parallel are its business")
     done = load_done(output, keep=_unchanged(documents)) if resume and output is not None else set()
     with stop_signals() as stop:  # Ctrl-C or SIGTERM: the records in flight, the summary, then exit
+        if server is not None:
+            from fila_cli.cli.serve import run_remote_batch
+
+            return _finish(run_remote_batch(server, documents, all_questions, ask, output, done,
+                                            should_stop=stop.requested), stop)
         if batch.ray_address is not None:
             return _run_on_ray(documents, all_questions, output, done, batch, model, ask, stop)
         asker = load_asker(model, reuse_prefix=len(all_questions) > 1, n_seq_max=batch.parallel)

@@ -34,12 +34,17 @@ COMMANDS = (
 )
 
 
-def run_chat(file: Path, model: ModelOptions, options: AskOptions, *, as_json: bool) -> int:
+def run_chat(file: Path, model: ModelOptions, options: AskOptions, *, as_json: bool, server: str | None = None) -> int:
     """Signals (cli/stopping.py): while an answer streams, Ctrl-C stops the answer and the session
     goes on; SIGTERM stops it too, then the session ends (exit 143). Elsewhere (loading, reading a
     page, waiting for a question) a signal stops at once; Ctrl-C at the prompt only clears the line."""
     # Check the document before loading gigabytes of model: a typo fails in milliseconds.
     with open_document(file, password=options.password) as document, stop_signals(immediate=True) as stop:
+        if server is not None:
+            from fila_cli.cli.serve import run_remote_chat
+
+            return run_remote_chat(server, file, options, document, lambda session: _piped(session, stop)
+                                   if as_json or not sys.stdin.isatty() else _interactive(session, stop))
         asker = load_asker(model)
         with stderr.status("reading the page…"):
             session = ChatSession(asker, document, options, on_notice=lambda message: stderr.print(

@@ -60,6 +60,7 @@ SeedOption = Annotated[int, typer.Option("--seed", help="Random seed for samplin
 MaxTokensOption = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate per answer.")]
 NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the caches: visual tokens and LLM prefix states (see `fila cache`).")]
 CacheMaxGbOption = Annotated[float, typer.Option("--cache-max-gb", help="Size cap of fila's cache on disk, in GB: visual tokens and LLM prefix states together; the least recently used entries go first.")]
+ServerOption = Annotated[str | None, typer.Option("--server", envvar="FILA_SERVER", help="Ask a running `fila serve` (http://HOST:PORT or unix:/path.sock; $FILA_SERVER) instead of loading the model here; the output is the same.", show_default=False)]
 CtxSizeOption = Annotated[int | None, typer.Option("--ctx-size", "-c", help="The LLM's context in tokens, fixed (llama.cpp's -c). Default: the bundle's n_ctx, grown as a prompt needs up to what the model was trained on and what memory allows (said on stderr).")]
 TemplateOption = Annotated[str | None, typer.Option("--template", metavar="NAME|FILE.jinja", help=f"The LLM's prompt format: {', '.join(FAMILIES)}, or a jinja chat template file. Default: the bundle's, else the GGUF's chat template, else guessed from the model name (said on stderr).")]
 GpuLayersOption = Annotated[int | None, typer.Option("--gpu-layers", help="LLM layers on the GPU (default: all when llama.cpp was built with CUDA or Metal, else 0).")]

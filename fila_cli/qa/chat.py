@@ -49,6 +49,7 @@ from fila_cli.qa.timings import Timings
 TextCallback = Callable[[str], None]
 StopCheck = Callable[[], bool]
 Notice = Callable[[str], None]
+PageSourceOf = Callable[[int], PageSource]  # a page's source by its 0-based index
 
 # page_choice methods of a chat, beside page_select's "--pages".
 METHOD_DEFAULT = "first page"
@@ -87,11 +88,15 @@ class ChatSession:
     """A loaded model talking about one open document."""
 
     def __init__(self, asker: Asker, document: Document, options: AskOptions | None = None, *,
-                 on_notice: Notice | None = None, owns_document: bool = False):
-        """``owns_document``: ``close`` closes the document too (else its opener does)."""
+                 on_notice: Notice | None = None, owns_document: bool = False,
+                 page_source: PageSourceOf | None = None):
+        """``owns_document``: ``close`` closes the document too (else its opener does).
+        ``page_source``: where page N (0-based) is rendered; default: from ``document``, in this
+        process (``fila serve`` renders an upload in its isolated document worker instead)."""
         self.asker = asker
         self.document = document
         self._owns_document = owns_document
+        self._page_source = page_source
         self.options = options or AskOptions()
         self.file = str(document.path)
         self.on_notice = on_notice or (lambda message: None)
@@ -188,6 +193,8 @@ class ChatSession:
         self.load_pages(indices, METHOD_COMMAND, f"added page {number} with /page +{number}")
 
     def _source(self, index: int) -> PageSource:
+        if self._page_source is not None:
+            return self._page_source(index)
         return self.asker.pages.local_source(self.document, index, self.options.text_layer)
 
     # -- turns --

@@ -65,6 +65,7 @@ class DocumentPlan:
     page_indices: list[int]
     reason: str
     method: str = METHOD_ALL  # page_select.METHOD_*
+    page_count: int | None = None  # the document's pages (what `fila serve`'s chat sessions move between)
 
 
 def _address_space_in_use() -> int | None:
@@ -127,7 +128,7 @@ def _answer_requests(connection: Connection, memory_budget_bytes: int | None) ->
                     document = None
                 document = open_document(path, password=password)
                 plans = [plan_pages(document, question, pages) for question in questions]
-                connection.send(("ok", [(plan.indices, plan.detail, plan.method) for plan in plans]))
+                connection.send(("ok", [(plan.indices, plan.detail, plan.method) for plan in plans], document.page_count))
             elif request[0] == "render":
                 _, index, anyres, highres_scale, text_layer = request
                 started = time.perf_counter()
@@ -233,8 +234,8 @@ class DocumentWorker:
         """Open the document in the worker and choose its pages for each question; the document's
         time budget starts afresh, one budget for all its questions."""
         self._busy_s = 0.0
-        _, plans = self._call(file, ("open", str(file), password, list(questions), pages))
-        return [DocumentPlan(indices, reason, method) for indices, reason, method in plans]
+        _, plans, page_count = self._call(file, ("open", str(file), password, list(questions), pages))
+        return [DocumentPlan(indices, reason, method, page_count) for indices, reason, method in plans]
 
     def render(self, file: Path, index: int, anyres: AnyresConfig, text_layer: bool,
                highres_scale: Fraction | None = None) -> RenderedPage:
