@@ -14,6 +14,7 @@ from fila_cli.cli.options import (
     CompileOption,
     DeviceOption,
     DtypeOption,
+    EvidenceOcrOption,
     FusionOption,
     GpuLayersOption,
     LlmOption,
@@ -262,6 +263,8 @@ def ask(
     together: Annotated[bool, typer.Option("--together", help="Read the --pages in one prompt, each introduced by its page number (for questions across pages), when the model's context holds them.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (the default when stdout is not a terminal).")] = False,
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the answer when it is complete instead of as it is generated.")] = False,
+    show_evidence: Annotated[Path | None, typer.Option("--show-evidence", help="Write the page where the answer is (PNG) with the crop boundaries and the answer's evidence boxes, red where a boundary cuts them (as `fila crops --find`).", show_default=False)] = None,
+    evidence_ocr: EvidenceOcrOption = False,
     temperature: TemperatureOption = SamplingParams.temperature,
     top_p: TopPOption = SamplingParams.top_p,
     seed: SeedOption = SamplingParams.seed,
@@ -278,9 +281,11 @@ def ask(
     On a terminal the answer is shown in a panel, streamed as it is generated. Piped, or with --json,
     stdout holds exactly one JSON object: {"file", "question", "answer", "pages", "confidence", "model",
     "timings": {"render_s", "encode_s", "prefill_s", "generate_s"}, "tokens": {"visual", "prompt", "generated"},
-    "page_choice": {"method", "detail"}, "warnings": [...], "error": null}; when it fails, the same keys
-    with "error": {"kind", "message"} and the others null. A damaged document is answered with a
-    `fila: warning: ...` line on stderr.
+    "page_choice": {"method", "detail"}, "warnings": [...], "evidence": [{"page", "bbox_pt", "bbox_px", "text",
+    "match", "crops", "straddles_crop_boundary", "source"}], "evidence_reason", "error": null}; when it fails,
+    the same keys with "error": {"kind", "message"} and the others null. A damaged document is answered
+    with a `fila: warning: ...` line on stderr; an answer a crop boundary cuts (fusion off), with a
+    `fila: note: ...` line.
     """
     from fila_cli.cli.ask_output import failed_record_on_stdout, json_output, run_ask
 
@@ -292,8 +297,8 @@ def ask(
                 model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
                               gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
                 ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature,
-                            top_p=top_p, seed=seed, max_tokens=max_tokens, together=together),
-                as_json=as_json, stream=not no_stream)
+                            top_p=top_p, seed=seed, max_tokens=max_tokens, together=together, evidence_ocr=evidence_ocr),
+                as_json=as_json, stream=not no_stream, show_evidence=show_evidence)
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -307,6 +312,7 @@ def chat(
     password: PasswordOption = None,
     text_layer: TextLayerOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Read one question a line from stdin and print one JSON line per answer (the default when stdin is not a terminal).")] = False,
+    evidence_ocr: EvidenceOcrOption = False,
     temperature: TemperatureOption = SamplingParams.temperature,
     top_p: TopPOption = SamplingParams.top_p,
     seed: SeedOption = SamplingParams.seed,
@@ -333,7 +339,7 @@ def chat(
             model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
                           gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
             ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature, top_p=top_p,
-                        seed=seed, max_tokens=max_tokens, together=True),
+                        seed=seed, max_tokens=max_tokens, together=True, evidence_ocr=evidence_ocr),
             as_json=as_json))
 
 
@@ -353,6 +359,7 @@ def batch(
     pipeline_depth: Annotated[int | None, typer.Option("--pipeline-depth", help=f"Pages rendered and encoded ahead while the LLM answers the current one (with --ray, in each worker; each holds one page's visual tokens in memory); 0 does one stage at a time. Default: {DEFAULT_PIPELINE_DEPTH}, or --parallel's N.", show_default=False)] = None,
     parallel: Annotated[int, typer.Option("--parallel", help="Answer up to N documents' questions side by side in one LLM context (each answer decoded in the same step). Costs N KV caches of the model's context in memory (~0.5 GB each for Mistral-7B at 4096 tokens). Meant for a GPU, where a step costs about as much for N answers as for one; on a CPU the prefill dominates and the gain is small. Records come out in the same order, with the same answers but where two candidate tokens are nearly tied (README).")] = 1,
     compile_encoder: CompileOption = False,
+    evidence_ocr: EvidenceOcrOption = False,
     model: ModelOption = None,
     llm: LlmOption = None,
     mmproj: MmprojOption = None,
@@ -389,7 +396,8 @@ def batch(
                                 gpu_layers=gpu_layers, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb,
                                 compile_encoder=compile_encoder),
             ask=ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature,
-                            top_p=top_p, seed=seed, max_tokens=max_tokens, together=together)))
+                            top_p=top_p, seed=seed, max_tokens=max_tokens, together=together,
+                            evidence_ocr=evidence_ocr)))
 
 
 @app.command(epilog=EXIT_CODES_HELP)
