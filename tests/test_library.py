@@ -125,7 +125,7 @@ def test_chat_recovers_from_a_stored_state_llama_cpp_refuses(bundle, documents, 
     with open_document(documents[0]) as document:
         again = ChatSession(again_asker, document, options).ask("What is the total due?")
     assert again.answer == first.answer
-    assert again_asker.prefix_store.get(key, again_asker.backend) is not None  # decoded again and stored again
+    assert again_asker.prefix_store.get(key) is not None  # decoded again and stored again
 
 
 def test_a_failed_chat_question_has_the_failed_batch_record_keys(bundle, documents, tmp_path):
