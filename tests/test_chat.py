@@ -108,6 +108,8 @@ def test_piped_questions_give_one_json_line_each(bundle, report, tmp_path):
     assert [r["question"] for r in records] == [q for q in questions if not q.startswith("/")]
     assert [r["turn"] for r in records] == [1, 2, 3] and [r["pages"] for r in records] == [[1], [1], [3]]
     assert records[2]["page_choice"]["method"] == "/page" and records[0]["warnings"] == []
+    # Evidence on the pages in context: a list, and a reason exactly when it is empty.
+    assert all(isinstance(r["evidence"], list) and (r["evidence_reason"] is None) == bool(r["evidence"]) for r in records)
 
 
 def test_a_full_context_drops_the_oldest_turns_never_the_page(bundle, report):

@@ -17,7 +17,7 @@ from fila_cli.errors import ExitCode
 
 # The one record shape (fila_cli/qa/records.py): "error" is null in an answer's record.
 DOCUMENTED_KEYS = {"file", "question", "answer", "pages", "confidence", "model", "timings", "tokens", "page_choice",
-                   "warnings", "error"}
+                   "warnings", "evidence", "evidence_reason", "error"}
 TIMING_KEYS = {"render_s", "encode_s", "prefill_s", "generate_s"}
 TOKEN_KEYS = {"visual", "prompt", "generated"}
 QUESTION = "What is the total due?"

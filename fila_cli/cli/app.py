@@ -16,6 +16,7 @@ from fila_cli.cli.options import (
     CtxSizeOption,
     DeviceOption,
     DtypeOption,
+    EvidenceOcrOption,
     FusionOption,
     GpuLayersOption,
     LlmOption,
@@ -270,6 +271,8 @@ def ask(
     no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the answer when it is complete instead of as it is generated.")] = False,
     server: ServerOption = None,
     keep_alive: Annotated[str | None, typer.Option("--keep-alive", envvar="FILA_KEEP_ALIVE", help="Keep the model loaded in a background server for this long after the last ask (e.g. 5m; $FILA_KEEP_ALIVE): later asks with the same model skip the load. See `fila serve`.", show_default=False)] = None,
+    show_evidence: Annotated[Path | None, typer.Option("--show-evidence", help="Write the page where the answer is (PNG) with the crop boundaries and the answer's evidence boxes, red where a boundary cuts them (as `fila crops --find`).", show_default=False)] = None,
+    evidence_ocr: EvidenceOcrOption = False,
     temperature: TemperatureOption = SamplingParams.temperature,
     top_p: TopPOption = SamplingParams.top_p,
     seed: SeedOption = SamplingParams.seed,
@@ -288,9 +291,11 @@ def ask(
     On a terminal the answer is shown in a panel, streamed as it is generated. Piped, or with --json,
     stdout holds exactly one JSON object: {"file", "question", "answer", "pages", "confidence", "model",
     "timings": {"render_s", "encode_s", "prefill_s", "generate_s"}, "tokens": {"visual", "prompt", "generated"},
-    "page_choice": {"method", "detail"}, "warnings": [...], "error": null}; when it fails, the same keys
-    with "error": {"kind", "message"} and the others null. A damaged document is answered with a
-    `fila: warning: ...` line on stderr.
+    "page_choice": {"method", "detail"}, "warnings": [...], "evidence": [{"page", "bbox_pt", "bbox_px", "text",
+    "match", "crops", "straddles_crop_boundary", "source"}], "evidence_reason", "error": null}; when it fails,
+    the same keys with "error": {"kind", "message"} and the others null. A damaged document is answered
+    with a `fila: warning: ...` line on stderr; an answer a crop boundary cuts (fusion off), with a
+    `fila: note: ...` line.
     """
     from fila_cli.cli.ask_output import failed_record_on_stdout, json_output, run_ask
 
@@ -302,8 +307,8 @@ def ask(
                 model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
                               gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
                 ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature,
-                            top_p=top_p, seed=seed, max_tokens=max_tokens, together=together),
-                as_json=as_json, stream=not no_stream, server=server, keep_alive=keep_alive)
+                            top_p=top_p, seed=seed, max_tokens=max_tokens, together=together, evidence_ocr=evidence_ocr),
+                as_json=as_json, stream=not no_stream, server=server, keep_alive=keep_alive, show_evidence=show_evidence)
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -318,6 +323,7 @@ def chat(
     text_layer: TextLayerOption = False,
     as_json: Annotated[bool, typer.Option("--json", help="Read one question a line from stdin and print one JSON line per answer (the default when stdin is not a terminal).")] = False,
     server: ServerOption = None,
+    evidence_ocr: EvidenceOcrOption = False,
     temperature: TemperatureOption = SamplingParams.temperature,
     top_p: TopPOption = SamplingParams.top_p,
     seed: SeedOption = SamplingParams.seed,
@@ -346,7 +352,7 @@ def chat(
             model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
                           gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb),
             ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature, top_p=top_p,
-                        seed=seed, max_tokens=max_tokens, together=True),
+                        seed=seed, max_tokens=max_tokens, together=True, evidence_ocr=evidence_ocr),
             as_json=as_json, server=server))
 
 
@@ -367,6 +373,7 @@ def batch(
     parallel: Annotated[int, typer.Option("--parallel", help="Answer up to N documents' questions side by side in one LLM context (each answer decoded in the same step). Costs N KV caches of the model's context in memory (~0.5 GB each for Mistral-7B at 4096 tokens). Meant for a GPU, where a step costs about as much for N answers as for one; on a CPU the prefill dominates and the gain is small. Records come out in the same order, with the same answers but where two candidate tokens are nearly tied (docs/batch.md).")] = 1,
     compile_encoder: CompileOption = False,
     server: ServerOption = None,
+    evidence_ocr: EvidenceOcrOption = False,
     model: ModelOption = None,
     llm: LlmOption = None,
     mmproj: MmprojOption = None,
@@ -406,7 +413,8 @@ def batch(
                                 gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=no_cache, verbose=verbose, cache_max_gb=cache_max_gb,
                                 compile_encoder=compile_encoder),
             ask=ask_options(pages=pages, password=password, text_layer=text_layer, temperature=temperature,
-                            top_p=top_p, seed=seed, max_tokens=max_tokens, together=together)))
+                            top_p=top_p, seed=seed, max_tokens=max_tokens, together=together,
+                            evidence_ocr=evidence_ocr)))
 
 
 @app.command(epilog=EXIT_CODES_HELP)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -17,16 +17,21 @@ from rich.text import Text
 from fila_cli.cli.options import load_asker
 from fila_cli.cli.serve import remote_asker
 from fila_cli.cli.stopping import stop_signals
-from fila_cli.cli.support import stderr, warning_line
+from fila_cli.cli.support import note_line, stderr, warning_line
 from fila_cli.documents.document import open_document
-from fila_cli.errors import FilaError
+from fila_cli.documents.evidence import Evidence
+from fila_cli.errors import FilaError, UsageError
+from fila_cli.qa.answer_evidence import boundary_notice
 from fila_cli.qa.options import AskOptions, ModelOptions
 from fila_cli.qa.records import Answer, failed_record
 from fila_cli.qa.run import json_line
 
 
-def _answer_panel(text: str, title: str, subtitle: str | None = None) -> Panel:
-    return Panel(Text(text or "…"), title=title, subtitle=subtitle, title_align="left", subtitle_align="right")
+def _answer_panel(text: str, title: str, subtitle: str | None = None, notice: str | None = None) -> Panel:
+    body: Text | Group = Text(text or "…")
+    if notice is not None:  # one line under the answer (in full on stderr)
+        body = Group(body, Text(f"⚠ {notice}", style="yellow", no_wrap=True, overflow="ellipsis"))
+    return Panel(body, title=title, subtitle=subtitle, title_align="left", subtitle_align="right")
 
 
 def _citation(answer: Answer) -> str:
@@ -80,37 +85,61 @@ def _model_name(model: ModelOptions | str | None) -> str | None:
 
 
 def run_ask(file: Path, question: str, model: ModelOptions, options: AskOptions, *, as_json: bool, stream: bool,
-            server: str | None = None, keep_alive: str | None = None) -> None:
+            server: str | None = None, keep_alive: str | None = None, show_evidence: Path | None = None) -> None:
+    if show_evidence is not None and show_evidence.suffix.lower() != ".png":
+        raise UsageError(f"{show_evidence}: the picture is written as PNG; name it *.png")
+    if show_evidence is not None and (server or keep_alive):
+        raise UsageError("--show-evidence draws with the model's canvases here: drop --server/--keep-alive, or "
+                         "draw it with `fila crops FILE --find ANSWER -o PICTURE.png`")
     # Check the document before loading gigabytes of model: a typo fails in milliseconds.
     with open_document(file, password=options.password):
         pass
     # One answer, nothing to finish: Ctrl-C or SIGTERM stops it at once (exit 130 or 143).
     with stop_signals(immediate=True):
         asker = remote_asker(model, server, keep_alive) if server or keep_alive else load_asker(model)
-        _ask(file, question, asker, options, as_json=as_json, stream=stream)
+        answer = _ask(file, question, asker, options, as_json=as_json, stream=stream)
+        if show_evidence is not None:
+            _write_evidence_picture(file, show_evidence, answer, asker, options)
 
 
-def _ask(file: Path, question: str, asker, options: AskOptions, *, as_json: bool, stream: bool) -> None:
+def _write_evidence_picture(file: Path, output: Path, answer: Answer, asker, options: AskOptions) -> None:
+    """``--show-evidence``: the page where the answer is (else the page it came from), as ``fila crops --find``."""
+    from fila_cli.cli.crops_view import write_evidence_picture
+
+    evidence = answer.evidence
+    page = evidence.boxes[0].page if evidence is not None and evidence.boxes else answer.pages[0]
+    write_evidence_picture(file, output, page, evidence or Evidence((), None), asker.encoder.anyres,
+                           asker.encoder.highres_scale, options.password)
+    boxes = len(evidence.on_page(page)) if evidence is not None else 0
+    where = f"{boxes} evidence box{'es' if boxes != 1 else ''}" if boxes else f"answer not located ({evidence.reason if evidence else 'not looked for'})"
+    stderr.print(f"{output}: page {page}, crop boundaries and {where}", highlight=False, markup=False)
+
+
+def _notice(answer: Answer, asker) -> str | None:
+    return boundary_notice(answer.evidence, fusion=asker.fusion)
+
+
+def _ask(file: Path, question: str, asker, options: AskOptions, *, as_json: bool, stream: bool) -> Answer:
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=stderr, transient=True)
     if as_json:
         with progress:
             answer = asker.ask(file, question, options, on_page=_page_progress(progress))
-        _warn(answer)
+        _warn(answer, _notice(answer, asker))
         sys.stdout.write(json_line(answer.to_json()).decode("utf-8"))  # a non-UTF-8 file name: \udcXX escapes
         sys.stdout.flush()
-        return
+        return answer
 
     console = Console()
     title = f"{file.name}: {question}"
     if not stream:
         with progress:
             answer = asker.ask(file, question, options, on_page=_page_progress(progress))
-        console.print(_answer_panel(answer.answer, title, _citation(answer)))
+        console.print(_answer_panel(answer.answer, title, _citation(answer), _notice(answer, asker)))
         stderr.print(Text(answer.page_reason, style="dim"))
-        _warn(answer)
-        return
+        _warn(answer, _notice(answer, asker))
+        return answer
     streamed: list[str] = []
     with Live(_answer_panel("", title), console=console, refresh_per_second=12, transient=False) as live, progress:
 
@@ -119,11 +148,14 @@ def _ask(file: Path, question: str, asker, options: AskOptions, *, as_json: bool
             live.update(_answer_panel("".join(streamed).strip(), title))
 
         answer = asker.ask(file, question, options, on_text=on_text, on_page=_page_progress(progress))
-        live.update(_answer_panel(answer.answer, title, _citation(answer)))
+        live.update(_answer_panel(answer.answer, title, _citation(answer), _notice(answer, asker)))
     stderr.print(Text(answer.page_reason, style="dim"))
-    _warn(answer)
+    _warn(answer, _notice(answer, asker))
+    return answer
 
 
-def _warn(answer: Answer) -> None:
+def _warn(answer: Answer, notice: str | None) -> None:
     for warning in answer.warnings:
         warning_line(warning)
+    if notice is not None:
+        note_line(notice)

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fila_cli.cli.options import load_asker
 from fila_cli.cli.stopping import StopRequest, stop_signals
-from fila_cli.cli.support import stderr, warning_line
+from fila_cli.cli.support import note_line, stderr, warning_line
 from fila_cli.errors import ExitCode, UsageError
 from fila_cli.qa.batch import collect_documents, read_questions, run_batch, sha256_or_none
 from fila_cli.qa.options import AskOptions, BatchOptions, ModelOptions
@@ -52,7 +52,7 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
                 task = progress.add_task("batch", total=len(documents) * len(all_questions))
                 summary = run_batch(asker, documents, all_questions, ask, sink, batch, done=done,
                                     on_record=lambda: progress.advance(task), on_warning=warning_line,
-                                    should_stop=stop.requested)
+                                    should_stop=stop.requested, on_notice=note_line)
         finally:
             sink.close()
         return _finish(summary, stop)

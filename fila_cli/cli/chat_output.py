@@ -16,9 +16,10 @@ from rich.text import Text
 
 from fila_cli.cli.options import load_asker
 from fila_cli.cli.stopping import StopRequest, stop_signals
-from fila_cli.cli.support import error_line, stderr, warning_line
+from fila_cli.cli.support import error_line, note_line, stderr, warning_line
 from fila_cli.documents.document import open_document
 from fila_cli.errors import ExitCode, FilaError, UsageError
+from fila_cli.qa.answer_evidence import boundary_notice
 from fila_cli.qa.chat import ChatSession, Turn
 from fila_cli.qa.options import AskOptions, ModelOptions
 
@@ -81,7 +82,9 @@ def _piped(session: ChatSession, stop: StopRequest) -> int:
             continue
         try:
             with _answering(stop):
-                record = session.record(session.ask(line, should_stop=stop.requested))
+                turn = session.ask(line, should_stop=stop.requested)
+                record = session.record(turn)
+            _say_notice(session, turn)
         except FilaError as error:
             failed += 1
             error_line(str(error))
@@ -120,10 +123,18 @@ def _interactive(session: ChatSession, stop: StopRequest) -> int:
         turn = _ask_streaming(session, line, console, stop)
         if turn is not None:
             stderr.print(Text(_turn_footer(session, turn), style="dim"))
+            _say_notice(session, turn)
         if stop.signum == signal.SIGTERM:  # the answer in flight stopped, shown whole: now leave
             error_line("interrupted")
             return stop.exit_code
         stop.reset()  # Ctrl-C stopped that answer; the session goes on
+
+
+def _say_notice(session: ChatSession, turn: Turn) -> None:
+    """The crop-boundary notice, when a crop boundary cuts the answer and fusion is off."""
+    notice = boundary_notice(turn.evidence, fusion=session.asker.fusion)
+    if notice is not None:
+        note_line(notice)
 
 
 def _ask_streaming(session: ChatSession, question: str, console: Console, stop: StopRequest) -> Turn | None:

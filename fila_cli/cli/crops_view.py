@@ -8,12 +8,15 @@ this lets a user see where those cuts fall on their own page.
 from __future__ import annotations
 
 import json
+from fractions import Fraction
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from fila_cli.config import AnyresConfig
 from fila_cli.documents.canvas import CanvasGeometry
 from fila_cli.documents.evidence import Evidence, EvidenceBox
+from fila_cli.errors import UsageError
 
 CROP_LINE_COLOR = (220, 30, 30)  # red: crop boundaries
 GLOBAL_VIEW_COLOR = (30, 90, 220)  # blue: the global view sees the whole page
@@ -96,6 +99,26 @@ def draw_evidence(page: Image.Image, geometry: CanvasGeometry, boxes: list[Evide
             draw.rectangle([x0 * scale_x - line, y0 * scale_y - line, x1 * scale_x + line, y1 * scale_y + line],
                            outline=color, width=line)
     return picture
+
+
+def write_evidence_picture(file: Path, output: Path, page: int, evidence: Evidence, config: AnyresConfig,
+                           highres_scale: Fraction | None = None, password: str | None = None) -> CanvasGeometry:
+    """Write page ``page`` (1-based) of ``file`` as the model receives it, with its crop boundaries
+    and ``evidence``'s boxes on it (``draw_evidence``), as ``fila crops --find`` draws them; the canvas."""
+    from fila_cli.documents.canvas import plan_canvas, scale_geometry
+    from fila_cli.documents.document import open_document
+    from fila_cli.documents.render import render_for_canvas
+
+    with open_document(file, password=password) as document:
+        image = render_for_canvas(document, page - 1, config, highres_scale)
+        page_size = document.page_size_points(page - 1)
+    geometry = plan_canvas((image.height, image.width), config)
+    highres = scale_geometry(geometry, highres_scale) if highres_scale is not None else None
+    try:
+        draw_evidence(image, geometry, evidence.on_page(page), page_size, highres).save(output)
+    except OSError as error:
+        raise UsageError(f"{output}: cannot write the picture ({error.strerror or error}); check the folder") from None
+    return geometry
 
 
 def describe_evidence_box(box: EvidenceBox, grid: tuple[int, int]) -> str:

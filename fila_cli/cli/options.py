@@ -58,6 +58,7 @@ TemperatureOption = Annotated[float, typer.Option("--temperature", help="Samplin
 TopPOption = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (with --temperature > 0).")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed for sampling.")]
 MaxTokensOption = Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate per answer.")]
+EvidenceOcrOption = Annotated[bool, typer.Option("--evidence-ocr", help="Locate the answer on scanned pages by OCR (Tesseract, seconds a page); without it the evidence of a page without a text layer is [] with its reason.")]
 NoCacheOption = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the caches: visual tokens and LLM prefix states (see `fila cache`).")]
 CacheMaxGbOption = Annotated[float, typer.Option("--cache-max-gb", help="Size cap of fila's cache on disk, in GB: visual tokens and LLM prefix states together; the least recently used entries go first.")]
 ServerOption = Annotated[str | None, typer.Option("--server", envvar="FILA_SERVER", help="Ask a running `fila serve` (http://HOST:PORT or unix:/path.sock; $FILA_SERVER) instead of loading the model here; the output is the same.", show_default=False)]
@@ -80,9 +81,10 @@ def model_options(*, model: str | None, llm: Path | None, mmproj: Path | None, f
 
 
 def ask_options(*, pages: str | None, password: str | None, text_layer: bool, temperature: float, top_p: float,
-                seed: int, max_tokens: int, together: bool = False) -> AskOptions:
+                seed: int, max_tokens: int, together: bool = False, evidence_ocr: bool = False) -> AskOptions:
     sampling = SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens)
-    return AskOptions(pages=pages, password=password, text_layer=text_layer, sampling=sampling, together=together)
+    return AskOptions(pages=pages, password=password, text_layer=text_layer, sampling=sampling, together=together,
+                      evidence_ocr=evidence_ocr)
 
 
 def load_asker(options: ModelOptions, *, reuse_prefix: bool = False, n_seq_max: int = 1):

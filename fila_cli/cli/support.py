@@ -36,6 +36,11 @@ def warning_line(message: str) -> None:
     print(f"fila: warning: {message}", file=sys.stderr, flush=True)
 
 
+def note_line(message: str) -> None:
+    """``fila: note: ...`` on stderr: something about the answer worth knowing (the crop-boundary notice)."""
+    print(f"fila: note: {message}", file=sys.stderr, flush=True)
+
+
 @contextlib.contextmanager
 def handle_errors(verbose: bool = False) -> Iterator[None]:
     """Turn every failure into one line on stderr and its exit code; a traceback only if verbose."""

@@ -31,6 +31,7 @@ from fila_cli.errors import ModelError
 from fila_cli.llm import Generation, LlamaBackend, LlamaSettings
 from fila_cli.llm.prefix_store import PrefixStore
 from fila_cli.llm.templates import PromptTemplate, select_template
+from fila_cli.qa.answer_evidence import locate_on_document
 from fila_cli.qa.choice import PageAnswer, best_page, confidence
 from fila_cli.qa.options import AskOptions, ModelOptions
 from fila_cli.qa.pages import PagePreparer, PageSource, PreparedPage
@@ -168,6 +169,11 @@ class Asker:
         self.prefix.store = store
 
     @property
+    def fusion(self) -> bool:
+        """Whether FILA fusion is on (the ConvNeXt branch reads the page uncut by crops)."""
+        return self.encoder.highres_scale is not None
+
+    @property
     def caches_on(self) -> bool:
         """Whether anything is keyed by the document's hash (else it need not be computed)."""
         return self.token_cache is not None or self.prefix_store is not None or self.prefix.reuse_prefix
@@ -192,7 +198,8 @@ class Asker:
         on_text: TextCallback | None = None,
         on_page: PageProgress | None = None,
     ) -> Answer:
-        """Open, choose pages, render and answer, all in this process."""
+        """Open, choose pages, render and answer, all in this process; then locate the answer on
+        the pages it came from (``answer.evidence``)."""
         options = options or AskOptions()
         with open_document(path, password=options.password) as document:
             plan = plan_pages(document, question, options.pages)
@@ -200,6 +207,8 @@ class Asker:
             sha256 = document.content_hash() if self.caches_on else None
             answer = self.answer_pages(str(path), question, sources, plan.detail, options, sha256, on_text, on_page,
                                        method=plan.method)
+            answer.evidence = locate_on_document(document, answer.pages, answer.answer, self.encoder.anyres,
+                                                 ocr=options.evidence_ocr)
             # After rendering (MuPDF reports broken streams then), with what the cached pages' renders said.
             answer.warnings = document_warnings(document, answer.notices)
             return answer

@@ -27,9 +27,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from fila_cli.config import AnyresConfig
 from fila_cli.documents.document import file_sha256
+from fila_cli.documents.evidence import LocatablePage
 from fila_cli.documents.notices import ReadNotices, warning_lines
 from fila_cli.errors import DocumentError, FilaError, UsageError
+from fila_cli.qa.answer_evidence import locate_on_pages, locating_failed, record_notice
 from fila_cli.qa.ask import Answer, Asker, AskOptions, OnePromptQuestion, PageSource, PreparedPage
 from fila_cli.qa.isolation import DocumentPlan, DocumentWorker, WorkerFailure
 from fila_cli.qa.options import BatchOptions
@@ -83,6 +86,11 @@ class Unit:
     name: str | None = None  # the path as the user gave it, which warnings name (default: ``file``)
     plan: DocumentPlan | None = None
     timings: Timings = field(default_factory=Timings)  # render and encode times land here first
+    # The planned pages' words and geometry, read in the worker with the last page (answer_evidence),
+    # or why they could not be.
+    locatable: list[LocatablePage] = field(default_factory=list)
+    locating_error: Exception | None = None
+    evidence_ocr: bool = False
 
 
 @dataclass
@@ -201,9 +209,23 @@ def _prepare_unit(asker: Asker, worker: DocumentWorker, unit: Unit, options: Ask
                 shared.keep(page)
             last = position == len(unit.plan.page_indices) - 1
             # After the last render: MuPDF reports broken streams while rendering.
-            yield PageReady(unit, page, last, worker.notices(file) if last else ReadNotices())
+            notices = worker.notices(file) if last else ReadNotices()
+            if last:
+                _read_locatable(worker, unit, anyres, options.evidence_ocr)
+            yield PageReady(unit, page, last, notices)
     except Exception as error:  # the record says what happened; one bad document never ends the batch
         yield UnitFailed(unit, error)
+
+
+def _read_locatable(worker: DocumentWorker, unit: Unit, anyres: AnyresConfig, ocr: bool) -> None:
+    """The planned pages' words and geometry, read in the worker while it holds the document: the
+    answer's page is known only later, when the worker may be rendering the next document."""
+    assert unit.plan is not None
+    unit.evidence_ocr = ocr
+    try:
+        unit.locatable = worker.locatable_pages(unit.file, unit.plan.page_indices, anyres, ocr)
+    except Exception as error:  # the answer does not need it: its evidence says why there is none
+        unit.locating_error = error
 
 
 Outcome = tuple[Unit, dict[str, Any] | None]  # a unit and its record (None: skipped)
@@ -395,6 +417,11 @@ def _answer_drawn(asker: Asker, unit: Unit, pages: list[PreparedPage], heard: Re
 def _answered_record(unit: Unit, answer: Answer, heard: ReadNotices) -> dict[str, Any]:
     # What the worker heard opening and rendering (with the last page), and what the cached pages' renders heard.
     answer.warnings = warning_lines(unit.name or unit.file, heard.merged(answer.notices))
+    if unit.locating_error is not None:
+        answer.evidence = locating_failed(unit.locating_error)
+    else:
+        answer.evidence = locate_on_pages([page for page in unit.locatable if page.index + 1 in answer.pages],
+                                          answer.answer, ocr=unit.evidence_ocr)
     return {**answer.to_json(), "sha256": unit.sha256}
 
 
@@ -409,7 +436,7 @@ def _failure_record(asker: Asker, unit: Unit, error: Exception) -> dict[str, Any
 def run_batch(asker: Asker, documents: list[Path], questions: list[str], options: AskOptions, sink: RecordSink,
               batch: BatchOptions | None = None, *, done: set | None = None,
               on_record: Callable[[], None] | None = None, on_warning: Callable[[str], None] | None = None,
-              should_stop: StopCheck = never_stop) -> BatchSummary:
+              should_stop: StopCheck = never_stop, on_notice: Callable[[str], None] | None = None) -> BatchSummary:
     """Answer every (document, question) not in ``done``, one record each to ``sink``, in order.
 
     ``batch.depth`` > 0: pages are rendered and encoded in a thread, up to that many ahead of the
@@ -420,6 +447,8 @@ def run_batch(asker: Asker, documents: list[Path], questions: list[str], options
     ``LlamaBackend.generate_many`` says a later token can differ).
     ``should_stop``: checked between records; True stops the batch after the record(s) in flight,
     written whole (``summary.interrupted``). Runs in any thread: no signal handler is installed.
+    ``on_notice``: the crop-boundary notice of each record whose answer a crop boundary cuts
+    (fusion off), naming its file.
     """
     batch = batch or BatchOptions()
     check_parallel(batch, asker.backend.n_seq_max)
@@ -444,6 +473,9 @@ def run_batch(asker: Asker, documents: list[Path], questions: list[str], options
                     sink.write(record)
                     summary.count(record)
                     report_warnings(record)
+                    notice = record_notice(record, fusion=asker.fusion) if on_notice is not None else None
+                    if notice is not None:
+                        on_notice(notice)
                 if on_record is not None:
                     on_record()
         summary.interrupted = should_stop()

@@ -36,10 +36,12 @@ from typing import Any
 
 from fila_cli.atomic_files import write_bytes_atomically
 from fila_cli.documents.document import Document, page_index_from_user, parse_page_spec
+from fila_cli.documents.evidence import Evidence
 from fila_cli.documents.notices import ReadNotices, document_warnings
 from fila_cli.documents.page_select import METHOD_GIVEN
 from fila_cli.errors import FilaError, UsageError
 from fila_cli.llm import ContextOverflowError, PrefixState
+from fila_cli.qa.answer_evidence import locate_on_document
 from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.qa.choice import confidence
 from fila_cli.qa.pages import PageSource, PreparedPage
@@ -76,6 +78,7 @@ class Turn:
     # generated: answer tokens.
     tokens: dict[str, int]
     dropped_turns: int = 0  # oldest turns dropped just before this one, to make room
+    evidence: Evidence | None = None  # where the answer is on the pages in context (answer_evidence)
 
     def to_json(self) -> dict[str, Any]:
         """The turn in a transcript (``ChatSession.save``); ``ChatSession.record`` is its output record."""
@@ -293,6 +296,8 @@ class ChatSession:
                     "generated": len(answer_ids)},
             dropped_turns=dropped,
         )
+        turn.evidence = locate_on_document(self.document, turn.pages, turn.answer, self.asker.encoder.anyres,
+                                           ocr=self.options.evidence_ocr)
         self._load_timings = Timings()
         self.history.append(turn)
         self._context.append(turn)
@@ -334,7 +339,7 @@ class ChatSession:
         return Answer(file=self.file, question=turn.question, answer=turn.answer, pages=list(turn.pages),
                       confidence=turn.confidence, model=self.asker.model_name, timings=turn.timings,
                       tokens=dict(turn.tokens), page_reason=self.page_detail, page_method=self.page_method,
-                      warnings=self.warnings)
+                      warnings=self.warnings, evidence=turn.evidence)
 
     def failed_record(self, question: str, error: FilaError) -> dict[str, Any]:
         """The ``--json`` line of a question that got no answer: a failed record, as batch writes it."""

@@ -35,6 +35,7 @@ from pathlib import Path
 from PIL import Image
 
 from fila_cli.config import AnyresConfig
+from fila_cli.documents.evidence import LocatablePage
 from fila_cli.documents.notices import ReadNotices
 from fila_cli.documents.page_select import METHOD_ALL, plan_pages
 from fila_cli.documents.render import RenderedPage
@@ -113,16 +114,23 @@ def _serve(connection: Connection, memory_budget_bytes: int | None = DEFAULT_MEM
 
 def _answer_requests(connection: Connection, memory_budget_bytes: int | None) -> None:
     from fila_cli.documents.document import open_document
+    from fila_cli.documents.evidence import locatable_page
     from fila_cli.documents.notices import document_notices, page_notices
     from fila_cli.documents.render import render_for_canvas
 
     document = None
     path = ""
+    # The open document's pages read for locating answers, by (index, ocr, canvases): a document's
+    # several questions reopen it, and OCR costs seconds a page.
+    locatable: dict[tuple[int, bool, str], dict] = {}
     while True:
         request = connection.recv()
         try:
             if request[0] == "open":
-                _, path, password, questions, pages = request
+                _, opened, password, questions, pages = request
+                if opened != path:
+                    locatable.clear()
+                path = opened
                 if document is not None:
                     document.close()
                     document = None
@@ -136,6 +144,13 @@ def _answer_requests(connection: Connection, memory_budget_bytes: int | None) ->
                 text = document.page_text(index) if text_layer else ""
                 notices = page_notices(document, index).to_json()
                 connection.send(("ok", index, image.size, image.tobytes(), text, time.perf_counter() - started, notices))
+            elif request[0] == "locatable":
+                _, indices, anyres, ocr = request
+                keys = [(index, ocr, repr(anyres)) for index in indices]
+                for key in keys:
+                    if key not in locatable:
+                        locatable[key] = locatable_page(document, key[0], anyres, ocr=ocr).to_json()
+                connection.send(("ok", [locatable[key] for key in keys]))
             elif request[0] == "text":
                 connection.send(("ok", document.page_text(request[1])))
             elif request[0] == "notices":
@@ -244,6 +259,11 @@ class DocumentWorker:
         request = ("render", index, anyres, highres_scale, text_layer)
         _, index, size, pixels, text, render_s, notices = self._call(file, request)
         return RenderedPage(index, Image.frombytes("RGB", size, pixels), text, render_s, ReadNotices.from_json(notices))
+
+    def locatable_pages(self, file: Path, indices: list[int], anyres: AnyresConfig, ocr: bool) -> list[LocatablePage]:
+        """The open document's pages ``indices`` (0-based) read for locating answers (their words and
+        geometry; OCR'd when ``ocr`` and they have no text layer), from the document's time budget."""
+        return [LocatablePage.from_json(page) for page in self._call(file, ("locatable", indices, anyres, ocr))[1]]
 
     def text(self, file: Path, index: int) -> str:
         return self._call(file, ("text", index))[1]

@@ -33,10 +33,11 @@ def load(model: str | Path | None = None, **options) -> Model:
 
 
 def ask_options(pages: Sequence[int] | None = None, *, together: bool = False, text_layer: bool = False,
-                password: str | None = None, sampling: SamplingParams | None = None) -> AskOptions:
+                password: str | None = None, sampling: SamplingParams | None = None,
+                evidence_ocr: bool = False) -> AskOptions:
     """``AskOptions`` from a Python caller's arguments (pages: 1-based integers)."""
     return AskOptions(pages=pages, password=password, text_layer=text_layer, together=together,
-                      sampling=sampling or SamplingParams())
+                      sampling=sampling or SamplingParams(), evidence_ocr=evidence_ocr)
 
 
 class Model:
@@ -53,19 +54,23 @@ class Model:
 
     def ask(self, path: str | Path, question: str, *, pages: Sequence[int] | None = None, together: bool = False,
             text_layer: bool = False, password: str | None = None, sampling: SamplingParams | None = None,
-            on_text: TextCallback | None = None) -> Answer:
+            on_text: TextCallback | None = None, evidence_ocr: bool = False) -> Answer:
         """Answer ``question`` about the document at ``path`` (``Answer``; ``answer.to_json()`` is its
-        record). ``pages``: 1-based; None lets fila choose. ``together``: the pages in one prompt."""
-        options = ask_options(pages, together=together, text_layer=text_layer, password=password, sampling=sampling)
+        record). ``pages``: 1-based; None lets fila choose. ``together``: the pages in one prompt.
+        ``answer.evidence``: where the answer is on the pages read (``evidence_ocr``: on scanned
+        pages too, by Tesseract, seconds a page)."""
+        options = ask_options(pages, together=together, text_layer=text_layer, password=password, sampling=sampling,
+                              evidence_ocr=evidence_ocr)
         return self.asker.ask(path, question, options, on_text=on_text)
 
     def chat(self, path: str | Path, *, pages: Sequence[int] | None = None, text_layer: bool = False,
-             password: str | None = None, sampling: SamplingParams | None = None):
+             password: str | None = None, sampling: SamplingParams | None = None, evidence_ocr: bool = False):
         """A conversation about the document at ``path`` (``ChatSession``: ``.ask(question)`` per turn;
         close it, or use it as a context manager, to close the document)."""
         from fila_cli.qa.chat import ChatSession
 
-        options = ask_options(pages, together=True, text_layer=text_layer, password=password, sampling=sampling)
+        options = ask_options(pages, together=True, text_layer=text_layer, password=password, sampling=sampling,
+                              evidence_ocr=evidence_ocr)
         document = open_document(path, password=password)
         try:
             return ChatSession(self.asker, document, options, owns_document=True)
@@ -76,14 +81,16 @@ class Model:
     def batch(self, documents: Sequence[str | Path], questions: Sequence[str], output: str | Path, *,
               resume: bool = False, pages: Sequence[int] | None = None, together: bool = False,
               text_layer: bool = False, password: str | None = None, sampling: SamplingParams | None = None,
-              settings: BatchOptions | None = None, should_stop: StopCheck = never_stop) -> BatchSummary:
+              settings: BatchOptions | None = None, should_stop: StopCheck = never_stop,
+              evidence_ocr: bool = False) -> BatchSummary:
         """Every (document, question), one JSON record each appended to ``output`` (the ``fila batch``
         file; ``resume`` continues one). Runs in any thread; ``should_stop`` (checked between records)
         ends it early, the records in flight written whole."""
         from fila_cli.qa.batch import run_batch
 
         settings = settings or BatchOptions()
-        options = ask_options(pages, together=together, text_layer=text_layer, password=password, sampling=sampling)
+        options = ask_options(pages, together=together, text_layer=text_layer, password=password, sampling=sampling,
+                              evidence_ocr=evidence_ocr)
         output = Path(output)
         done = load_done(output) if resume else set()
         sink = RecordSink(output)

@@ -29,6 +29,8 @@ class AskOptions:
     password: str | None = None
     text_layer: bool = False  # add the page's text layer to the prompt (off: the paper's model)
     together: bool = False  # several pages in one prompt, each introduced by its number
+    # Locate the answer on scanned pages by OCR (Tesseract, seconds a page); off: text layers only.
+    evidence_ocr: bool = False
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
     def __post_init__(self) -> None:

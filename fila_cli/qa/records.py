@@ -3,14 +3,18 @@ write, for an answer and for a failure (README: "The JSON contract").
 
 Every record holds the same keys::
 
-    file, question, answer, pages, confidence, model, timings, tokens, page_choice, warnings, error
+    file, question, answer, pages, confidence, model, timings, tokens, page_choice, warnings,
+    evidence, evidence_reason, error
 
 - answered: ``error`` is null; ``pages`` the 1-based pages the answer came from; ``confidence``
   exp(mean log-probability of the answer's tokens) or null; ``timings`` {render_s, encode_s,
   prefill_s, generate_s}; ``tokens`` {visual, prompt, generated} (chat adds visual_decoded);
-  ``page_choice`` {method, detail}; ``warnings`` a list of strings.
+  ``page_choice`` {method, detail}; ``warnings`` a list of strings; ``evidence`` where the answer
+  is on the pages read, a list of {page, bbox_pt, bbox_px, text, match, crops,
+  straddles_crop_boundary, source[, line_boxes_pt]} (``documents.evidence``), [] when it is not
+  located, with ``evidence_reason`` saying why ("not found", "no text layer; ..."; null when found).
 - failed: ``error`` is {kind, message} (kind: document, model, timeout, crash, usage, error);
-  ``file``, ``question`` and ``model`` as given; every other key null.
+  ``file``, ``question`` and ``model`` as given; every other key null (``evidence`` too).
 
 Each command adds its own keys after these: batch ``sha256`` (of the document, null when it could
 not be read); chat ``turn``, ``interrupted``, ``dropped_turns``.
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fila_cli.documents.evidence import Evidence
 from fila_cli.documents.notices import ReadNotices
 from fila_cli.documents.page_select import METHOD_ALL
 from fila_cli.errors import FilaError
@@ -32,7 +37,7 @@ CONFIDENCE_DIGITS = 6
 
 # The keys every record holds, in the order they are written.
 RECORD_KEYS = ("file", "question", "answer", "pages", "confidence", "model", "timings", "tokens", "page_choice",
-               "warnings", "error")
+               "warnings", "evidence", "evidence_reason", "error")
 
 
 @dataclass
@@ -51,6 +56,8 @@ class Answer:
     # What MuPDF said about the pages read (rendered now, or cached with their tokens): the caller
     # turns it into ``warnings`` with what it said opening the document.
     notices: ReadNotices = field(default_factory=ReadNotices, repr=False)
+    # Where the answer is on the pages read; None when it was not looked for (the record says null).
+    evidence: Evidence | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The record of this answer (``answer_record``)."""
@@ -74,8 +81,14 @@ def answer_record(answer: Answer) -> dict[str, Any]:
         "tokens": dict(answer.tokens),
         "page_choice": {"method": answer.page_method, "detail": answer.page_reason},
         "warnings": list(answer.warnings),
+        **evidence_fields(answer.evidence),
         "error": None,
     }
+
+
+def evidence_fields(evidence: Evidence | None) -> dict[str, Any]:
+    """The record's ``evidence`` and ``evidence_reason`` (both null when not looked for)."""
+    return {"evidence": None, "evidence_reason": None} if evidence is None else evidence.to_json()
 
 
 def failed_record(file: str | Path, question: str, model: str, kind: str, message: str,

@@ -111,7 +111,8 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Whether the server answers, its model and process, and its queue."""
-        return {"status": "ok", "model": engine.model_name, "pid": os.getpid(), "version": __version__,
+        return {"status": "ok", "model": engine.model_name, "fusion": engine.asker.fusion, "pid": os.getpid(),
+                "version": __version__,
                 "queue": server.scheduler.status(), "sessions": len(server.sessions),
                 "idle_exit_s": settings.idle_exit_s}
 

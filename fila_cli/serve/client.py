@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fila_cli.atomic_files import write_bytes_atomically
+from fila_cli.documents.evidence import Evidence
 from fila_cli.documents.page_select import METHOD_ALL
 from fila_cli.errors import FilaError, UsageError, error_from_kind
 from fila_cli.qa.records import Answer, chat_record, failed_record
@@ -211,6 +212,11 @@ class RemoteAsker:
             self._model_name = self.client.health()["model"]
         return self._model_name
 
+    @property
+    def fusion(self) -> bool:
+        """Whether the server's model reads pages through FILA fusion (no crop-boundary notice then)."""
+        return bool(self.client.health().get("fusion"))
+
     def ask_record(self, file: Path, question: str, options: Any, on_text: Callable[[str], None] | None = None,
                    *, name: str | None = None) -> dict[str, Any]:
         return self.client.upload("/v1/ask", Path(file), name or str(file), ask_fields(question, options), on_text)
@@ -227,7 +233,8 @@ def answer_of(record: dict[str, Any]) -> Answer:
     return Answer(file=record["file"], question=record["question"], answer=record["answer"], pages=list(record["pages"]),
                   confidence=record["confidence"], model=record["model"], timings=Timings(**record["timings"]),
                   tokens=dict(record["tokens"]), page_reason=choice.get("detail", ""),
-                  page_method=choice.get("method", METHOD_ALL), warnings=list(record["warnings"] or []))
+                  page_method=choice.get("method", METHOD_ALL), warnings=list(record["warnings"] or []),
+                  evidence=Evidence.from_json(record))
 
 
 class _Stopped(Exception):
