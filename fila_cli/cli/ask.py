@@ -7,25 +7,60 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
-from rich.console import Console
-from rich.live import Live
-from rich.panel import Panel
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.text import Text
+import typer
 
-from fila_cli.cli.options import load_asker
-from fila_cli.cli.stopping import stop_signals
-from fila_cli.cli.support import stderr, warning_line
-from fila_cli.documents.document import open_document
+from fila_cli.cli.options import CommandOptions, model_command
+from fila_cli.cli.support import FILE_HELP, handle_errors, stderr, warning_line
 from fila_cli.errors import FilaError
-from fila_cli.qa.ask import Answer
-from fila_cli.qa.options import AskOptions, ModelOptions
-from fila_cli.qa.records import failed_record
-from fila_cli.qa.run import json_line
+
+if TYPE_CHECKING:
+    from rich.panel import Panel
+    from rich.progress import Progress
+
+    from fila_cli.qa.ask import Answer
+    from fila_cli.qa.options import AskOptions, ModelOptions
+
+
+@model_command()
+def ask(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help=FILE_HELP, show_default=False)],
+    question: Annotated[str, typer.Argument(metavar="QUESTION", help="The question, or - to read it from stdin.", show_default=False)],
+    pages: Annotated[str | None, typer.Option("--pages", help="Pages to read, 1-based, e.g. 1,3-5. Default: fila chooses (by the text layer, else the most confident page).", show_default=False)] = None,
+    together: Annotated[bool, typer.Option("--together", help="Read the --pages in one prompt, each introduced by its page number (for questions across pages).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (the default when stdout is not a terminal).")] = False,
+    no_stream: Annotated[bool, typer.Option("--no-stream", help="Print the answer when it is complete instead of as it is generated.")] = False,
+    *,
+    options: CommandOptions,
+) -> None:
+    """Answer a QUESTION about FILE, citing the page the answer came from.
+
+    On a terminal the answer is shown in a panel, streamed as it is generated. Piped, or with --json,
+    stdout holds exactly one JSON object: the record described in the README ("The JSON contract");
+    when it fails, the same keys with "error": {"kind", "message"} and the others null.
+    """
+    as_json = json_output(as_json)
+    asked: list[str] = [question]  # the question as read (from stdin for "-"), for a failed record
+    with handle_errors(options.verbose), failed_record_on_stdout(file, lambda: asked[-1], options.values["model"], as_json):
+        asked.append(read_question(question))
+        run_ask(file, asked[-1], options.model(), options.ask(pages=pages, together=together),
+                as_json=as_json, stream=not no_stream)
+
+
+def read_question(question: str) -> str:
+    from fila_cli.errors import UsageError
+
+    text = sys.stdin.read() if question == "-" else question
+    if not text.strip():
+        raise UsageError("the question is empty: pass it as an argument, or '-' to read it from stdin")
+    return text.strip()
 
 
 def _answer_panel(text: str, title: str, subtitle: str | None = None) -> Panel:
+    from rich.panel import Panel
+    from rich.text import Text
+
     return Panel(Text(text or "…"), title=title, subtitle=subtitle, title_align="left", subtitle_align="right")
 
 
@@ -65,6 +100,8 @@ def failed_record_on_stdout(file: Path, question: Callable[[], str], model: Mode
         yield
     except FilaError as error:
         if as_json:
+            from fila_cli.qa.records import failed_record
+
             record = failed_record(file, question(), _model_name(model), error.kind, str(error))
             print(json.dumps(record, ensure_ascii=False), flush=True)
         raise
@@ -72,6 +109,8 @@ def failed_record_on_stdout(file: Path, question: Callable[[], str], model: Mode
 
 def _model_name(model: ModelOptions | str | None) -> str | None:
     """The record's name for the model; None when the model itself is what failed to resolve."""
+    from fila_cli.qa.options import ModelOptions
+
     try:
         return (model if isinstance(model, ModelOptions) else ModelOptions(model=model)).bundle().name
     except FilaError:
@@ -79,6 +118,10 @@ def _model_name(model: ModelOptions | str | None) -> str | None:
 
 
 def run_ask(file: Path, question: str, model: ModelOptions, options: AskOptions, *, as_json: bool, stream: bool) -> None:
+    from fila_cli.cli.options import load_asker
+    from fila_cli.cli.stopping import stop_signals
+    from fila_cli.documents.document import open_document
+
     # Check the document before loading gigabytes of model: a typo fails in milliseconds.
     with open_document(file, password=options.password):
         pass
@@ -88,6 +131,12 @@ def run_ask(file: Path, question: str, model: ModelOptions, options: AskOptions,
 
 
 def _ask(file: Path, question: str, asker, options: AskOptions, *, as_json: bool, stream: bool) -> None:
+    from rich.console import Console
+    from rich.live import Live
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    from fila_cli.qa.run import json_line
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         console=stderr, transient=True)

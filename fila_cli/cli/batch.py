@@ -4,23 +4,73 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+import typer
 
-from fila_cli.cli.options import load_asker
-from fila_cli.cli.stopping import StopRequest, stop_signals
-from fila_cli.cli.support import stderr, warning_line
+from fila_cli.cli.options import CommandOptions, model_command
+from fila_cli.cli.support import handle_errors, stderr, warning_line
 from fila_cli.errors import ExitCode, UsageError
-from fila_cli.qa.batch import collect_documents, read_questions, run_batch, sha256_or_none
-from fila_cli.qa.options import AskOptions, BatchOptions, ModelOptions
-from fila_cli.qa.ray_batch import import_ray
-from fila_cli.qa.run import BatchSummary, RecordSink, load_done, unit_key
+from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, DEFAULT_RAY_CPUS, DEFAULT_TIMEOUT_S, BatchOptions
+
+if TYPE_CHECKING:
+    from fila_cli.cli.stopping import StopRequest
+    from fila_cli.qa.options import AskOptions, ModelOptions
+    from fila_cli.qa.run import BatchSummary
+
+
+@model_command(compile_option=True)
+def batch(
+    paths: Annotated[list[str], typer.Argument(metavar="PATH...", help="Documents: files, folders (their PDFs and images) and globs.", show_default=False)],
+    question: Annotated[list[str], typer.Option("--question", "-q", metavar="TEXT", help="A question; repeat for several.", show_default=False)] = [],  # noqa: B006 (typer copies it)
+    questions_file: Annotated[Path | None, typer.Option("--questions", metavar="FILE", help="A file of questions, one per line; blank lines and lines starting with # are skipped.", show_default=False)] = None,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Descend into sub-folders.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", help="Write JSON lines to this file (default: stdout).", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue OUTPUT: skip the (document, question, model) records it already holds.")] = False,
+    pages: Annotated[str | None, typer.Option("--pages", help="Pages to read in every document, 1-based (default: fila chooses).", show_default=False)] = None,
+    together: Annotated[bool, typer.Option("--together", help="Read each document's --pages in one prompt: one record per document and question, listing every page.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", metavar="SECONDS", help="Seconds the document worker may spend on one document (opening, choosing pages, rendering; not the model's time) before it is recorded as a timeout.")] = DEFAULT_TIMEOUT_S,
+    ray: Annotated[str | None, typer.Option("--ray", metavar="ADDRESS", help="Run across a Ray cluster: auto, local, or its address (docs/ray.md). Needs the ray extra: pip install fila-cli[ray]", show_default=False)] = None,
+    ray_cpus: Annotated[float, typer.Option("--ray-cpus", help="With --ray on CPU-only nodes: CPUs per worker (one model each). On GPU nodes each worker takes one GPU.")] = DEFAULT_RAY_CPUS,
+    pipeline_depth: Annotated[int | None, typer.Option("--pipeline-depth", metavar="N", help=f"Pages rendered and encoded ahead while the LLM answers (0: one stage at a time). Default: {DEFAULT_PIPELINE_DEPTH}, or --parallel's N.", show_default=False)] = None,
+    parallel: Annotated[int, typer.Option("--parallel", metavar="N", help="Answer up to N documents' questions side by side in one LLM context: for a GPU; costs N KV caches (docs/batch.md).")] = 1,
+    *,
+    options: CommandOptions,
+) -> None:
+    """Answer questions over many documents: one JSON record per (document, question).
+
+    Each record has the `fila ask --json` keys plus "sha256" (of the document); a failure is a record
+    too, with "error": {"kind", "message"}. Records are written and flushed one by one, so an
+    interrupted batch loses at most the record in flight; `--resume` continues it. Exit 0 when every
+    record succeeded, 1 when some failed, 130 on Ctrl-C, 143 on SIGTERM.
+    """
+    with handle_errors(options.verbose):
+        raise typer.Exit(run_batch_command(
+            paths, questions=question, questions_file=questions_file, recursive=recursive, output=output,
+            resume=resume,
+            batch=BatchOptions(timeout_s=timeout, pipeline_depth=pipeline_depth, parallel=parallel, ray_address=ray,
+                               ray_cpus=ray_cpus),
+            model=options.model(), ask=options.ask(pages=pages, together=together)))
 
 
 def run_batch_command(paths: list[str], *, questions: list[str], questions_file: Path | None, recursive: bool,
                       output: Path | None, resume: bool, batch: BatchOptions, model: ModelOptions,
                       ask: AskOptions) -> int:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from fila_cli.cli.options import load_asker
+    from fila_cli.cli.stopping import stop_signals
+    from fila_cli.qa.batch import collect_documents, read_questions, run_batch
+    from fila_cli.qa.ray_batch import import_ray
+    from fila_cli.qa.run import RecordSink, load_done
+
     all_questions = read_questions(questions, questions_file)
     documents = collect_documents(paths, recursive)
     if not documents:
@@ -54,6 +104,8 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
 def _unchanged(documents: list[Path]) -> Callable[[dict[str, Any]], bool]:
     """--resume's test of a record: False when its document, one of this run's, has other bytes
     now (its records are dropped and it is answered again, with a warning per document)."""
+    from fila_cli.qa.batch import sha256_or_none
+
     given = {str(file): file for file in documents}
     hashes: dict[str, str | None] = {}
 
@@ -81,7 +133,11 @@ def _finish(summary: BatchSummary, stop: StopRequest) -> int:
 def _run_on_ray(documents: list[Path], questions: list[str], output: Path | None, done: set, batch: BatchOptions,
                 model: ModelOptions, ask: AskOptions, stop: StopRequest) -> int:
     """The batch on a Ray cluster: the driver hashes, skips what is done and writes every record."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fila_cli.qa.batch import sha256_or_none
     from fila_cli.qa.ray_batch import WorkItem, run_batch_on_ray
+    from fila_cli.qa.run import BatchSummary, RecordSink, unit_key
 
     model_name = model.bundle().name  # the records' and --resume's name for the model
     items, skipped = [], 0

@@ -8,19 +8,40 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
-from rich.console import Console
-from rich.panel import Panel
-from rich.table import Table
-from rich.text import Text
+import typer
 
-from fila_cli.cli.options import load_asker
-from fila_cli.cli.stopping import StopRequest, stop_signals
-from fila_cli.cli.support import error_line, stderr, warning_line
-from fila_cli.documents.document import open_document
+from fila_cli.cli.options import CommandOptions, model_command
+from fila_cli.cli.support import FILE_HELP, error_line, handle_errors, stderr, warning_line
 from fila_cli.errors import ExitCode, FilaError, UsageError
-from fila_cli.qa.chat import ChatSession, Turn
-from fila_cli.qa.options import AskOptions, ModelOptions
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.panel import Panel
+
+    from fila_cli.cli.stopping import StopRequest
+    from fila_cli.qa.chat import ChatSession, Turn
+    from fila_cli.qa.options import AskOptions, ModelOptions
+
+
+@model_command()
+def chat(
+    file: Annotated[Path, typer.Argument(metavar="FILE", help=FILE_HELP, show_default=False)],
+    pages: Annotated[str | None, typer.Option("--pages", help="Pages in the conversation, 1-based, e.g. 2 or 2,9 (several: together in one prompt). Default: page 1; /page N moves.", show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Read one question a line from stdin and print one JSON line per answer (the default when stdin is not a terminal).")] = False,
+    *,
+    options: CommandOptions,
+) -> None:
+    """Talk with a document: the model loads once, the page is read once, follow-up questions see the conversation.
+
+    Commands: /page N (move), /page +N (add a page), /pages, /crops [FILE.png], /clear, /save FILE.json,
+    /help, /quit. Ctrl-C stops the answer in progress; Ctrl-D, /quit or exit leaves. Piped (one question
+    a line on stdin), stdout holds one JSON line per answer; exit 1 when a question or command failed.
+    """
+    with handle_errors(options.verbose):
+        raise typer.Exit(run_chat(file, options.model(), options.ask(pages=pages, together=True), as_json=as_json))
+
 
 PROMPT = "you> "
 COMMANDS = (
@@ -38,6 +59,13 @@ def run_chat(file: Path, model: ModelOptions, options: AskOptions, *, as_json: b
     """Signals (cli/stopping.py): while an answer streams, Ctrl-C stops the answer and the session
     goes on; SIGTERM stops it too, then the session ends (exit 143). Elsewhere (loading, reading a
     page, waiting for a question) a signal stops at once; Ctrl-C at the prompt only clears the line."""
+    from rich.text import Text
+
+    from fila_cli.cli.options import load_asker
+    from fila_cli.cli.stopping import stop_signals
+    from fila_cli.documents.document import open_document
+    from fila_cli.qa.chat import ChatSession
+
     # Check the document before loading gigabytes of model: a typo fails in milliseconds.
     with open_document(file, password=options.password) as document, stop_signals(immediate=True) as stop:
         asker = load_asker(model)
@@ -92,6 +120,9 @@ def _piped(session: ChatSession, stop: StopRequest) -> int:
 
 
 def _interactive(session: ChatSession, stop: StopRequest) -> int:
+    from rich.console import Console
+    from rich.text import Text
+
     console = Console(highlight=False)
     console.print(_header(session))
     while True:
@@ -122,6 +153,8 @@ def _interactive(session: ChatSession, stop: StopRequest) -> int:
 
 
 def _ask_streaming(session: ChatSession, question: str, console: Console, stop: StopRequest) -> Turn | None:
+    from rich.text import Text
+
     def show(piece: str) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -139,6 +172,9 @@ def _ask_streaming(session: ChatSession, question: str, console: Console, stop: 
 
 
 def _header(session: ChatSession) -> Panel:
+    from rich.panel import Panel
+    from rich.text import Text
+
     pages = ", ".join(map(str, session.page_numbers))
     body = Text.assemble(
         (f"{session.file}", "bold"), f" · page {pages} of {session.document.page_count} · {session.asker.model_name}\n",
@@ -226,6 +262,8 @@ def _save(session: ChatSession, argument: str, out: Console) -> None:
 
 
 def _help(session: ChatSession, argument: str, out: Console) -> None:
+    from rich.table import Table
+
     table = Table(show_header=False, box=None)
     for command, what in COMMANDS:
         table.add_row(command, what)

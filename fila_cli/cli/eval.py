@@ -15,24 +15,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fila_cli.cli.options import (
-    CompileOption,
-    CtxSizeOption,
-    DeviceOption,
-    DtypeOption,
-    FusionOption,
-    GpuLayersOption,
-    LlmOption,
-    MmprojOption,
-    ModelOption,
-    SeedOption,
-    TemperatureOption,
-    TemplateOption,
-    TopPOption,
-    load_asker,
-    model_options,
-)
-from fila_cli.cli.support import EXIT_CODES_HELP, VerboseOption, handle_errors, stderr
+from fila_cli.cli.help_format import PlainHelpGroup
+from fila_cli.cli.options import CommandOptions, VisionMmprojOption, load_asker, model_command
+from fila_cli.cli.support import EXIT_CODES_HELP, QuietVerboseOption, handle_errors, stderr
 from fila_cli.errors import ExitCode, UsageError
 from fila_cli.llm.sampling import SamplingParams
 from fila_cli.qa.options import ModelOptions
@@ -40,7 +25,7 @@ from fila_cli.qa.options import ModelOptions
 # Benchmark answers are a word or a phrase; a longer generation only costs time.
 EVAL_MAX_TOKENS = 32
 
-eval_app = typer.Typer(
+eval_app = typer.Typer(rich_markup_mode=None, cls=PlainHelpGroup,
     name="eval",
     help="Score a model on DocVQA, InfoVQA, TextVQA, ChartQA or the fragmentation benchmark.",
     invoke_without_command=True,
@@ -54,31 +39,18 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print the scores as on
 
 
 @eval_app.callback()
+@model_command(document=False, compile_option=True, cache_default=False, max_tokens=EVAL_MAX_TOKENS)
 def eval_command(
     ctx: typer.Context,
     task: TaskOption = None,
     data: DataOption = None,
-    limit: Annotated[int | None, typer.Option("--limit", "-n", help="Only the first N rows of the data.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write one prediction per question to this JSON-lines file.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", help="Only the first N rows of the data.", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write one prediction per question to this JSON-lines file.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue OUTPUT: skip the questions it already answered for this model.")] = False,
     as_json: JsonOption = False,
-    model: ModelOption = None,
-    llm: LlmOption = None,
-    mmproj: MmprojOption = None,
-    fusion: FusionOption = None,
-    temperature: TemperatureOption = SamplingParams.temperature,
-    top_p: TopPOption = SamplingParams.top_p,
-    seed: SeedOption = SamplingParams.seed,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate per answer.")] = EVAL_MAX_TOKENS,
-    ctx_size: CtxSizeOption = ModelOptions.ctx_size,
-    template: TemplateOption = ModelOptions.template,
-    gpu_layers: GpuLayersOption = ModelOptions.gpu_layers,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
-    cache: Annotated[bool, typer.Option("--cache", help="Also keep every page's visual tokens in the on-disk cache (`fila cache`); off by default, as a split's pages take tens of GB there. Recent pages are always reused from memory.")] = False,
-    compile_encoder: CompileOption = False,
-    gold_ocr: Annotated[bool, typer.Option("--gold-ocr", help="Locate gold answers on pages without a text layer (image benchmarks) by OCR, for the accuracy split by crop boundaries; needs Tesseract (apt install tesseract-ocr), a second or two per question.")] = False,
-    verbose: VerboseOption = False,
+    gold_ocr: Annotated[bool, typer.Option("--gold-ocr", help="Locate gold answers on pages without a text layer by OCR (needs Tesseract), for the accuracy split by crop boundaries.")] = False,
+    *,
+    options: CommandOptions,
 ) -> None:
     """Answer every question of a benchmark split and score the answers with the task's official metric.
 
@@ -93,14 +65,12 @@ def eval_command(
     """
     if ctx.invoked_subcommand is not None:
         return
-    with handle_errors(verbose):
+    with handle_errors(options.verbose):
         if task is None or data is None:
             raise UsageError("pass --task and --data (see `fila eval --help`)")
         raise typer.Exit(run_eval_command(
             task, data, limit=limit, output=output, resume=resume, as_json=as_json,
-            model=model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
-                                gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=not cache, verbose=verbose, compile_encoder=compile_encoder),
-            sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens), gold_ocr=gold_ocr))
+            model=options.model(), sampling=options.sampling(), gold_ocr=gold_ocr))
 
 
 def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path | None, resume: bool, as_json: bool,
@@ -181,7 +151,7 @@ def score_command(
     predictions: Annotated[Path | None, typer.Option("--predictions", "-p", help="JSON lines with question_id and answer.", show_default=False)] = None,
     limit: Annotated[int | None, typer.Option("--limit", "-n", help="Only the first N rows of the data.")] = None,
     as_json: JsonOption = False,
-    verbose: VerboseOption = False,
+    verbose: QuietVerboseOption = False,
 ) -> None:
     """Score a predictions file without running a model (re-score, or compare another tool's output).
 
@@ -243,8 +213,8 @@ def make_fragmentation_command(
     n: Annotated[int, typer.Option("--n", help="Pages to make, one question each, inside and straddling alternating.")] = DEFAULT_FRAGMENTATION_PAGES,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed makes the same pages.")] = 0,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Take the canvases from this bundle's vision weights (default: the paper's five canvases, as LLaVA-1.6).")] = None,
-    mmproj: MmprojOption = None,
-    verbose: VerboseOption = False,
+    mmproj: VisionMmprojOption = None,
+    verbose: QuietVerboseOption = False,
 ) -> None:
     """Make the fragmentation benchmark: pages whose answer is inside one crop or cut by a crop boundary.
 

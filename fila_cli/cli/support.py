@@ -13,8 +13,9 @@ from rich.console import Console
 
 from fila_cli.errors import ExitCode, FilaError
 
-# Logs, progress and errors go to stderr; stdout carries only results (JSON when piped).
-stderr = Console(stderr=True, highlight=False)
+# Logs, progress and errors go to stderr; stdout carries only results (JSON when piped). A script
+# reading stderr gets each line whole: wrapped to the width only on a terminal.
+stderr = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 answered/done; 1 anything else (some batch records failed, or a bug); 2 usage; "
@@ -23,7 +24,11 @@ EXIT_CODES_HELP = (
     "(a page whose tokens do not fit its context); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM)."
 )
 
+FILE_HELP = "A PDF, or an image (PNG, JPEG, WebP, TIFF)."
+
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log and full tracebacks.")]
+# For the commands that run no LLM.
+QuietVerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show full tracebacks.")]
 
 
 def error_line(message: str) -> None:

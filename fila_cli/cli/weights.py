@@ -20,6 +20,7 @@ from rich.filesize import decimal
 from rich.table import Table
 
 from fila_cli.bundles import hub
+from fila_cli.cli.help_format import PlainHelpGroup
 from fila_cli.cli.support import handle_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,7 +38,7 @@ def run_cli(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-weights_app = typer.Typer(
+weights_app = typer.Typer(rich_markup_mode=None, cls=PlainHelpGroup,
     name="weights",
     help="List, download (`pull`), describe and check model bundles.",
     no_args_is_help=True,

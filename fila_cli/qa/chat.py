@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fila_cli.atomic_files import write_bytes_atomically
+from fila_cli.atomic_files import check_output_folder, write_bytes_atomically
 from fila_cli.documents.document import Document, page_index_from_user, parse_page_spec
 from fila_cli.documents.notices import ReadNotices, document_warnings
 from fila_cli.documents.page_select import METHOD_GIVEN
@@ -353,6 +353,7 @@ class ChatSession:
         path = Path(path)
         if path.suffix.lower() != ".json":
             raise UsageError(f"{path}: the transcript is JSON; name it *.json")
+        check_output_folder(path)
         try:
             write_bytes_atomically(path, (json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n").encode())
         except OSError as error:
