@@ -49,11 +49,18 @@ def ask(
 
 
 def read_question(question: str) -> str:
+    """The question as given, or for ``-`` read from stdin (asked for on a terminal)."""
     from fila_cli.errors import UsageError
 
-    text = sys.stdin.read() if question == "-" else question
+    if question != "-":
+        if not question.strip():
+            raise UsageError("the question is empty: give its text, or - to read it from stdin")
+        return question.strip()
+    if sys.stdin.isatty():
+        print("fila: type the question, then Ctrl-D on a line of its own:", file=sys.stderr, flush=True)
+    text = sys.stdin.read()
     if not text.strip():
-        raise UsageError("the question is empty: pass it as an argument, or '-' to read it from stdin")
+        raise UsageError("the question read from stdin (-) is empty: pipe it in, e.g. echo 'What is the total?' | fila ask FILE -")
     return text.strip()
 
 

@@ -65,6 +65,7 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
         TimeRemainingColumn,
     )
 
+    from fila_cli.atomic_files import check_output_folder
     from fila_cli.cli.options import load_asker
     from fila_cli.cli.stopping import stop_signals
     from fila_cli.qa.batch import collect_documents, read_questions, run_batch
@@ -77,6 +78,8 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
         raise UsageError("no documents found in the given paths")
     if resume and output is None:
         raise UsageError("--resume needs --output FILE: the records to continue")
+    if output is not None:
+        check_output_folder(output)
     if output is not None and not resume and output.exists() and output.stat().st_size > 0:
         raise UsageError(f"{output} already holds records: pass --resume to continue it, or choose another file")
     if batch.ray_address is not None:

@@ -85,6 +85,10 @@ def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path |
         raise UsageError(f"--limit must be at least 1 (got {limit})")
     if resume and output is None:
         raise UsageError("--resume needs --output FILE: the predictions to continue")
+    if output is not None:
+        from fila_cli.atomic_files import check_output_folder
+
+        check_output_folder(output)
     if output is not None and not resume and output.exists() and output.stat().st_size > 0:
         raise UsageError(f"{output} already holds predictions: pass --resume to continue it, or choose another file")
     files = data_files(data)
