@@ -52,7 +52,16 @@ COMMANDS = (
     ("/clear", "forget the conversation (the pages stay)"),
     ("/save FILE.json", "write the transcript"),
     ("/help", "this list"),
+    ("/quit, /exit, exit", "leave (or Ctrl-D)"),
+    ("Ctrl-C", "stop the answer in progress"),
 )
+# Lines that leave the chat, on a terminal and piped alike: users type them expecting to leave,
+# and no one asks a document the one word "exit".
+QUIT_LINES = ("/quit", "/exit", "exit", "quit")
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def run_chat(file: Path, model: ModelOptions, options: AskOptions, *, as_json: bool) -> int:
@@ -94,13 +103,17 @@ def _answering(stop: StopRequest) -> Iterator[None]:
 
 
 def _piped(session: ChatSession, stop: StopRequest) -> int:
+    """Exit 0 when every question and command succeeded, 1 when some failed (as ``fila batch``)."""
     failed = 0
     for line in sys.stdin:
         line = line.strip()
         if not line:
             continue
+        if line.lower() in QUIT_LINES:
+            break
         if line.startswith("/"):
-            _run_command(session, line, stderr, stop)  # what a command says goes to stderr: stdout is JSON only
+            # What a command says goes to stderr: stdout is JSON only.
+            failed += not _run_command(session, line, stderr, stop)
             continue
         try:
             with _answering(stop):
@@ -135,11 +148,13 @@ def _interactive(session: ChatSession, stop: StopRequest) -> int:
             if stop.signum == signal.SIGTERM:
                 raise
             stop.reset()
-            console.print(Text("\n(Ctrl-D to leave)", style="dim"))
+            console.print(Text("\n(Ctrl-D or /quit to leave)", style="dim"))
             continue
         line = line.strip()
         if not line:
             continue
+        if line.lower() in QUIT_LINES:
+            return int(ExitCode.OK)
         if line.startswith("/"):
             _run_command(session, line, console, stop)
             continue
@@ -179,7 +194,7 @@ def _header(session: ChatSession) -> Panel:
     body = Text.assemble(
         (f"{session.file}", "bold"), f" · page {pages} of {session.document.page_count} · {session.asker.model_name}\n",
         f"{session.n_visual} visual tokens · context {session.context_used} of {session.backend.n_ctx} used\n",
-        ("Ask a question; /help lists the commands; Ctrl-C stops an answer; Ctrl-D leaves.", "dim"),
+        ("Ask a question; /help lists the commands; Ctrl-C stops an answer; Ctrl-D or /quit leaves.", "dim"),
     )
     return Panel(body, title="fila chat", title_align="left")
 
@@ -195,23 +210,27 @@ def _turn_footer(session: ChatSession, turn: Turn) -> str:
 # -- slash commands --------------------------------------------------------------------------------
 
 
-def _run_command(session: ChatSession, line: str, out: Console, stop: StopRequest) -> None:
+def _run_command(session: ChatSession, line: str, out: Console, stop: StopRequest) -> bool:
+    """Run a slash command; False when it failed (said on stderr)."""
     name, _, argument = line.partition(" ")
     argument = argument.strip()
     handler = _HANDLERS.get(name)
     if handler is None:
         error_line(f"unknown command {name}; /help lists the commands")
-        return
+        return False
     try:
         handler(session, argument, out)
+        return True
     except FilaError as error:
         error_line(str(error))
+        return False
     except KeyboardInterrupt:  # Ctrl-C while a page was read: the session stays as it was
         session.recover()
         if stop.signum == signal.SIGTERM:
             raise
         stop.reset()
         error_line(f"{name} interrupted; the pages and the conversation are as before")
+        return False
 
 
 def _page(session: ChatSession, argument: str, out: Console) -> None:
@@ -228,10 +247,11 @@ def _pages(session: ChatSession, argument: str, out: Console) -> None:
     for page in session.pages:
         out.print(f"page {page.index + 1}: {len(page.visual)} visual tokens")
     out.print(f"context: {session.context_used} of {session.backend.n_ctx} tokens used, "
-              f"{session.turns_in_context} turns of conversation")
+              f"{plural(session.turns_in_context, 'turn')} of conversation")
 
 
 def _crops(session: ChatSession, argument: str, out: Console) -> None:
+    from fila_cli.atomic_files import check_output_folder
     from fila_cli.cli.crops_view import draw_crops
     from fila_cli.documents.canvas import plan_canvas
     from fila_cli.documents.render import render_for_canvas
@@ -240,6 +260,7 @@ def _crops(session: ChatSession, argument: str, out: Console) -> None:
     path = Path(argument or f"{Path(session.file).stem}-page{page.index + 1}-crops.png")
     if path.suffix.lower() != ".png":
         raise UsageError(f"{path}: the picture is written as PNG; name it *.png")
+    check_output_folder(path)
     image = render_for_canvas(session.document, page.index, session.asker.encoder.anyres)
     geometry = plan_canvas((image.height, image.width), session.asker.encoder.anyres)
     try:
@@ -258,7 +279,7 @@ def _clear(session: ChatSession, argument: str, out: Console) -> None:
 def _save(session: ChatSession, argument: str, out: Console) -> None:
     if not argument:
         raise UsageError("/save needs a file name: /save transcript.json")
-    out.print(f"{session.save(argument)}: {len(session.history)} turns")
+    out.print(f"{session.save(argument)}: {plural(len(session.history), 'turn')}")
 
 
 def _help(session: ChatSession, argument: str, out: Console) -> None:

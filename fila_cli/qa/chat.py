@@ -253,7 +253,11 @@ class ChatSession:
         stats_before = (self.backend.stats.text_tokens, self.backend.stats.embedding_rows)
         answer_start = self.backend.n_past + n_text
 
+        first_piece_at: list[float] = []  # when the first token came: the prefill's end
+
         def emit(piece: str) -> None:
+            if not first_piece_at:
+                first_piece_at.append(time.perf_counter())
             if should_stop is not None and should_stop():
                 raise AnswerInterrupted
             if on_text is not None:
@@ -269,6 +273,9 @@ class ChatSession:
             self._restore(self._context)  # e.g. a second Ctrl-C outside the answer: back to a known state
             raise
         elapsed = time.perf_counter() - started
+        # An interrupted answer has no generation's own timings: the prefill ran until its first
+        # piece of text, the generation from there until the stop.
+        prefill_s = (first_piece_at[0] - started) if first_piece_at else elapsed
         decoded_text = self.backend.stats.text_tokens - stats_before[0]
         decoded_visual = self.backend.stats.embedding_rows - stats_before[1]
         answer_ids, complete = self._settle_answer(answer_start, generation)
@@ -280,8 +287,8 @@ class ChatSession:
             confidence=None if generation is None else confidence(generation.mean_logprob),
             interrupted=generation is None,
             timings=dataclasses.replace(self._load_timings,
-                                        prefill_s=self._load_timings.prefill_s + (generation.prefill_s if generation else elapsed),
-                                        generate_s=generation.generate_s if generation else 0.0),
+                                        prefill_s=self._load_timings.prefill_s + (generation.prefill_s if generation else prefill_s),
+                                        generate_s=generation.generate_s if generation else elapsed - prefill_s),
             tokens={"visual": self.n_visual, "prompt": decoded_text, "visual_decoded": decoded_visual,
                     "generated": len(answer_ids)},
             dropped_turns=dropped,
