@@ -35,7 +35,7 @@ eval_app = typer.Typer(rich_markup_mode=None, cls=PlainHelpGroup,
 
 TaskOption = Annotated[str | None, typer.Option("--task", "-t", help="docvqa, infovqa, textvqa, chartqa or fragmentation.", show_default=False)]
 DataOption = Annotated[Path | None, typer.Option("--data", "-d", help="The split: a parquet file, a folder of lmms-eval parquet shards, or a JSON/JSONL file.", show_default=False)]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object on stdout instead of a table.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object on stdout instead of a table (the default when stdout is not a terminal).")]
 
 
 @eval_app.callback()
@@ -130,8 +130,11 @@ def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path |
         summary += f", {run.skipped} already done (--resume)"
     if bad.total:
         summary += f", {bad.total} bad rows skipped"
-    stderr.print(f"fila eval: {'interrupted: ' if run.interrupted else ''}{summary}", highlight=False, soft_wrap=True)
-    print_scores(scores, as_json)
+    as_json = json_output(as_json)
+    if as_json:  # the table says it all on a terminal; beside JSON, one line on stderr
+        stderr.print(f"fila eval: {'interrupted: ' if run.interrupted else ''}{summary}", highlight=False, soft_wrap=True)
+    extra = ([f"{run.skipped} already done (--resume)"] if run.skipped else []) + (["interrupted"] if run.interrupted else [])
+    print_scores(scores, as_json, extra)
     if run.interrupted:
         return stop.exit_code
     return int(ExitCode.FAILURE) if run.failed else int(ExitCode.OK)
@@ -173,10 +176,18 @@ def score_command(
         bad = BadRows()
         with stderr.status("reading the data…"):
             examples = list(read_examples(spec, data_files(data), bad, limit=limit, load_images=False))
-        print_scores(score_predictions(spec, examples, found, bad), as_json)
+        print_scores(score_predictions(spec, examples, found, bad), json_output(as_json))
 
 
-def print_scores(scores, as_json: bool) -> None:
+def json_output(as_json: bool) -> bool:
+    """Scores as JSON with --json, or when stdout is not a terminal (as ask and batch)."""
+    import sys
+
+    return as_json or not sys.stdout.isatty()
+
+
+def print_scores(scores, as_json: bool, extra: list[str] | None = None) -> None:
+    """The scores on stdout: one JSON object, or a table and one line of notes."""
     if as_json:
         print(json.dumps(scores.to_json()), flush=True)
         return
@@ -196,7 +207,7 @@ def print_scores(scores, as_json: bool) -> None:
         notes.append(f"gold answer not located on {scores.not_located}")
     if scores.bad_rows:
         notes.append("bad rows: " + ", ".join(f"{reason} {n}" for reason, n in sorted(scores.bad_rows.items())))
-    console.print("; ".join(notes))
+    console.print("; ".join(notes + (extra or [])))
 
 
 # Table rows of the accuracy split by where the gold answer lies (``eval.evidence_split``).

@@ -131,9 +131,11 @@ def verify_command(
 
 @weights_app.command("path")
 @run_cli
-def path_command() -> None:
-    """Print the cache directory bundles are downloaded to."""
-    typer.echo(str(hub.cache_path()))
+def path_command(
+    target: str | None = typer.Argument(None, metavar="[NAME|DIR]", help="Bundle name or bundle directory; without it, the download cache.", show_default=False),
+) -> None:
+    """Print the folder of a bundle's files, or without NAME|DIR the cache directory bundles are downloaded to."""
+    typer.echo(str(hub.cache_path() if target is None else hub.bundle_folder(target)))
 
 
 if __name__ == "__main__":
