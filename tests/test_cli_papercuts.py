@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -125,3 +126,93 @@ def test_crops_takes_pages_and_keeps_page(flag, docs, tmp_path):
     result = invoke("crops", docs / "invoice.pdf", flag, "2", "-o", out)
     assert result.exit_code == 0, result.output
     assert out.is_file() and "page 2" in result.output
+
+
+def test_dtype_float16_is_accepted(docs, bundle, tmp_path):
+    out = tmp_path / "t.safetensors"
+    result = invoke("encode", docs / "invoice.pdf", "--mmproj", next(bundle.glob("*mmproj*")), "--dtype", "float16",
+                    "--device", "cpu", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+
+
+# -- 2: encode and crops with a training run that has no LLM ------------------------------------
+
+
+def test_encode_and_crops_take_a_training_run_without_an_llm(docs, tmp_path):
+    from tiny_vision import save_llava_next_checkpoint, tiny_llava_next
+
+    base = save_llava_next_checkpoint(tiny_llava_next(seed=2), tmp_path / "base")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps({"stage": 1, "base": str(base), "out": str(run)}))
+    out = tmp_path / "t.safetensors"
+    encoded = invoke("encode", docs / "invoice.pdf", "--model", run, "--dtype", "float32", "-o", out)
+    assert encoded.exit_code == 0, encoded.output
+    assert out.is_file() and "fusion off" in encoded.output
+    drawn = invoke("crops", docs / "invoice.pdf", "--model", run, "-o", tmp_path / "c.png")
+    assert drawn.exit_code == 0, drawn.output
+
+
+# -- 10: one spelling each ----------------------------------------------------------------------
+
+
+def test_weights_path_takes_a_bundle_directory(bundle):
+    result = invoke("weights", "path", bundle)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(bundle.resolve())
+
+
+def test_train_takes_output_and_keeps_out(tmp_path):
+    for flag in ("-o", "--output", "--out"):
+        result = invoke("train", "--stage", "1", flag, tmp_path / "run")  # --data, --images, --base missing
+        assert result.exit_code == ExitCode.USAGE and "missing --data, --images, --base" in result.output, result.output
+
+
+@pytest.mark.parametrize("command", ["ask", "chat", "batch", "eval"])
+def test_cache_is_spelled_the_same_on_every_command(command):
+    import typer
+
+    click_command = typer.main.get_command(app).commands[command]
+    (cache,) = [p for p in click_command.params if p.name == "cache"]
+    assert cache.opts == ["--cache"] and cache.secondary_opts == ["--no-cache"]
+    assert cache.default is (command != "eval")  # eval keeps pages off the disk unless asked
+
+
+def test_help_wording_for_commands_without_an_llm():
+    for args in (["crops"], ["encode"], ["eval", "make-fragmentation"], ["eval", "score"]):
+        text = " ".join(invoke(*args, "--help").output.split())
+        assert "with --llm" not in text and "llama.cpp" not in text, (args, text)
+
+
+def test_eval_score_prints_json_when_piped(tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"question_id": "1", "question": "Total?", "answers": ["5"], "image": "x.png"}) + "\n")
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(json.dumps({"question_id": "1", "answer": "5"}) + "\n")
+    completed = fila("eval", "score", "--task", "docvqa", "--data", data, "--predictions", predictions)
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout)["task"] == "docvqa"  # stdout is not a terminal: JSON, no box-drawn table
+
+
+# -- 11: --help for 80 columns and for a pipe ---------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [[], ["ask"], ["chat"], ["batch"], ["crops"], ["encode"], ["sample"], ["eval"],
+                                     ["eval", "score"], ["train"], ["weights", "pull"], ["cache", "info"]])
+def test_help_reads_well_at_80_columns(command):
+    completed = fila(*command, "--help", env={**os.environ, "COLUMNS": "80"})
+    assert completed.returncode == 0, completed.stderr
+    text = completed.stdout
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for bad in ("<bool>", "<list[str]>", "<str>", "{FILE}", "…", "\\[", "╭"):
+        assert bad not in text, (command, bad)
+    flags = [word for line in text.splitlines() for word in line.split() if word.startswith("--")]
+    assert all(not flag.endswith(("-", "…")) for flag in flags), flags
+
+
+def test_help_names_the_arguments_as_the_text_does():
+    usage = invoke("ask", "--help").output.splitlines()[0]
+    assert usage.endswith("ask [OPTIONS] FILE QUESTION")
+    assert "-q, --question TEXT" in invoke("batch", "--help").output
+    assert "fila-cli[ray]" in " ".join(invoke("batch", "--help").output.split())

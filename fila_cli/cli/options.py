@@ -23,7 +23,7 @@ from fila_cli.qa.options import AskOptions, ModelOptions
 DeviceOption = Annotated[str, typer.Option("--device", help="Where the vision encoder runs: auto (best present), cpu, cuda or mps.")]
 CompileOption = Annotated[bool, typer.Option("--compile", help="Compile the vision encoder with torch.compile: faster pages after about a minute of compiling per page shape (2-core CPU, ViT-L); for long runs.")]
 DtypeOption = Annotated[
-    str, typer.Option("--dtype", help="Vision encoder precision: auto, float32, bfloat16. auto: bfloat16 on CUDA GPUs that support it "
+    str, typer.Option("--dtype", help="Vision encoder precision: auto, float32, bfloat16, float16. auto: bfloat16 on CUDA GPUs that support it "
                                       "(float16 on older ones) and on CPUs with AMX/AVX512-BF16, float16 on Apple MPS, float32 on other "
                                       "CPUs; the choice is printed on stderr.")
 ]
