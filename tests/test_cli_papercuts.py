@@ -216,3 +216,17 @@ def test_help_names_the_arguments_as_the_text_does():
     assert usage.endswith("ask [OPTIONS] FILE QUESTION")
     assert "-q, --question TEXT" in invoke("batch", "--help").output
     assert "fila-cli[ray]" in " ".join(invoke("batch", "--help").output.split())
+
+
+# -- 13: stderr for scripts -----------------------------------------------------------------------
+
+
+def test_stderr_lines_are_whole_and_not_followed_by_empty_ones_when_piped(docs, bundle):
+    completed = fila("ask", docs / "scan.png", "What is this?", "--model", bundle, "--max-tokens", "2")
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stderr.splitlines()
+    assert lines and "" not in lines, lines  # no empty line after the "bundle: ..." line
+    note = [line for line in lines if line.startswith("prompt format:")]
+    assert note and len(note[0]) > 80 and note[0].endswith(")"), lines  # one line, not wrapped at 80 columns
+    # A one-page PNG: nothing was chosen among pages.
+    assert json.loads(completed.stdout)["page_choice"]["method"] == "the only page"

@@ -146,7 +146,7 @@ def _ask(file: Path, question: str, asker, options: AskOptions, *, as_json: bool
     from fila_cli.qa.run import json_line
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=stderr, transient=True)
+                        console=stderr, transient=True, disable=not stderr.is_terminal)
     if as_json:
         with progress:
             answer = asker.ask(file, question, options, on_page=_page_progress(progress))

@@ -92,7 +92,7 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
 
         sink = RecordSink(output)
         progress = Progress(TextColumn("answering"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            TextColumn("eta"), TimeRemainingColumn(), console=stderr, transient=True)
+                            TextColumn("eta"), TimeRemainingColumn(), console=stderr, transient=True, disable=not stderr.is_terminal)
         try:
             with progress:
                 task = progress.add_task("batch", total=len(documents) * len(all_questions))
@@ -154,7 +154,7 @@ def _run_on_ray(documents: list[Path], questions: list[str], output: Path | None
         return _finish(BatchSummary(skipped=skipped), stop)
     sink = RecordSink(output)
     progress = Progress(TextColumn("answering on the cluster"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=stderr, transient=True)
+                        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=stderr, transient=True, disable=not stderr.is_terminal)
     try:
         with progress:
             task = progress.add_task("ray", total=sum(len(item.questions) for item in items), rate="starting workers…")

@@ -114,7 +114,7 @@ def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path |
     examples = read_examples(spec, files, bad, limit=limit)
     sink = RecordSink(output) if output is not None else None
     progress = Progress(TextColumn(f"{spec.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("eta"), TimeRemainingColumn(), console=stderr, transient=True)
+                        TextColumn("eta"), TimeRemainingColumn(), console=stderr, transient=True, disable=not stderr.is_terminal)
     try:
         with progress, stop_signals() as stop:  # Ctrl-C or SIGTERM: the question in flight, the scores, then exit
             bar = progress.add_task("eval", total=total)
@@ -251,7 +251,7 @@ def make_fragmentation_command(
             weights = load_vision_weights(mmproj if mmproj is not None else resolve_bundle(model).vision)
             config = AnyresConfig(crop_size=weights.clip_config.image_size, image_grid_pinpoints=weights.image_grid_pinpoints)
         progress = Progress(TextColumn("making pages"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=stderr, transient=True)
+                            console=stderr, transient=True, disable=not stderr.is_terminal)
         with progress:
             bar = progress.add_task("pages", total=n)
             rows = make_fragmentation(out_dir, n, seed, config, on_page=lambda done, _: progress.update(bar, completed=done))

@@ -31,7 +31,7 @@ class _Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=stderr, transient=False)
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=stderr, transient=False, disable=not stderr.is_terminal)
         self.task = None
         self.prepare_task = None
 
