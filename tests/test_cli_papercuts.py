@@ -199,7 +199,7 @@ def test_eval_score_prints_json_when_piped(tmp_path):
 
 
 @pytest.mark.parametrize("command", [[], ["ask"], ["chat"], ["batch"], ["crops"], ["encode"], ["sample"], ["eval"],
-                                     ["eval", "score"], ["train"], ["weights", "pull"], ["cache", "info"]])
+                                     ["eval", "score"], ["train"], ["weights"], ["weights", "pull"], ["cache"], ["cache", "info"]])
 def test_help_reads_well_at_80_columns(command):
     completed = fila(*command, "--help", env={**os.environ, "COLUMNS": "80"})
     assert completed.returncode == 0, completed.stderr
@@ -207,6 +207,8 @@ def test_help_reads_well_at_80_columns(command):
     assert max(len(line) for line in text.splitlines()) <= 80
     for bad in ("<bool>", "<list[str]>", "<str>", "{FILE}", "…", "\\[", "╭"):
         assert bad not in text, (command, bad)
+    cut = [line for line in text.splitlines() if line.rstrip().endswith("...") and not line.startswith("Usage:")]
+    assert not cut, cut  # no command summary cut short
     flags = [word for line in text.splitlines() for word in line.split() if word.startswith("--")]
     assert all(not flag.endswith(("-", "…")) for flag in flags), flags
 

@@ -57,16 +57,18 @@ def _main(
 
 
 # One line per command: its module holds its options, its help and its output.
-app.command("ask", epilog=EXIT_CODES_HELP)(ask.ask)
-app.command("chat", epilog=EXIT_CODES_HELP)(chat.chat)
-app.command("batch", epilog=EXIT_CODES_HELP)(batch.batch)
-app.command("sample", epilog=EXIT_CODES_HELP)(sample.sample)
-app.command("crops", epilog=crops.CROPS_EPILOG + "\n\n" + EXIT_CODES_HELP)(crops.crops)
+app.command("ask", epilog=EXIT_CODES_HELP, short_help="Answer a question about a document, citing the page.")(ask.ask)
+app.command("chat", epilog=EXIT_CODES_HELP, short_help="Talk with a document: follow-ups see the conversation.")(chat.chat)
+app.command("batch", epilog=EXIT_CODES_HELP, short_help="Answer questions over many documents, as JSON lines.")(batch.batch)
+app.command("sample", epilog=EXIT_CODES_HELP, short_help="Write a sample invoice to try fila on.")(sample.sample)
+app.command("crops", epilog=crops.CROPS_EPILOG + "\n\n" + EXIT_CODES_HELP,
+            short_help="Draw how a page is cut into crops; locate text on it.")(crops.crops)
 app.command("encode", epilog=EXIT_CODES_HELP)(encode.encode)
-app.add_typer(eval_app, name="eval")
-app.add_typer(train_app, name="train", help="Train FILA's fusion (and LLM) from LLaVA-NeXT weights; export a bundle.")
+app.add_typer(eval_app, name="eval", short_help="Score a model on DocVQA, InfoVQA, TextVQA, ChartQA, fragmentation.")
+app.add_typer(train_app, name="train", help="Train FILA's fusion (and LLM) from LLaVA-NeXT weights; export a bundle.",
+              short_help="Train FILA's fusion (and LLM); export a bundle.")
 app.add_typer(weights_app, name="weights", help="List, download, inspect and verify model bundles.")
-app.add_typer(cache_app, name="cache")
+app.add_typer(cache_app, name="cache", short_help="The caches of visual tokens and LLM prefix states.")
 
 
 # PyMuPDF's optional add-ons, imported by ``import pymupdf`` when installed (PyMuPDF 2 installs

@@ -10,7 +10,7 @@ import typer
 
 from fila_cli.cli.options import CommandOptions, model_command
 from fila_cli.cli.support import handle_errors, stderr, warning_line
-from fila_cli.errors import ExitCode, UsageError
+from fila_cli.errors import ExitCode, FilaError, UsageError
 from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, DEFAULT_RAY_CPUS, DEFAULT_TIMEOUT_S, BatchOptions
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ def _run_on_ray(documents: list[Path], questions: list[str], output: Path | None
             items.append(WorkItem(str(file.resolve()), sha256, todo, name=str(file)))
     if not items:
         return _finish(BatchSummary(skipped=skipped), stop)
-    sink = RecordSink(output)
+    sink = _CountingSink(RecordSink(output))
     progress = Progress(TextColumn("answering on the cluster"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=stderr, transient=True, disable=not stderr.is_terminal)
     try:
@@ -163,10 +163,49 @@ def _run_on_ray(documents: list[Path], questions: list[str], output: Path | None
                 progress.update(task, advance=1, rate=f"{cluster.pages_per_minute():.1f} pages/min · "
                                                       f"{len(cluster.workers or ())} workers")
 
-            summary = run_batch_on_ray(items, model, ask, sink, batch, model_name=model_name, on_record=on_record,
-                                       on_message=lambda m: progress.console.print(m, highlight=False, markup=False),
-                                       on_warning=warning_line, should_stop=stop.requested)
+            try:
+                summary = run_batch_on_ray(items, model, ask, sink, batch, model_name=model_name, on_record=on_record,
+                                           on_message=lambda m: progress.console.print(m, highlight=False, markup=False),
+                                           on_warning=warning_line, should_stop=stop.requested)
+            except Exception as error:
+                if isinstance(error, FilaError) or not _is_cluster_failure(error):
+                    raise
+                total = sum(len(item.questions) for item in items)
+                raise FilaError(_cluster_lost_line(error, total - sink.written, total, output)) from None
     finally:
         sink.close()
     summary.skipped = skipped
     return _finish(summary, stop)
+
+
+class _CountingSink:
+    """The record sink, counting what it wrote: what a lost cluster left undone."""
+
+    def __init__(self, sink) -> None:
+        self.sink, self.written = sink, 0
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.sink.write(record)
+        self.written += 1
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def _is_cluster_failure(error: BaseException) -> bool:
+    """An error of Ray itself (its node's agent killed, the machine lost, the connection gone)."""
+    return type(error).__module__.split(".")[0] == "ray" or isinstance(error, ConnectionError)
+
+
+def _cluster_lost_line(error: BaseException, missing: int, total: int, output: Path | None) -> str:
+    """One line: what failed, what is missing, and the command that finishes the job."""
+    import shlex
+    import sys
+
+    cause = (str(error).strip().splitlines() or [""])[0][:200]
+    what = f"the Ray cluster was lost ({type(error).__name__}{': ' + cause if cause else ''}); {missing} of {total} records not written"
+    if output is None:
+        return f"{what}; run again with -o FILE to be able to --resume"
+    argv = ["fila", *sys.argv[1:]]
+    resume = " ".join(shlex.quote(arg) for arg in argv) + ("" if "--resume" in argv else " --resume")
+    return f"{what}; finish them with: {resume}"

@@ -13,7 +13,7 @@ cache_app = typer.Typer(rich_markup_mode=None, cls=PlainHelpGroup, help="The cac
                              "states (pages already read are not prefilled again).", no_args_is_help=True)
 
 
-@cache_app.command("info")
+@cache_app.command("info", short_help="Where the caches are, their entries, size and cap.")
 def cache_info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False) -> None:
     """Where the caches are, how many entries they hold, their size and the cap they share ($FILA_CACHE_DIR overrides the place)."""
     with handle_errors():
@@ -35,7 +35,7 @@ def cache_info(as_json: Annotated[bool, typer.Option("--json", help="Print JSON 
               f"{decimal(int(DEFAULT_CACHE_MAX_GB * BYTES_PER_GB))}): applied at each write, least recently used first")
 
 
-@cache_app.command("clear")
+@cache_app.command("clear", short_help="Delete every cached page (only files fila wrote).")
 def cache_clear() -> None:
     """Delete every cached page: visual tokens and LLM prefix states (only the files fila wrote)."""
     with handle_errors():

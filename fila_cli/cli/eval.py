@@ -151,7 +151,7 @@ def _check_fragmentation_canvases(data_file: Path, anyres) -> None:
                      highlight=False, soft_wrap=True)
 
 
-@eval_app.command("score", epilog=EXIT_CODES_HELP)
+@eval_app.command("score", epilog=EXIT_CODES_HELP, short_help="Score a predictions file without running a model.")
 def score_command(
     task: TaskOption = None,
     data: DataOption = None,
@@ -222,7 +222,7 @@ def _percent(value: float | None) -> str:
 DEFAULT_FRAGMENTATION_PAGES = 200
 
 
-@eval_app.command("make-fragmentation", epilog=EXIT_CODES_HELP)
+@eval_app.command("make-fragmentation", epilog=EXIT_CODES_HELP, short_help="Make the fragmentation benchmark.")
 def make_fragmentation_command(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the pages and fragmentation.jsonl into.", show_default=False)],
     n: Annotated[int, typer.Option("--n", help="Pages to make, one question each, inside and straddling alternating.")] = DEFAULT_FRAGMENTATION_PAGES,

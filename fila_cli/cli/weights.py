@@ -70,7 +70,7 @@ def list_command(as_json: bool = JSON_OPTION) -> None:
     Console(soft_wrap=True).print(table)
 
 
-@weights_app.command("pull")
+@weights_app.command("pull", short_help="Download a bundle into the Hugging Face cache and check it.")
 @run_cli
 def pull_command(
     name: str = typer.Argument(..., help="Known bundle name (see `fila weights list`)."),
@@ -116,7 +116,7 @@ def info_command(
         typer.echo(f"  {f.role:<7} {f.filename}  {_size(f.size)}  {where}")
 
 
-@weights_app.command("verify")
+@weights_app.command("verify", short_help="Hash every file against the manifest.")
 @run_cli
 def verify_command(
     target: str = typer.Argument(..., metavar="NAME|DIR", help="Bundle name or bundle directory."),
@@ -129,7 +129,7 @@ def verify_command(
     report.raise_for_failure()
 
 
-@weights_app.command("path")
+@weights_app.command("path", short_help="Print a bundle's folder, or the download cache.")
 @run_cli
 def path_command(
     target: str | None = typer.Argument(None, metavar="[NAME|DIR]", help="Bundle name or bundle directory; without it, the download cache.", show_default=False),
