@@ -167,7 +167,7 @@ def _run_on_ray(documents: list[Path], questions: list[str], output: Path | None
                 summary = run_batch_on_ray(items, model, ask, sink, batch, model_name=model_name, on_record=on_record,
                                            on_message=lambda m: progress.console.print(m, highlight=False, markup=False),
                                            on_warning=warning_line, should_stop=stop.requested)
-            except Exception as error:
+            except (Exception, SystemExit) as error:  # Ray's driver code may sys.exit when its node dies
                 if isinstance(error, FilaError) or not _is_cluster_failure(error):
                     raise
                 total = sum(len(item.questions) for item in items)
@@ -194,7 +194,7 @@ class _CountingSink:
 
 def _is_cluster_failure(error: BaseException) -> bool:
     """An error of Ray itself (its node's agent killed, the machine lost, the connection gone)."""
-    return type(error).__module__.split(".")[0] == "ray" or isinstance(error, ConnectionError)
+    return (type(error).__module__.split(".")[0] == "ray" or isinstance(error, (ConnectionError, SystemExit)))
 
 
 def _cluster_lost_line(error: BaseException, missing: int, total: int, output: Path | None) -> str:
