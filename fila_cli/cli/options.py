@@ -1,4 +1,4 @@
-"""The options that ask and batch share, and the one place that turns them into library options.
+"""The options ask, chat, batch and eval share (``model_command``), and the one place that turns them into library options.
 
 Defaults come from the library's dataclasses (``ModelOptions``, ``SamplingParams``), so the help,
 the CLI and a Python caller agree on each of them.
