@@ -101,7 +101,7 @@ def _sync(device: str) -> None:
 
 def ask_child(spawned_at: float, bundle: str, pdf: str, device: str, max_tokens: int) -> dict:
     """What `fila ask` does, timed stage by stage; ``spawned_at``: the parent's clock at spawn."""
-    import fila_cli.cli.ask_output  # noqa: F401  (the modules `fila ask` imports before any work)
+    import fila_cli.cli.ask  # noqa: F401  (the modules `fila ask` imports before any work)
 
     startup = time.time() - spawned_at
     import torch

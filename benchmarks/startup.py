@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 QUESTION = "What is the total due?"
 # What `fila ask` imports before it opens a model (the command's own hook first, where it has one).
 ASK_IMPORTS = ("import fila_cli.cli.app as app; getattr(app, '_skip_pymupdf_addons', lambda: None)(); "
-               "import fila_cli.cli.ask_output, fila_cli.qa.ask, fila_cli.vision.load, fila_cli.llm.backend")
+               "import fila_cli.cli.ask, fila_cli.qa.ask, fila_cli.vision.load, fila_cli.llm.backend")
 
 
 def _children_cpu_s() -> float:

@@ -113,3 +113,22 @@ def _fsync_folder(folder: Path) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def check_output_folder(path: str | Path, *, is_folder: bool = False) -> Path:
+    """The rule for every path fila writes (``-o``, ``fila sample``, ``/save``, ``train --out``...):
+    its folder must exist; fila creates no folder but a training run's own. A missing or unwritable
+    folder is a usage error, one line before any slow work, never a traceback. ``is_folder``: the
+    output is itself a folder (a training run's), created if missing."""
+    from fila_cli.errors import UsageError
+
+    path = Path(path)
+    if path.is_dir() and not is_folder:
+        raise UsageError(f"{path}: is a folder; name the file to write")
+    folder = path.parent
+    if not folder.is_dir():
+        state = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise UsageError(f"{path}: the folder {folder} {state}; create it or check the path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{path}: cannot write into {folder} (permission denied); check the folder")
+    return path

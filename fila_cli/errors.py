@@ -17,6 +17,7 @@ class ExitCode(IntEnum):
     DOCUMENT = 3  # input missing, unreadable, encrypted without the right password, no such page
     MODEL = 4  # model or weights missing, incompatible or corrupt; or the input past the model's limits
     INTERRUPTED = 130  # Ctrl-C
+    BROKEN_PIPE = 141  # stdout's reader went away (`fila batch ... | head -1`): 128 + SIGPIPE, as Unix tools
     TERMINATED = 143  # SIGTERM (timeout, systemd, Kubernetes, Ray)
 
 

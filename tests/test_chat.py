@@ -85,7 +85,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(bundle, report, tmp_path)
     child.expect("stopped")
     child.expect_exact(PROMPT)
     child.sendline("/save talk.json")
-    child.expect("1 turns")
+    child.expect(r"talk.json: 1 turn\r?\n")  # not "1 turns"
     child.expect_exact(PROMPT)
     child.sendcontrol("c")  # Ctrl-C at the prompt: a fresh line, still running
     child.expect_exact(PROMPT)
@@ -95,6 +95,28 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(bundle, report, tmp_path)
     assert child.exitstatus == 0
     turn, = json.loads((tmp_path / "talk.json").read_text())["turns"]
     assert turn["interrupted"] and 0 < turn["tokens"]["generated"] < 3000
+
+
+def test_quit_commands_and_help_on_a_terminal(bundle, report, tmp_path):
+    child = spawn_chat(bundle, report, "--max-tokens", 4, cwd=tmp_path)
+    child.sendline("/help")
+    child.expect("Ctrl-D")
+    child.expect_exact(PROMPT)
+    child.sendline("exit")  # typed alone: leaves, is not asked to the model
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and "new prompt tokens" not in child.before
+
+
+def test_piped_chat_exits_1_when_a_command_failed_and_stops_at_quit(bundle, report, tmp_path):
+    import subprocess
+
+    lines = ["What is the total due?", "/page 9", f"/save {tmp_path / 'nodir' / 't.json'}", "/quit", "Never asked?"]
+    completed = subprocess.run([sys.executable, "-m", "fila_cli", "chat", report, "--model", bundle, "--max-tokens", "4"],
+                               input="\n".join(lines) + "\n", capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert completed.returncode == 1, completed.stderr
+    assert [json.loads(line)["question"] for line in completed.stdout.splitlines()] == ["What is the total due?"]
+    assert "the folder" in completed.stderr and "does not exist" in completed.stderr
 
 
 def test_piped_questions_give_one_json_line_each(bundle, report, tmp_path):
@@ -166,3 +188,14 @@ def test_text_layer_puts_the_page_text_where_ask_does_once(bundle, report):
                             "--max-tokens", "6"], input=f"{question}\n", capture_output=True, text=True, timeout=TIMEOUT_S)
     with LlamaBackend(resolve_bundle(str(bundle)).llm, n_ctx=512) as backend:
         assert json.loads(plain.stdout)["tokens"]["prompt"] == len(backend.tokenize(template.render(question)[1]))
+
+
+def test_a_stopped_answer_reports_its_real_generate_time(bundle, report):
+    # Issue 24: an answer stopped after 914 tokens reported "generate 0.0s" (and /save kept it so).
+    pieces: list[str] = []
+    with open_document(report) as document:
+        asker = Asker.load(resolve_bundle(str(bundle)), device="cpu", dtype="float32")
+        session = ChatSession(asker, document, AskOptions(sampling=SamplingParams(max_tokens=400)))
+        turn = session.ask("Describe the page in detail.", on_text=pieces.append, should_stop=lambda: len(pieces) >= 30)
+    assert turn.interrupted and turn.tokens["generated"] >= 30
+    assert turn.timings.generate_s > 0 and turn.to_json()["timings"]["generate_s"] > 0

@@ -123,7 +123,6 @@ def test_document_errors_exit_3(bundle, report, tmp_path):
     truncated = tmp_path / "truncated.pdf"
     truncated.write_bytes(report.read_bytes()[:300])
     assert_fails(ask_json(bundle, truncated, QUESTION), ExitCode.DOCUMENT, "truncated.pdf")
-    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "0"), ExitCode.DOCUMENT, "report.pdf")
     assert_fails(ask_json(bundle, report, QUESTION, "--pages", "7"), ExitCode.DOCUMENT, "report.pdf")
 
 
@@ -157,6 +156,7 @@ def test_not_installed_model_names_the_command(report, tmp_path):
 def test_usage_errors_exit_2(bundle, report):
     assert fila("ask", report).returncode == ExitCode.USAGE  # no question
     assert_fails(ask_json(bundle, report, QUESTION, "--pages", "two"), ExitCode.USAGE)
+    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "0"), ExitCode.USAGE, "numbered from 1")  # issue 24
     assert_fails(ask_json(bundle, report, QUESTION, "--temperature", "-1"), ExitCode.USAGE)
 
 

@@ -40,7 +40,7 @@ def test_crops_png_matches_page_and_boundaries(tmp_path):
     red_columns = [x for x in range(width) if is_color(middle_row[x], CROP_LINE_COLOR)]
     assert red_columns and min(red_columns) <= boundary_x <= max(red_columns) and max(red_columns) - min(red_columns) < 6
     middle_column = picture[:, width // 4 + 10]
-    red_rows = [y for y in range(30, height) if is_color(middle_column[y], CROP_LINE_COLOR)]
+    red_rows = [y for y in range(60, height) if is_color(middle_column[y], CROP_LINE_COLOR)]  # below the caption
     assert red_rows and min(red_rows) <= boundary_y <= max(red_rows) and max(red_rows) - min(red_rows) < 6
     # Elsewhere the page is untouched (white), and the global view's frame runs along the edge.
     assert is_color(picture[height // 4 + 10, width // 4], (255, 255, 255))
@@ -91,3 +91,16 @@ def test_crops_with_fusion_states_both_resolutions(tmp_path):
     boundary_x = (336 - (672 - resized_width) // 2) * width / resized_width
     red_columns = [x for x in range(width) if is_color(picture[height // 4 + 10, x], CROP_LINE_COLOR)]
     assert red_columns and min(red_columns) <= boundary_x <= max(red_columns) and max(red_columns) - min(red_columns) < 8
+
+
+def test_the_caption_is_readable_and_no_crop_line_crosses_it(tmp_path):
+    # Issue 24: the caption read "2x2 cropsof336px" (Pillow's bitmap font) and a red line crossed it.
+    out = tmp_path / "crops.png"
+    result = CliRunner().invoke(app, ["crops", str(white_pdf(tmp_path / "a4.pdf")), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    picture = np.asarray(Image.open(out).convert("RGB"))
+    width = picture.shape[1]
+    boundary_x = 336 - (672 - width) // 2
+    # Under the caption's first line the crop line is hidden by the caption's white box.
+    column = picture[6:20, boundary_x]
+    assert sum(is_color(pixel, CROP_LINE_COLOR) for pixel in column) < len(column) // 2

@@ -183,7 +183,7 @@ def test_a_truncated_pdf_is_answered_with_a_warning(bundle, corpus):
     expected = f"{path} was damaged and repaired; some content may be missing"
     assert record["warnings"] == [expected]
     assert f"fila: warning: {expected}" in completed.stderr.splitlines()
-    assert record["page_choice"]["method"] in ("all pages, most confident", "text-layer BM25", "--pages")
+    assert record["page_choice"]["method"] in ("all pages, most confident", "text-layer BM25", "--pages", "the only page")
 
 
 def test_a_pdf_with_nothing_readable_exits_3(bundle, corpus):

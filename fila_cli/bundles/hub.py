@@ -60,6 +60,19 @@ def cache_path() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+def bundle_folder(name_or_dir: str) -> Path:
+    """Where a bundle's files are: a bundle directory itself, or for a known name the folder its
+    installed files were downloaded to (ModelError when it is not installed)."""
+    target = _target(name_or_dir)
+    if target.repo_id is None:  # a directory (or a bundle.json beside its files)
+        path = Path(name_or_dir).expanduser()
+        return (path.parent if path.is_file() else path).resolve()
+    present = [path for path in target.paths.values() if path is not None]
+    if not present:
+        raise ModelError(f"{target.name} is not installed; run: fila weights pull {target.name}")
+    return present[0].parent
+
+
 def _offline() -> bool:
     from huggingface_hub import constants
 

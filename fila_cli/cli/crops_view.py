@@ -70,12 +70,32 @@ def draw_crops(page: Image.Image, geometry: CanvasGeometry, highres: CanvasGeome
         draw.line([(0, round(y)), (width - 1, round(y))], fill=CROP_LINE_COLOR, width=line)
     rows, cols = geometry.grid
     size = f"{geometry.crop_size}{LABEL_TIMES}{geometry.crop_size}"
-    label = (f" {describe_resolutions(geometry, highres, LABEL_TIMES)}, {rows}{LABEL_TIMES}{cols} crops of {geometry.crop_size}px"
-             f" (red); global view = whole page at {size} (blue) ")
-    box = draw.textbbox((line * 2, line * 2), label)
-    draw.rectangle(box, fill=LABEL_BACKGROUND)
-    draw.text((line * 2, line * 2), label, fill=CROP_LINE_COLOR)
+    label = (f"{describe_resolutions(geometry, highres, LABEL_TIMES)}, {rows}{LABEL_TIMES}{cols} crops of {geometry.crop_size} px (red)\n"
+             f"global view: the whole page at {size} (blue)")
+    _draw_label(draw, label, (line * 2, line * 2), picture.width)
     return picture
+
+
+# The caption's text is about 1/40 of the picture's width (never under 10 px), so that its two lines
+# fit across a page; a margin of a third of that keeps it off the lines around it.
+LABEL_WIDTH_DIVISOR = 40
+MIN_LABEL_SIZE = 10
+
+
+def _draw_label(draw: ImageDraw.ImageDraw, label: str, at: tuple[int, int], width: int) -> None:
+    """The caption on a white box that hides the crop lines under it, in a scalable font (Pillow's
+    bitmap font squeezes spaces: "cropsof336px")."""
+    from PIL import ImageFont
+
+    font_size = max(MIN_LABEL_SIZE, width // LABEL_WIDTH_DIVISOR)
+    try:
+        font = ImageFont.load_default(size=font_size)
+    except (TypeError, ImportError):  # Pillow without FreeType: the bitmap font
+        font = ImageFont.load_default()
+    margin = max(2, font_size // 3)
+    x0, y0, x1, y1 = draw.multiline_textbbox(at, label, font=font)
+    draw.rectangle([x0 - margin, y0 - margin, x1 + margin, y1 + margin], fill=LABEL_BACKGROUND)
+    draw.multiline_text(at, label, fill=CROP_LINE_COLOR, font=font)
 
 
 # Evidence boxes: red where a crop boundary cuts the text, green where it lies inside one crop.

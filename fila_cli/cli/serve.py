@@ -12,6 +12,7 @@ import typer
 
 from fila_cli.cli.options import (
     CacheMaxGbOption,
+    CommandOptions,
     CompileOption,
     CtxSizeOption,
     DeviceOption,
@@ -21,10 +22,8 @@ from fila_cli.cli.options import (
     LlmOption,
     MmprojOption,
     ModelOption,
-    NoCacheOption,
     TemplateOption,
     load_asker,
-    model_options,
 )
 from fila_cli.cli.support import EXIT_CODES_HELP, VerboseOption, handle_errors, stderr
 from fila_cli.qa.options import ModelOptions
@@ -63,7 +62,7 @@ def serve(
     template: TemplateOption = None,
     device: DeviceOption = "auto",
     dtype: DtypeOption = "auto",
-    no_cache: NoCacheOption = False,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Read and write the caches: visual tokens and LLM prefix states (see `fila cache`).")] = True,
     cache_max_gb: CacheMaxGbOption = ModelOptions.cache_max_gb,
     verbose: VerboseOption = False,
 ) -> None:
@@ -92,9 +91,9 @@ def serve(
 
             raise UsageError(f"--host {host} would let anyone who reaches this machine use the model: pass --api-key KEY "
                              "(or set FILA_API_KEY), or bind 127.0.0.1")
-        options = model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
-                                gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=no_cache,
-                                verbose=verbose, cache_max_gb=cache_max_gb, compile_encoder=compile_encoder)
+        options = CommandOptions(dict(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
+                                      gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, cache=cache,
+                                      verbose=verbose, cache_max_gb=cache_max_gb, compile_encoder=compile_encoder)).model()
         listener = bind_unix(socket_path) if socket_path is not None else bind_tcp(host, port)
         try:
             _run(listener, options, settings, shutdown_timeout, verbose, parallel)

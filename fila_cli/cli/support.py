@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import traceback
 from collections.abc import Iterator
@@ -13,17 +14,23 @@ from rich.console import Console
 
 from fila_cli.errors import ExitCode, FilaError
 
-# Logs, progress and errors go to stderr; stdout carries only results (JSON when piped).
-stderr = Console(stderr=True, highlight=False)
+# Logs, progress and errors go to stderr; stdout carries only results (JSON when piped). A script
+# reading stderr gets each line whole: wrapped to the width only on a terminal.
+stderr = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 answered/done; 1 anything else (some batch records failed, or a bug); 2 usage; "
     "3 the input document is missing, unreadable, encrypted without the right password, or has no such page; "
     "4 the model or weights are missing, incompatible or corrupt, or the input is past the model's limits "
-    "(a page whose tokens do not fit its context); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM)."
+    "(a page whose tokens do not fit its context); 130 interrupted (Ctrl-C); 141 stdout closed by its reader "
+    "(`| head`), quietly, as Unix tools; 143 terminated (SIGTERM)."
 )
 
+FILE_HELP = "A PDF, or an image (PNG, JPEG, WebP, TIFF)."
+
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show llama.cpp's log and full tracebacks.")]
+# For the commands that run no LLM.
+QuietVerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Show full tracebacks.")]
 
 
 def error_line(message: str) -> None:
@@ -41,6 +48,14 @@ def note_line(message: str) -> None:
     print(f"fila: note: {message}", file=sys.stderr, flush=True)
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null: Python's final flush of a closed pipe would print an error."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 @contextlib.contextmanager
 def handle_errors(verbose: bool = False) -> Iterator[None]:
     """Turn every failure into one line on stderr and its exit code; a traceback only if verbose."""
@@ -53,6 +68,9 @@ def handle_errors(verbose: bool = False) -> Iterator[None]:
             traceback.print_exc()
         error_line(str(error))
         raise typer.Exit(int(error.exit_code)) from None
+    except BrokenPipeError:  # `fila batch ... | head -1`: the reader has what it wanted
+        _quiet_stdout()
+        raise typer.Exit(int(ExitCode.BROKEN_PIPE)) from None
     except KeyboardInterrupt:  # Ctrl-C, or a second signal (cli/stopping.py): SIGTERM exits 143
         from fila_cli.cli.stopping import interrupted_exit_code
 

@@ -11,14 +11,17 @@ from typing import Annotated
 
 import typer
 
+from fila_cli.atomic_files import check_output_folder
+from fila_cli.cli.help_format import PlainHelpGroup
 from fila_cli.cli.support import EXIT_CODES_HELP, VerboseOption, handle_errors, stderr
 from fila_cli.errors import UsageError
 from fila_cli.train.config import DEFAULT_LORA_ALPHA, DEFAULT_LORA_R, DEFAULT_QUANTIZATION
 
-train_app = typer.Typer(help="Train FILA (stage 1: CVFM + projector; stage 2: + the LLM) and export a bundle.",
+train_app = typer.Typer(rich_markup_mode=None, cls=PlainHelpGroup, help="Train FILA (stage 1: CVFM + projector; stage 2: + the LLM) and export a bundle.",
                         no_args_is_help=False)
 
 _REQUIRED = ("stage", "data", "images", "base", "out")
+_FLAGS = {"out": "--output"}
 
 
 class _Progress:
@@ -28,7 +31,7 @@ class _Progress:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=stderr, transient=False)
+                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=stderr, transient=False, disable=not stderr.is_terminal)
         self.task = None
         self.prepare_task = None
 
@@ -61,7 +64,7 @@ def train(
     data: Annotated[Path | None, typer.Option(help="LLaVA conversation data, .json (a list) or .jsonl.", show_default=False)] = None,
     images: Annotated[Path | None, typer.Option(help="Folder the samples' image paths are relative to.", show_default=False)] = None,
     base: Annotated[Path | None, typer.Option(help="HF LLaVA-NeXT checkpoint directory to start from.", show_default=False)] = None,
-    out: Annotated[Path | None, typer.Option(help="Run directory: checkpoints, metrics, the exported bundle.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--output", "-o", "--out", metavar="RUN_DIR", help="Run directory: checkpoints, metrics, the exported bundle (created; its folder must exist).", show_default=False)] = None,
     fusion_config: Annotated[Path | None, typer.Option(help="FusionConfig JSON (variant, layers, ConvNeXt). Default: the paper's.", show_default=False)] = None,
     convnext: Annotated[Path | None, typer.Option(help="timm ConvNeXt safetensors to start the branch from.", show_default=False)] = None,
     init: Annotated[Path | None, typer.Option(help="Start from an earlier run's directory (stage 2 from stage 1).", show_default=False)] = None,
@@ -101,13 +104,14 @@ def train(
 
         if resume:
             if out is None:
-                raise UsageError("--resume needs --out RUN_DIR, the run to go on with")
+                raise UsageError("--resume needs --output RUN_DIR, the run to go on with")
             config = load_config(out)
         else:
             given = {"stage": stage, "data": data, "images": images, "base": base, "out": out}
             missing = [name for name in _REQUIRED if given[name] is None]
             if missing:
-                raise UsageError(f"missing {', '.join('--' + m for m in missing)}; see fila train --help")
+                raise UsageError(f"missing {', '.join(_FLAGS.get(m, '--' + m) for m in missing)}; see fila train --help")
+            check_output_folder(out, is_folder=True)
             try:
                 config = TrainConfig(
                     stage=stage, data=str(data), images=str(images), base=str(base), out=str(out),

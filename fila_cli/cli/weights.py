@@ -20,6 +20,7 @@ from rich.filesize import decimal
 from rich.table import Table
 
 from fila_cli.bundles import hub
+from fila_cli.cli.help_format import PlainHelpGroup
 from fila_cli.cli.support import handle_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -37,7 +38,7 @@ def run_cli(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-weights_app = typer.Typer(
+weights_app = typer.Typer(rich_markup_mode=None, cls=PlainHelpGroup,
     name="weights",
     help="List, download (`pull`), describe and check model bundles.",
     no_args_is_help=True,
@@ -69,7 +70,7 @@ def list_command(as_json: bool = JSON_OPTION) -> None:
     Console(soft_wrap=True).print(table)
 
 
-@weights_app.command("pull")
+@weights_app.command("pull", short_help="Download a bundle into the Hugging Face cache and check it.")
 @run_cli
 def pull_command(
     name: str = typer.Argument(..., help="Known bundle name (see `fila weights list`)."),
@@ -115,7 +116,7 @@ def info_command(
         typer.echo(f"  {f.role:<7} {f.filename}  {_size(f.size)}  {where}")
 
 
-@weights_app.command("verify")
+@weights_app.command("verify", short_help="Hash every file against the manifest.")
 @run_cli
 def verify_command(
     target: str = typer.Argument(..., metavar="NAME|DIR", help="Bundle name or bundle directory."),
@@ -128,11 +129,13 @@ def verify_command(
     report.raise_for_failure()
 
 
-@weights_app.command("path")
+@weights_app.command("path", short_help="Print a bundle's folder, or the download cache.")
 @run_cli
-def path_command() -> None:
-    """Print the cache directory bundles are downloaded to."""
-    typer.echo(str(hub.cache_path()))
+def path_command(
+    target: str | None = typer.Argument(None, metavar="[NAME|DIR]", help="Bundle name or bundle directory; without it, the download cache.", show_default=False),
+) -> None:
+    """Print the folder of a bundle's files, or without NAME|DIR the cache directory bundles are downloaded to."""
+    typer.echo(str(hub.cache_path() if target is None else hub.bundle_folder(target)))
 
 
 if __name__ == "__main__":

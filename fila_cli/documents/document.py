@@ -108,7 +108,7 @@ def page_ranges(spec: str) -> list[tuple[int, int]]:
     """The 1-based inclusive (first, last) ranges of a page selection such as ``"1,3-5"``.
 
     Syntax only (no document needed), so a typo fails before anything slow: malformed text
-    (``"1,,2"``, ``"a"``, ``"5-3"``, ``"-2"``) is a UsageError.
+    (``"1,,2"``, ``"a"``, ``"5-3"``, ``"-2"``) and page 0 are a UsageError.
     """
     ranges = []
     for item in spec.split(","):
@@ -117,6 +117,8 @@ def page_ranges(spec: str) -> list[tuple[int, int]]:
             raise UsageError(f"bad page selection {spec!r}: use page numbers and ranges such as 1,3-5")
         first = int(match.group(1))
         last = int(match.group(2)) if match.group(2) is not None else first
+        if first < 1:
+            raise UsageError(f"bad page selection {spec!r}: pages are numbered from 1")
         if last < first:
             raise UsageError(f"bad page selection {spec!r}: range {first}-{last} runs backwards; write {last}-{first}")
         ranges.append((first, last))

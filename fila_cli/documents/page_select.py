@@ -174,6 +174,7 @@ def _reason(best: list[PageScore]) -> str:
 METHOD_GIVEN = "--pages"
 METHOD_BM25 = "text-layer BM25"
 METHOD_ALL = "all pages, most confident"
+METHOD_ONLY = "the only page"  # a one-page document (a PNG, a one-page PDF): nothing was chosen
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,7 @@ def plan_pages(document: Document, question: str, pages: str | None) -> PagePlan
         chosen = parse_page_spec(pages, document.page_count, name=document.path)
         return PagePlan(chosen, METHOD_GIVEN, "pages given with --pages")
     if document.page_count == 1:
-        return PagePlan([0], METHOD_ALL, "the document has one page")
+        return PagePlan([0], METHOD_ONLY, "the document has one page")
     choice = choose_pages(question, [document.page_text(i) for i in range(document.page_count)])
     if not choice.by_text and len(choice.pages) > MAX_PAGES_WITHOUT_TEXT:
         # Every page costs a full encode and prefill: a 5,000-page scan would run for hours.

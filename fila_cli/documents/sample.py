@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pymupdf
 
+from fila_cli.atomic_files import check_output_folder
 from fila_cli.errors import UsageError
 
 # US Letter in points, with a one-inch margin: the most common invoice paper after A4.
@@ -101,8 +102,11 @@ def sample_invoice_bytes() -> bytes:
 def write_sample_invoice(path: str | Path, *, overwrite: bool = False) -> Path:
     """Write the sample invoice to ``path``; an existing file is kept unless ``overwrite``."""
     path = Path(path)
+    if path.suffix.lower() != ".pdf":
+        raise UsageError(f"{path}: the sample is a PDF; name it *.pdf")
     if path.exists() and not overwrite:
         raise UsageError(f"{path} already exists: choose another name, or pass --force to replace it")
+    check_output_folder(path)
     try:
         path.write_bytes(sample_invoice_bytes())
     except OSError as error:

@@ -61,14 +61,28 @@ def collect_documents(paths: list[str], recursive: bool) -> list[Path]:
     return list(unique)
 
 
+# A line of a --questions file starting so is a comment, not a question.
+COMMENT_PREFIX = "#"
+
+
 def read_questions(questions: list[str], questions_file: Path | None) -> list[str]:
+    """The questions of ``-q`` and of a questions file (one a line; blank lines and ``#`` comments
+    skipped), each once, in order; none is a UsageError naming what the user gave."""
     all_questions = [q.strip() for q in questions if q.strip()]
+    from_file: list[str] = []
     if questions_file is not None:
         try:
-            all_questions += [line.strip() for line in questions_file.read_text().split("\n") if line.strip()]
+            lines = questions_file.read_text().split("\n")
         except OSError as error:
             raise UsageError(f"{questions_file}: cannot read the questions file ({error.strerror})") from None
+        from_file = [line.strip() for line in lines if line.strip() and not line.strip().startswith(COMMENT_PREFIX)]
+    all_questions += from_file
     if not all_questions:
+        if questions_file is not None:
+            raise UsageError(f"{questions_file}: no question in it (blank lines and # comments are skipped); "
+                             f"write one question a line")
+        if questions:
+            raise UsageError("-q: the question is empty; give its text, e.g. -q \"What is the total?\"")
         raise UsageError("no question: pass -q QUESTION (repeatable) or --questions FILE (one per line)")
     return list(dict.fromkeys(all_questions))
 

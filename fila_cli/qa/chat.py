@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fila_cli.atomic_files import write_bytes_atomically
+from fila_cli.atomic_files import check_output_folder, write_bytes_atomically
 from fila_cli.documents.document import Document, page_index_from_user, parse_page_spec
 from fila_cli.documents.evidence import Evidence
 from fila_cli.documents.notices import ReadNotices, document_warnings
@@ -263,7 +263,11 @@ class ChatSession:
         stats_before = (self.backend.stats.text_tokens, self.backend.stats.embedding_rows)
         answer_start = self.backend.n_past + n_text
 
+        first_piece_at: list[float] = []  # when the first token came: the prefill's end
+
         def emit(piece: str) -> None:
+            if not first_piece_at:
+                first_piece_at.append(time.perf_counter())
             if should_stop is not None and should_stop():
                 raise AnswerInterrupted
             if on_text is not None:
@@ -279,6 +283,9 @@ class ChatSession:
             self._restore(self._context)  # e.g. a second Ctrl-C outside the answer: back to a known state
             raise
         elapsed = time.perf_counter() - started
+        # An interrupted answer has no generation's own timings: the prefill ran until its first
+        # piece of text, the generation from there until the stop.
+        prefill_s = (first_piece_at[0] - started) if first_piece_at else elapsed
         decoded_text = self.backend.stats.text_tokens - stats_before[0]
         decoded_visual = self.backend.stats.embedding_rows - stats_before[1]
         answer_ids, complete = self._settle_answer(answer_start, generation)
@@ -290,8 +297,8 @@ class ChatSession:
             confidence=None if generation is None else confidence(generation.mean_logprob),
             interrupted=generation is None,
             timings=dataclasses.replace(self._load_timings,
-                                        prefill_s=self._load_timings.prefill_s + (generation.prefill_s if generation else elapsed),
-                                        generate_s=generation.generate_s if generation else 0.0),
+                                        prefill_s=self._load_timings.prefill_s + (generation.prefill_s if generation else prefill_s),
+                                        generate_s=generation.generate_s if generation else elapsed - prefill_s),
             tokens={"visual": self.n_visual, "prompt": decoded_text, "visual_decoded": decoded_visual,
                     "generated": len(answer_ids)},
             dropped_turns=dropped,
@@ -365,6 +372,7 @@ class ChatSession:
         path = Path(path)
         if path.suffix.lower() != ".json":
             raise UsageError(f"{path}: the transcript is JSON; name it *.json")
+        check_output_folder(path)
         try:
             write_bytes_atomically(path, (json.dumps(self.transcript(), ensure_ascii=False, indent=2) + "\n").encode())
         except OSError as error:

@@ -9,7 +9,7 @@ import torch
 from fila_cli.errors import UsageError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
-DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 # CPU features that make bfloat16 matmuls faster than float32 (AMX tiles, AVX512-BF16 dot products).
 _BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
@@ -45,6 +45,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if name == "bfloat16":
         return torch.bfloat16
+    if name == "float16":  # what auto picks on MPS and older CUDA cards; on a CPU, slow
+        return torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":

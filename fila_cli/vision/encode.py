@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from fila_cli.atomic_files import atomic_path
+from fila_cli.atomic_files import atomic_path, check_output_folder
 from fila_cli.config import AnyresConfig
 from fila_cli.documents.document import open_document, page_index_from_user
 from fila_cli.documents.render import render_for_canvas
@@ -75,19 +74,11 @@ def check_output_path(output: str | Path) -> Path:
     output = Path(output)
     if output.suffix != OUTPUT_SUFFIX:
         raise UsageError(f"{output}: the output must be a {OUTPUT_SUFFIX} file; name it *{OUTPUT_SUFFIX}")
-    if output.is_dir():
-        raise UsageError(f"{output}: is a directory; name the {OUTPUT_SUFFIX} file to write")
-    # The nearest folder that exists must be a folder we may write into (the rest is created).
-    existing = next(parent for parent in output.parents if parent.exists())
-    if not existing.is_dir():
-        raise UsageError(f"{output}: {existing} is a file, not a folder; choose another output path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"{output}: cannot write into {existing} (permission denied); choose another output path")
+    check_output_folder(output)
     return output
 
 
 def save_visual_tokens(output: str | Path, tokens: torch.Tensor, metadata: dict[str, str]) -> None:
     output = check_output_path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as temporary:  # an interrupted run never leaves a half-written file
         save_file({VISUAL_TOKENS_KEY: tokens.float().contiguous()}, str(temporary), metadata=metadata)

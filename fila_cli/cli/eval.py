@@ -15,24 +15,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fila_cli.cli.options import (
-    CompileOption,
-    CtxSizeOption,
-    DeviceOption,
-    DtypeOption,
-    FusionOption,
-    GpuLayersOption,
-    LlmOption,
-    MmprojOption,
-    ModelOption,
-    SeedOption,
-    TemperatureOption,
-    TemplateOption,
-    TopPOption,
-    load_asker,
-    model_options,
-)
-from fila_cli.cli.support import EXIT_CODES_HELP, VerboseOption, handle_errors, stderr
+from fila_cli.cli.help_format import PlainHelpGroup
+from fila_cli.cli.options import CommandOptions, VisionMmprojOption, load_asker, model_command
+from fila_cli.cli.support import EXIT_CODES_HELP, QuietVerboseOption, handle_errors, stderr
 from fila_cli.errors import ExitCode, UsageError
 from fila_cli.llm.sampling import SamplingParams
 from fila_cli.qa.options import ModelOptions
@@ -40,7 +25,7 @@ from fila_cli.qa.options import ModelOptions
 # Benchmark answers are a word or a phrase; a longer generation only costs time.
 EVAL_MAX_TOKENS = 32
 
-eval_app = typer.Typer(
+eval_app = typer.Typer(rich_markup_mode=None, cls=PlainHelpGroup,
     name="eval",
     help="Score a model on DocVQA, InfoVQA, TextVQA, ChartQA or the fragmentation benchmark.",
     invoke_without_command=True,
@@ -50,35 +35,22 @@ eval_app = typer.Typer(
 
 TaskOption = Annotated[str | None, typer.Option("--task", "-t", help="docvqa, infovqa, textvqa, chartqa or fragmentation.", show_default=False)]
 DataOption = Annotated[Path | None, typer.Option("--data", "-d", help="The split: a parquet file, a folder of lmms-eval parquet shards, or a JSON/JSONL file.", show_default=False)]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object on stdout instead of a table.")]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the scores as one JSON object on stdout instead of a table (the default when stdout is not a terminal).")]
 
 
 @eval_app.callback()
+@model_command(document=False, compile_option=True, cache_default=False, max_tokens=EVAL_MAX_TOKENS)
 def eval_command(
     ctx: typer.Context,
     task: TaskOption = None,
     data: DataOption = None,
-    limit: Annotated[int | None, typer.Option("--limit", "-n", help="Only the first N rows of the data.")] = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write one prediction per question to this JSON-lines file.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", help="Only the first N rows of the data.", show_default=False)] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write one prediction per question to this JSON-lines file.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue OUTPUT: skip the questions it already answered for this model.")] = False,
     as_json: JsonOption = False,
-    model: ModelOption = None,
-    llm: LlmOption = None,
-    mmproj: MmprojOption = None,
-    fusion: FusionOption = None,
-    temperature: TemperatureOption = SamplingParams.temperature,
-    top_p: TopPOption = SamplingParams.top_p,
-    seed: SeedOption = SamplingParams.seed,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate per answer.")] = EVAL_MAX_TOKENS,
-    ctx_size: CtxSizeOption = ModelOptions.ctx_size,
-    template: TemplateOption = ModelOptions.template,
-    gpu_layers: GpuLayersOption = ModelOptions.gpu_layers,
-    device: DeviceOption = "auto",
-    dtype: DtypeOption = "auto",
-    cache: Annotated[bool, typer.Option("--cache", help="Also keep every page's visual tokens in the on-disk cache (`fila cache`); off by default, as a split's pages take tens of GB there. Recent pages are always reused from memory.")] = False,
-    compile_encoder: CompileOption = False,
-    gold_ocr: Annotated[bool, typer.Option("--gold-ocr", help="Locate gold answers on pages without a text layer (image benchmarks) by OCR, for the accuracy split by crop boundaries; needs Tesseract (apt install tesseract-ocr), a second or two per question.")] = False,
-    verbose: VerboseOption = False,
+    gold_ocr: Annotated[bool, typer.Option("--gold-ocr", help="Locate gold answers on pages without a text layer by OCR (needs Tesseract), for the accuracy split by crop boundaries.")] = False,
+    *,
+    options: CommandOptions,
 ) -> None:
     """Answer every question of a benchmark split and score the answers with the task's official metric.
 
@@ -93,14 +65,12 @@ def eval_command(
     """
     if ctx.invoked_subcommand is not None:
         return
-    with handle_errors(verbose):
+    with handle_errors(options.verbose):
         if task is None or data is None:
             raise UsageError("pass --task and --data (see `fila eval --help`)")
         raise typer.Exit(run_eval_command(
             task, data, limit=limit, output=output, resume=resume, as_json=as_json,
-            model=model_options(model=model, llm=llm, mmproj=mmproj, fusion=fusion, device=device, dtype=dtype,
-                                gpu_layers=gpu_layers, ctx_size=ctx_size, template=template, no_cache=not cache, verbose=verbose, compile_encoder=compile_encoder),
-            sampling=SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=max_tokens), gold_ocr=gold_ocr))
+            model=options.model(), sampling=options.sampling(), gold_ocr=gold_ocr))
 
 
 def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path | None, resume: bool, as_json: bool,
@@ -115,6 +85,10 @@ def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path |
         raise UsageError(f"--limit must be at least 1 (got {limit})")
     if resume and output is None:
         raise UsageError("--resume needs --output FILE: the predictions to continue")
+    if output is not None:
+        from fila_cli.atomic_files import check_output_folder
+
+        check_output_folder(output)
     if output is not None and not resume and output.exists() and output.stat().st_size > 0:
         raise UsageError(f"{output} already holds predictions: pass --resume to continue it, or choose another file")
     files = data_files(data)
@@ -140,7 +114,7 @@ def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path |
     examples = read_examples(spec, files, bad, limit=limit)
     sink = RecordSink(output) if output is not None else None
     progress = Progress(TextColumn(f"{spec.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TextColumn("eta"), TimeRemainingColumn(), console=stderr, transient=True)
+                        TextColumn("eta"), TimeRemainingColumn(), console=stderr, transient=True, disable=not stderr.is_terminal)
     try:
         with progress, stop_signals() as stop:  # Ctrl-C or SIGTERM: the question in flight, the scores, then exit
             bar = progress.add_task("eval", total=total)
@@ -156,8 +130,11 @@ def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path |
         summary += f", {run.skipped} already done (--resume)"
     if bad.total:
         summary += f", {bad.total} bad rows skipped"
-    stderr.print(f"fila eval: {'interrupted: ' if run.interrupted else ''}{summary}", highlight=False, soft_wrap=True)
-    print_scores(scores, as_json)
+    as_json = json_output(as_json)
+    if as_json:  # the table says it all on a terminal; beside JSON, one line on stderr
+        stderr.print(f"fila eval: {'interrupted: ' if run.interrupted else ''}{summary}", highlight=False, soft_wrap=True)
+    extra = ([f"{run.skipped} already done (--resume)"] if run.skipped else []) + (["interrupted"] if run.interrupted else [])
+    print_scores(scores, as_json, extra)
     if run.interrupted:
         return stop.exit_code
     return int(ExitCode.FAILURE) if run.failed else int(ExitCode.OK)
@@ -174,14 +151,14 @@ def _check_fragmentation_canvases(data_file: Path, anyres) -> None:
                      highlight=False, soft_wrap=True)
 
 
-@eval_app.command("score", epilog=EXIT_CODES_HELP)
+@eval_app.command("score", epilog=EXIT_CODES_HELP, short_help="Score a predictions file without running a model.")
 def score_command(
     task: TaskOption = None,
     data: DataOption = None,
     predictions: Annotated[Path | None, typer.Option("--predictions", "-p", help="JSON lines with question_id and answer.", show_default=False)] = None,
     limit: Annotated[int | None, typer.Option("--limit", "-n", help="Only the first N rows of the data.")] = None,
     as_json: JsonOption = False,
-    verbose: VerboseOption = False,
+    verbose: QuietVerboseOption = False,
 ) -> None:
     """Score a predictions file without running a model (re-score, or compare another tool's output).
 
@@ -199,10 +176,18 @@ def score_command(
         bad = BadRows()
         with stderr.status("reading the data…"):
             examples = list(read_examples(spec, data_files(data), bad, limit=limit, load_images=False))
-        print_scores(score_predictions(spec, examples, found, bad), as_json)
+        print_scores(score_predictions(spec, examples, found, bad), json_output(as_json))
 
 
-def print_scores(scores, as_json: bool) -> None:
+def json_output(as_json: bool) -> bool:
+    """Scores as JSON with --json, or when stdout is not a terminal (as ask and batch)."""
+    import sys
+
+    return as_json or not sys.stdout.isatty()
+
+
+def print_scores(scores, as_json: bool, extra: list[str] | None = None) -> None:
+    """The scores on stdout: one JSON object, or a table and one line of notes."""
     if as_json:
         print(json.dumps(scores.to_json()), flush=True)
         return
@@ -222,7 +207,7 @@ def print_scores(scores, as_json: bool) -> None:
         notes.append(f"gold answer not located on {scores.not_located}")
     if scores.bad_rows:
         notes.append("bad rows: " + ", ".join(f"{reason} {n}" for reason, n in sorted(scores.bad_rows.items())))
-    console.print("; ".join(notes))
+    console.print("; ".join(notes + (extra or [])))
 
 
 # Table rows of the accuracy split by where the gold answer lies (``eval.evidence_split``).
@@ -237,14 +222,14 @@ def _percent(value: float | None) -> str:
 DEFAULT_FRAGMENTATION_PAGES = 200
 
 
-@eval_app.command("make-fragmentation", epilog=EXIT_CODES_HELP)
+@eval_app.command("make-fragmentation", epilog=EXIT_CODES_HELP, short_help="Make the fragmentation benchmark.")
 def make_fragmentation_command(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the pages and fragmentation.jsonl into.", show_default=False)],
     n: Annotated[int, typer.Option("--n", help="Pages to make, one question each, inside and straddling alternating.")] = DEFAULT_FRAGMENTATION_PAGES,
     seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed makes the same pages.")] = 0,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Take the canvases from this bundle's vision weights (default: the paper's five canvases, as LLaVA-1.6).")] = None,
-    mmproj: MmprojOption = None,
-    verbose: VerboseOption = False,
+    mmproj: VisionMmprojOption = None,
+    verbose: QuietVerboseOption = False,
 ) -> None:
     """Make the fragmentation benchmark: pages whose answer is inside one crop or cut by a crop boundary.
 
@@ -266,7 +251,7 @@ def make_fragmentation_command(
             weights = load_vision_weights(mmproj if mmproj is not None else resolve_bundle(model).vision)
             config = AnyresConfig(crop_size=weights.clip_config.image_size, image_grid_pinpoints=weights.image_grid_pinpoints)
         progress = Progress(TextColumn("making pages"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=stderr, transient=True)
+                            console=stderr, transient=True, disable=not stderr.is_terminal)
         with progress:
             bar = progress.add_task("pages", total=n)
             rows = make_fragmentation(out_dir, n, seed, config, on_page=lambda done, _: progress.update(bar, completed=done))
