@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from bad_documents import write_corpus
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.errors import ExitCode
+from tests.helpers.bad_documents import write_corpus
+from tests.helpers.tiny_bundle import build_tiny_bundle
 
 QUESTION = "What is the total due?"
 # Seconds any one case may take end to end (model load included); a hang fails the test.

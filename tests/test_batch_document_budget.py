@@ -8,14 +8,14 @@ import os
 import signal
 
 import pytest
-from bad_documents import BOMB_SIDE, _bomb_deflate, _bomb_pdf, make_good_pdf
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.llm.sampling import SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.qa.batch import answer_document, sha256_or_none
 from fila_cli.qa.isolation import DocumentWorker
+from tests.helpers.bad_documents import BOMB_SIDE, _bomb_deflate, _bomb_pdf, make_good_pdf
+from tests.helpers.tiny_bundle import build_tiny_bundle
 
 OPTIONS = AskOptions(sampling=SamplingParams(max_tokens=2))
 QUESTIONS = ["What is the total due?", "Who signed the letter?", "What is the date?"]

@@ -11,10 +11,10 @@ import subprocess
 import sys
 
 import pytest
-from bad_documents import make_good_pdf
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.errors import ExitCode
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.tiny_bundle import build_tiny_bundle
 
 QUESTION = "What is the total due?"
 

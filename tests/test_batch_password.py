@@ -9,10 +9,10 @@ import subprocess
 import sys
 
 import pytest
-from bad_documents import PASSWORD, _encrypted_pdf
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.errors import ExitCode
+from tests.helpers.bad_documents import PASSWORD, _encrypted_pdf
+from tests.helpers.tiny_bundle import build_tiny_bundle
 
 
 @pytest.fixture(scope="module")

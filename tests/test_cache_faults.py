@@ -14,8 +14,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from bad_documents import make_good_pdf
-from tiny_bundle import build_tiny_bundle
+
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.tiny_bundle import build_tiny_bundle
 
 QUESTION = "What is the total due?"
 WARNING = "cannot write the cache"

@@ -9,8 +9,6 @@ import sys
 
 import pexpect
 import pytest
-from bad_documents import make_good_pdf
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.documents.document import open_document
@@ -18,6 +16,8 @@ from fila_cli.llm import SamplingParams
 from fila_cli.llm.templates import FAMILIES
 from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.qa.chat import ChatSession
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.tiny_bundle import build_tiny_bundle
 
 PROMPT = "you> "
 TIMEOUT_S = 240

@@ -9,11 +9,11 @@ import sys
 
 import pymupdf
 import pytest
-from bad_documents import make_good_pdf
-from tiny_bundle import LLM_FILE, MMPROJ_FILE, build_tiny_bundle
-from tiny_vision import page_image
 
 from fila_cli.errors import ExitCode
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.tiny_bundle import LLM_FILE, MMPROJ_FILE, build_tiny_bundle
+from tests.helpers.tiny_vision import page_image
 
 # The one record shape (fila_cli/qa/records.py): "error" is null in an answer's record.
 DOCUMENTED_KEYS = {"file", "question", "answer", "pages", "confidence", "model", "timings", "tokens", "page_choice",
@@ -161,8 +161,8 @@ def test_usage_errors_exit_2(bundle, report):
 
 
 def test_a_page_past_the_models_trained_context_is_a_model_limit(tmp_path):
-    from tiny_bundle import write_tiny_mmproj
-    from tiny_llm import build_tiny_llm
+    from tests.helpers.tiny_bundle import write_tiny_mmproj
+    from tests.helpers.tiny_llm import build_tiny_llm
 
     trained = 512
     llm = build_tiny_llm(tmp_path / "short-context.gguf", n_ctx_train=trained)

@@ -10,11 +10,11 @@ import sys
 import time
 
 import pytest
-from lmms_data import image, png_bytes, write_parquet
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.errors import ExitCode
 from fila_cli.eval.run import RecentPages
+from tests.helpers.lmms_data import image, png_bytes, write_parquet
+from tests.helpers.tiny_bundle import build_tiny_bundle
 
 
 @pytest.fixture(scope="module")

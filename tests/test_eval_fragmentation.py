@@ -16,7 +16,6 @@ from dataclasses import asdict
 
 import pymupdf
 import pytest
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.config import AnyresConfig
 from fila_cli.documents.canvas import plan_canvas
@@ -24,6 +23,7 @@ from fila_cli.documents.document import open_document
 from fila_cli.documents.render import render_for_canvas
 from fila_cli.errors import ExitCode, UsageError
 from fila_cli.eval.fragmentation import DATA_FILE, generator_config, make_fragmentation, read_rows
+from tests.helpers.tiny_bundle import build_tiny_bundle
 
 SAMPLE = 24
 PNG_DPI = 200  # a scan's usual resolution

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from bad_documents import make_good_pdf
 
 from fila_cli.errors import ExitCode
+from tests.helpers.bad_documents import make_good_pdf
 
 
 def fila(*args, timeout: int = 300) -> subprocess.CompletedProcess:

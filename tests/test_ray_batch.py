@@ -16,12 +16,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from bad_documents import make_good_pdf
-from test_batch_pipeline import PORTRAIT, WIDE, shaped_pdf
-from tiny_bundle import build_tiny_bundle
-from tiny_vision import page_image
 
 from fila_cli.errors import ExitCode
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.tiny_bundle import build_tiny_bundle
+from tests.helpers.tiny_vision import page_image
+from tests.test_batch_pipeline import PORTRAIT, WIDE, shaped_pdf
 
 pytest.importorskip("ray")
 
@@ -204,7 +204,7 @@ def warning_lines(stderr: str) -> list[str]:
 
 
 def test_damaged_documents_are_warned_about_on_stderr_as_a_local_batch_does(bundle, cluster, tmp_path):
-    from bad_documents import write_corpus
+    from tests.helpers.bad_documents import write_corpus
 
     corpus = tmp_path / "corpus"
     write_corpus(corpus)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from tiny_llm import BOS_ID, build_tiny_llm, tiny_llm_tokens
 
 from fila_cli.errors import ModelError
 from fila_cli.llm import LlamaBackend
@@ -14,6 +13,7 @@ from fila_cli.llm.templates import (
     select_template,
     template_from_chat_template,
 )
+from tests.helpers.tiny_llm import BOS_ID, build_tiny_llm, tiny_llm_tokens
 
 QUESTION = "What is the total {amount}?"  # braces must survive rendering
 
@@ -167,14 +167,14 @@ def test_a_guess_is_marked_and_a_known_format_is_not():
 
 @pytest.fixture(scope="module")
 def cli_bundle(tmp_path_factory):
-    from tiny_bundle import build_tiny_bundle
+    from tests.helpers.tiny_bundle import build_tiny_bundle
 
     return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    from bad_documents import make_good_pdf
+    from tests.helpers.bad_documents import make_good_pdf
 
     return make_good_pdf(tmp_path_factory.mktemp("doc") / "one.pdf", ["Total: 12 EUR"])
 
@@ -191,7 +191,7 @@ def fila(*args, stdin=None):
 
 def prompt_tokens(bundle, template, question):
     """Text tokens of a one-page prompt in ``template``, tokenised as the backend does."""
-    from tiny_bundle import LLM_FILE
+    from tests.helpers.tiny_bundle import LLM_FILE
 
     before, after = template.render(question)
     with LlamaBackend(bundle / LLM_FILE, n_ctx=256) as backend:

@@ -11,15 +11,15 @@ import sys
 import numpy as np
 import pymupdf
 import pytest
-from bad_documents import make_good_pdf, write_corpus
-from tiny_bundle import LLM_FILE, build_tiny_bundle
-from tiny_llm import build_tiny_llm
-from tiny_vision import TINY_LLM_WIDTH
 
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.errors import ExitCode
 from fila_cli.llm import ContextOverflowError, LlamaBackend, SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions, page_label
+from tests.helpers.bad_documents import make_good_pdf, write_corpus
+from tests.helpers.tiny_bundle import LLM_FILE, build_tiny_bundle
+from tests.helpers.tiny_llm import build_tiny_llm
+from tests.helpers.tiny_vision import TINY_LLM_WIDTH
 
 OPTIONS = AskOptions(pages="1,3", together=True, sampling=SamplingParams(max_tokens=6))
 # A Letter page makes 2,448 tiny visual tokens: two need more than the bundle's 4,096 positions.

@@ -14,14 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_train import (
-    CHATML_TEMPLATE,
-    MISTRAL_TEMPLATE,
-    build_tiny_base,
-    char_tokenizer,
-    write_fusion_config,
-    write_samples,
-)
 
 from fila_cli.train.build import build_model
 from fila_cli.train.chat import IGNORE_INDEX, ChatRenderer
@@ -31,6 +23,14 @@ from fila_cli.train.data import parse_conversation
 from fila_cli.train.loop import lr_factor, train
 from fila_cli.train.model import group_of
 from fila_cli.train.prepare import load_sample_image, prepare_data
+from tests.helpers.tiny_train import (
+    CHATML_TEMPLATE,
+    MISTRAL_TEMPLATE,
+    build_tiny_base,
+    char_tokenizer,
+    write_fusion_config,
+    write_samples,
+)
 
 TWO_TURNS = {"id": "two", "image": "p.png", "conversations": [
     {"from": "human", "value": "<image>\nwhat is the total?"}, {"from": "gpt", "value": "12 EUR"},
@@ -104,7 +104,7 @@ def _digest(tensor: torch.Tensor) -> str:
 def stage1_run(workspace):
     """Stage 1: 16 samples, global batch 4 (2 x 2 accumulated), 3 epochs = 12 steps. Returns
     (run dir, result, checksums of every tensor of the model as built before training)."""
-    from tiny_llm import build_tiny_llm
+    from tests.helpers.tiny_llm import build_tiny_llm
 
     out = workspace["root"] / "run1"
     llm_gguf = build_tiny_llm(workspace["root"] / "tiny-llm.gguf", n_embd=64)
@@ -344,7 +344,7 @@ def test_fsdp_checkpoints_hold_full_tensors_and_restore_exactly(workspace, tmp_p
     unsharded step on the same two samples."""
     run = tmp_path / "fsdp"
     worker = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "tests" / "fsdp_checkpoint_worker.py"), str(workspace["root"]), str(run)],
+                             str(ROOT / "tests" / "helpers" / "fsdp_checkpoint_worker.py"), str(workspace["root"]), str(run)],
                             capture_output=True, text=True, timeout=600, env=ONE_THREAD, cwd=ROOT)
     assert worker.returncode == 0, worker.stderr[-3000:]
     model, _ = build_model(config_for(workspace, tmp_path / "shapes", stage=2, lora_r=4, lora_alpha=8.0))
