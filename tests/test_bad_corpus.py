@@ -12,17 +12,12 @@ import pytest
 
 from fila_cli.errors import ExitCode
 from tests.helpers.bad_documents import write_corpus
-from tests.helpers.tiny_bundle import build_tiny_bundle
 
 QUESTION = "What is the total due?"
 # Seconds any one case may take end to end (model load included); a hang fails the test.
 CASE_TIMEOUT_S = 180
 CORPUS = write_corpus  # the generator: cases are built at test time, never committed
 
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")

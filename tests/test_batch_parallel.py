@@ -21,7 +21,6 @@ from fila_cli.qa.batch import run_batch
 from fila_cli.qa.options import BatchOptions
 from fila_cli.qa.run import RecordSink
 from tests.helpers.bad_documents import make_good_pdf
-from tests.helpers.tiny_bundle import build_tiny_bundle
 from tests.test_batch import read_records
 from tests.test_batch_pipeline import PORTRAIT, WIDE, kill_twice_then_resume, shaped_pdf
 
@@ -35,10 +34,6 @@ MAX_TOKENS = 4
 # (test_llm_parallel.test_without_flash_attention_...); confidences are exp(mean log-probability).
 CONFIDENCE_RTOL = 1e-3
 
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,6 @@ import pytest
 
 from fila_cli.errors import ExitCode
 from tests.helpers.bad_documents import PASSWORD, _encrypted_pdf
-from tests.helpers.tiny_bundle import build_tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 def batch(bundle, pdf, *extra, env=None, stdin=None):

@@ -26,7 +26,6 @@ from fila_cli.qa.options import BatchOptions
 from fila_cli.qa.pipeline import RunAhead
 from fila_cli.qa.run import RecordSink
 from tests.helpers.bad_documents import make_good_pdf
-from tests.helpers.tiny_bundle import build_tiny_bundle
 from tests.test_batch import batch_command, read_records, wait_for_lines
 
 QUESTIONS = ["What is the total due?", "Who signed the letter?"]
@@ -123,10 +122,6 @@ def shaped_pdf(path, shapes):
     document.save(path)
     return path
 
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")

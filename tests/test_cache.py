@@ -15,14 +15,14 @@ from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.vision.model.encoder import HybridEncoder
 from fila_cli.vision.token_cache import TokenCache
 from tests.helpers.bad_documents import make_good_pdf
-from tests.helpers.tiny_bundle import build_tiny_bundle
 
 OPTIONS = AskOptions(sampling=SamplingParams(max_tokens=6))
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return resolve_bundle(str(build_tiny_bundle(tmp_path_factory.mktemp("bundle"))))
+def bundle(bundle):
+    """The shared tiny bundle (conftest), resolved as the library takes it."""
+    return resolve_bundle(str(bundle))
 
 
 @pytest.fixture

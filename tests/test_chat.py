@@ -17,15 +17,10 @@ from fila_cli.llm.templates import FAMILIES
 from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.qa.chat import ChatSession
 from tests.helpers.bad_documents import make_good_pdf
-from tests.helpers.tiny_bundle import build_tiny_bundle
 
 PROMPT = "you> "
 TIMEOUT_S = 240
 
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")

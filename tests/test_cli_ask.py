@@ -12,6 +12,7 @@ import pytest
 
 from fila_cli.errors import ExitCode
 from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.run_fila import fila
 from tests.helpers.tiny_bundle import LLM_FILE, MMPROJ_FILE, build_tiny_bundle
 from tests.helpers.tiny_vision import page_image
 
@@ -23,10 +24,6 @@ TOKEN_KEYS = {"visual", "prompt", "generated"}
 QUESTION = "What is the total due?"
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
-
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
@@ -35,11 +32,6 @@ def report(tmp_path_factory):
     return make_good_pdf(path, ["Welcome to the annual report of the company",
                                 "Invoice summary. The total due is 1,234.00 EUR, payable in 30 days.",
                                 "Scanned appendix"], scanned_page=2) or path
-
-
-def fila(*args, stdin: str | None = None, timeout: int = 300):
-    return subprocess.run([sys.executable, "-m", "fila_cli", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, timeout=timeout)
 
 
 def ask_json(bundle, *args, **kwargs):

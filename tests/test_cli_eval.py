@@ -14,12 +14,7 @@ import pytest
 from fila_cli.errors import ExitCode
 from fila_cli.eval.run import RecentPages
 from tests.helpers.lmms_data import image, png_bytes, write_parquet
-from tests.helpers.tiny_bundle import build_tiny_bundle
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
+from tests.helpers.run_fila import fila
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +31,6 @@ def docvqa(tmp_path_factory):
     write_parquet(folder / "validation-00001-of-00002.parquet", "docvqa", rows[3:] + [
         {"questionId": "106", "question": "What is the invoice number?", "answers": ["INV-7"], "image": image(png_bytes(seed=3))}])
     return folder
-
-
-def fila(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "fila_cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
 def eval_args(bundle, data, out, *extra):

@@ -12,7 +12,6 @@ import torch
 from fila_cli.vision.load import load_encoder
 from fila_cli.vision.model.compiled import compile_for_inference
 from tests.helpers.bad_documents import make_good_pdf
-from tests.helpers.tiny_bundle import build_tiny_bundle
 from tests.helpers.tiny_vision import PAGE_SHAPES, page_image, save_llava_next_checkpoint, tiny_llava_next
 from tests.test_batch import batch_command, read_records
 from tests.test_fusion import write_fusion
@@ -67,9 +66,8 @@ def test_compiled_bfloat16_encoder_keeps_the_fused_cpu_attention(checkpoint, tmp
     assert relative_error(got, full.encode(image).tokens) <= 2e-2
 
 
-def test_fila_batch_compile_answers_as_without(tmp_path):
+def test_fila_batch_compile_answers_as_without(bundle, tmp_path):
     """`fila batch --compile`: the option reaches the encoder (no other change of the records)."""
-    bundle = build_tiny_bundle(tmp_path / "bundle")
     folder = tmp_path / "inbox"
     folder.mkdir()
     make_good_pdf(folder / "invoice.pdf", ["Invoice 17", "The total due is 310.00 EUR"])

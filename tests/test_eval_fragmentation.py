@@ -23,7 +23,6 @@ from fila_cli.documents.document import open_document
 from fila_cli.documents.render import render_for_canvas
 from fila_cli.errors import ExitCode, UsageError
 from fila_cli.eval.fragmentation import DATA_FILE, generator_config, make_fragmentation, read_rows
-from tests.helpers.tiny_bundle import build_tiny_bundle
 
 SAMPLE = 24
 PNG_DPI = 200  # a scan's usual resolution
@@ -95,8 +94,7 @@ def test_the_same_seed_makes_the_same_rows(tmp_path):
         make_fragmentation(tmp_path / "a", 4, seed=11)
 
 
-def test_make_fragmentation_then_eval_reports_inside_and_straddling(tmp_path):
-    bundle = build_tiny_bundle(tmp_path / "bundle")
+def test_make_fragmentation_then_eval_reports_inside_and_straddling(bundle, tmp_path):
     out = tmp_path / "frag"
     made = subprocess.run([sys.executable, "-m", "fila_cli", "eval", "make-fragmentation", str(out), "--n", "4", "--seed", "3"],
                           capture_output=True, text=True, timeout=120)

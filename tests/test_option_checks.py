@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 
 from fila_cli.errors import ExitCode
 from tests.helpers.bad_documents import make_good_pdf
-
-
-def fila(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fila_cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+from tests.helpers.run_fila import fila
 
 
 @pytest.mark.parametrize("command", ["ask", "batch"])

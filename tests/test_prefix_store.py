@@ -16,7 +16,7 @@ from fila_cli.caches.folder import CacheFolder
 from fila_cli.llm import LlamaBackend, SamplingParams
 from fila_cli.llm.prefix_store import PrefixStore, prefix_cache_key
 from fila_cli.llm.templates import FAMILIES
-from tests.helpers.tiny_bundle import LLM_FILE, build_tiny_bundle
+from tests.helpers.tiny_bundle import LLM_FILE
 from tests.helpers.tiny_vision import TINY_LLM_WIDTH
 
 N_VISUAL = 300  # image rows: more than one n_batch chunk of the tiny model's prefill
@@ -27,10 +27,6 @@ def key(name: str) -> str:
     """A store key (a SHA-256, as the product's keys are) for a readable name."""
     return hashlib.sha256(name.encode()).hexdigest()
 
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import pytest
 
 from fila_cli.errors import ExitCode
 from tests.helpers.bad_documents import make_good_pdf
-from tests.helpers.tiny_bundle import build_tiny_bundle
 from tests.helpers.tiny_vision import page_image
 from tests.test_batch_pipeline import PORTRAIT, WIDE, shaped_pdf
 
@@ -57,10 +56,6 @@ def cluster(tmp_path_factory):
         else:
             os.environ["RAY_AUTH_MODE"] = previous_auth
 
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")

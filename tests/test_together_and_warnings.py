@@ -27,10 +27,6 @@ TWO_PAGES_CONTEXT = 5200
 QUESTION = "What changed between the pages?"
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
-
 
 @pytest.fixture(scope="module")
 def long_bundle(tmp_path_factory):
@@ -114,12 +110,6 @@ def test_a_fixed_ctx_size_refuses_naming_the_option_and_how_far_it_may_go(bundle
         refused = subprocess.run([sys.executable, "-m", "fila_cli", "ask", report, QUESTION, "--model", bundle,
                                   "-c", bad], capture_output=True, text=True, timeout=120)
         assert refused.returncode == ExitCode.USAGE and "--ctx-size must be at least 256" in refused.stderr
-
-
-@pytest.fixture(scope="module")
-def bundle_8k(tmp_path_factory):
-    """The tiny bundle whose LLM was trained (as its GGUF says) on 8,192 tokens: two A4 pages fit."""
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle-8k"), n_ctx_train=8192)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from fila_cli.train.data import parse_conversation
 from fila_cli.train.loop import lr_factor, train
 from fila_cli.train.model import group_of
 from fila_cli.train.prepare import load_sample_image, prepare_data
+from tests.helpers.run_fila import fila
 from tests.helpers.tiny_train import (
     CHATML_TEMPLATE,
     MISTRAL_TEMPLATE,
@@ -35,10 +36,6 @@ from tests.helpers.tiny_train import (
 TWO_TURNS = {"id": "two", "image": "p.png", "conversations": [
     {"from": "human", "value": "<image>\nwhat is the total?"}, {"from": "gpt", "value": "12 EUR"},
     {"from": "human", "value": "and the date?"}, {"from": "gpt", "value": "May 3"}]}
-
-
-def fila(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fila_cli", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
