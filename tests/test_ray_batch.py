@@ -92,6 +92,7 @@ def by_unit(records):
     return {(r["file"], r["question"]): r for r in records}
 
 
+@pytest.mark.slow
 def test_the_cluster_gives_the_local_records_each_once(bundle, cluster, folder, tmp_path):
     local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
     questions = ["-q", QUESTIONS[0], "-q", QUESTIONS[1]]
@@ -117,6 +118,7 @@ def without_timings(records):
     return {unit: {key: value for key, value in record.items() if key != "timings"} for unit, record in by_unit(records).items()}
 
 
+@pytest.mark.slow
 def test_an_overlapped_worker_gives_the_records_of_one_stage_at_a_time(bundle, cluster, tmp_path):
     """One worker (--ray-cpus 2 of the cluster's 2) with --pipeline-depth 2: four documents in its
     pipeline at once, pages of the next rendered and encoded while its LLM answers; no cache, so
@@ -158,6 +160,7 @@ def wait_for(predicate, process, deadline_s=300):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_its_documents_retried(bundle, cluster, folder, tmp_path):
     """Killed while its stages overlap (--pipeline-depth 1: three documents in each worker's pipeline)."""
     out = tmp_path / "out.jsonl"
@@ -176,6 +179,7 @@ def test_a_killed_worker_is_replaced_and_its_documents_retried(bundle, cluster, 
     assert "restarted" in stderr.strip().splitlines()[-1], stderr
 
 
+@pytest.mark.slow
 def test_kill_9_on_the_driver_then_resume(bundle, cluster, folder, tmp_path):
     """With --pipeline-depth 0 (one stage at a time, a document per worker call): that path runs too."""
     out = tmp_path / "out.jsonl"
@@ -198,6 +202,7 @@ def warning_lines(stderr: str) -> list[str]:
     return sorted(line for line in stderr.splitlines() if line.startswith("fila: warning: "))
 
 
+@pytest.mark.slow
 def test_damaged_documents_are_warned_about_on_stderr_as_a_local_batch_does(bundle, cluster, tmp_path):
     from tests.helpers.bad_documents import write_corpus
 

@@ -112,6 +112,7 @@ def stage1_run(workspace):
     return out, train(config), before
 
 
+@pytest.mark.slow
 def test_stage1_loss_falls_and_only_fusion_and_projector_change(stage1_run):
     out, result, before = stage1_run
     assert result.steps == 12 and result.skipped == 0
@@ -131,6 +132,7 @@ def test_stage1_loss_falls_and_only_fusion_and_projector_change(stage1_run):
     assert {group_of(name) for name in trained} == {"cvfm", "projector"}
 
 
+@pytest.mark.slow
 def test_training_tokens_equal_fila_encode(workspace, stage1_run, tmp_path):
     out, _, _ = stage1_run
     model, tokenizer = build_model(config_for(workspace, tmp_path / "again", init=str(out)))
@@ -150,6 +152,7 @@ def test_training_tokens_equal_fila_encode(workspace, stage1_run, tmp_path):
     assert (labels[n_before : n_before + sample.n_visual] == IGNORE_INDEX).all()
 
 
+@pytest.mark.slow
 def test_fila_ask_runs_the_exported_run(workspace, stage1_run):
     out, _, _ = stage1_run
     info = fila("weights", "info", str(out))
@@ -162,6 +165,7 @@ def test_fila_ask_runs_the_exported_run(workspace, stage1_run):
     assert record["model"] == out.name and record["tokens"]["visual"] > 0
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(workspace, tmp_path):
     whole = train(config_for(workspace, tmp_path / "whole", max_steps=4))
     assert whole.steps == 4
@@ -229,6 +233,7 @@ def one_process_run(workspace):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(launcher, workspace, one_process_run, tmp_path):
     """torchrun --nproc_per_node 2 / accelerate launch --num_processes 2 (gloo, CPU), 1 sample per
@@ -252,6 +257,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(launcher
     assert moved > 0  # the comparison is between trained weights, not two copies of the start
 
 
+@pytest.mark.slow
 def test_resume_under_accelerate_launch_reproduces_the_uninterrupted_run(workspace, one_process_run, tmp_path):
     """accelerate launch, 2 processes: 1 step of the 2-step schedule, stop, --resume under the same
     launcher: the final weights and AdamW state are the uninterrupted one-process run's."""
@@ -296,6 +302,7 @@ def test_a_deepspeed_config_is_refused(workspace, tmp_path):
     assert not (tmp_path / "ds").exists()
 
 
+@pytest.mark.slow
 def test_fila_train_export_redoes_the_export_from_a_checkpoint(stage1_run):
     out, _, _ = stage1_run
     exported = load_file(str(out / "fusion.safetensors"))
@@ -334,6 +341,7 @@ def test_a_pdf_page_is_read_as_inference_renders_it(workspace, tmp_path):
     assert embeddings.shape[0] == only.length == labels.shape[0]
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoints_hold_full_tensors_and_restore_exactly(workspace, tmp_path):
     """Under torch's FSDP (2 CPU processes, gloo; accelerate selects FSDP on GPUs only), the
     checkpoint holds every trainable tensor whole, by the unsharded model's names; restoring it into
@@ -361,6 +369,7 @@ def test_fsdp_checkpoints_hold_full_tensors_and_restore_exactly(workspace, tmp_p
     assert any("lora_B" in name and weights[name].abs().sum() > 0 for name in weights)  # the step moved the LoRA
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", [False, True], ids=["anyres-only", "hybrid"])
 def test_from_scratch_options_train_the_vit_and_the_anyres_only_baseline(workspace, tmp_path, fusion):
     """train_vit, fusion=False, export=False (benchmarks/fragmentation.py): the ViT trains with the
