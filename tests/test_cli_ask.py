@@ -12,7 +12,7 @@ import pytest
 
 from fila_cli.errors import ExitCode
 from tests.helpers.bad_documents import make_good_pdf
-from tests.helpers.run_fila import fila
+from tests.helpers.run_fila import fila, invoke
 from tests.helpers.tiny_bundle import LLM_FILE, MMPROJ_FILE, build_tiny_bundle
 from tests.helpers.tiny_vision import page_image
 
@@ -34,8 +34,9 @@ def report(tmp_path_factory):
                                 "Scanned appendix"], scanned_page=2) or path
 
 
-def ask_json(bundle, *args, **kwargs):
-    return fila("ask", *args, "--model", bundle, "--max-tokens", 12, "--json", **kwargs)
+def ask_json(bundle, *args, run=fila, **kwargs):
+    """``fila ask ARGS --json`` with the bundle; run: ``fila`` (a process) or ``invoke`` (in this one)."""
+    return run("ask", *args, "--model", bundle, "--max-tokens", 12, "--json", **kwargs)
 
 
 def test_ask_pdf_end_to_end(bundle, report):
@@ -108,15 +109,15 @@ def assert_fails(completed, exit_code, *needles):
 
 
 def test_document_errors_exit_3(bundle, report, tmp_path):
-    assert_fails(ask_json(bundle, tmp_path / "missing.pdf", QUESTION), ExitCode.DOCUMENT, "missing.pdf")
+    assert_fails(ask_json(bundle, tmp_path / "missing.pdf", QUESTION, run=invoke), ExitCode.DOCUMENT, "missing.pdf")
     not_pdf = tmp_path / "notes.pdf"
     not_pdf.write_text("just some text, not a PDF")
-    assert_fails(ask_json(bundle, not_pdf, QUESTION), ExitCode.DOCUMENT, "notes.pdf")
+    assert_fails(ask_json(bundle, not_pdf, QUESTION, run=invoke), ExitCode.DOCUMENT, "notes.pdf")
     truncated = tmp_path / "truncated.pdf"
     truncated.write_bytes(report.read_bytes()[:300])
-    assert_fails(ask_json(bundle, truncated, QUESTION), ExitCode.DOCUMENT, "truncated.pdf")
-    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "0"), ExitCode.DOCUMENT, "report.pdf")
-    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "7"), ExitCode.DOCUMENT, "report.pdf")
+    assert_fails(ask_json(bundle, truncated, QUESTION, run=invoke), ExitCode.DOCUMENT, "truncated.pdf")
+    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "0", run=invoke), ExitCode.DOCUMENT, "report.pdf")
+    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "7", run=invoke), ExitCode.DOCUMENT, "report.pdf")
 
 
 def test_encrypted_pdf(bundle, tmp_path):
@@ -124,17 +125,17 @@ def test_encrypted_pdf(bundle, tmp_path):
     document = pymupdf.open()
     document.new_page().insert_text((72, 72), "Total due: 99.00")
     document.save(locked, encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="secret", owner_pw="owner")
-    assert_fails(ask_json(bundle, locked, QUESTION), ExitCode.DOCUMENT, "locked.pdf", "--password")
-    assert_fails(ask_json(bundle, locked, QUESTION, "--password", "wrong"), ExitCode.DOCUMENT, "locked.pdf")
+    assert_fails(ask_json(bundle, locked, QUESTION, run=invoke), ExitCode.DOCUMENT, "locked.pdf", "--password")
+    assert_fails(ask_json(bundle, locked, QUESTION, "--password", "wrong", run=invoke), ExitCode.DOCUMENT, "locked.pdf")
     completed = ask_json(bundle, locked, QUESTION, "--password", "secret")
     assert completed.returncode == 0, completed.stderr
 
 
 def test_model_errors_exit_4(bundle, report, tmp_path):
-    missing = fila("ask", report, QUESTION, "--llm", tmp_path / "none.gguf", "--mmproj", bundle / MMPROJ_FILE, "--json")
+    missing = invoke("ask", report, QUESTION, "--llm", tmp_path / "none.gguf", "--mmproj", bundle / MMPROJ_FILE, "--json")
     assert_fails(missing, ExitCode.MODEL, "none.gguf")
     mismatched = build_tiny_bundle(tmp_path / "mismatched", llm_width=64, mmproj_width=48)
-    completed = fila("ask", report, QUESTION, "--llm", mismatched / LLM_FILE, "--mmproj", mismatched / MMPROJ_FILE, "--json")
+    completed = invoke("ask", report, QUESTION, "--llm", mismatched / LLM_FILE, "--mmproj", mismatched / MMPROJ_FILE, "--json")
     assert_fails(completed, ExitCode.MODEL, "48", "64")
 
 
@@ -147,9 +148,9 @@ def test_not_installed_model_names_the_command(report, tmp_path):
 
 
 def test_usage_errors_exit_2(bundle, report):
-    assert fila("ask", report).returncode == ExitCode.USAGE  # no question
-    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "two"), ExitCode.USAGE)
-    assert_fails(ask_json(bundle, report, QUESTION, "--temperature", "-1"), ExitCode.USAGE)
+    assert invoke("ask", report).returncode == ExitCode.USAGE  # no question
+    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "two", run=invoke), ExitCode.USAGE)
+    assert_fails(ask_json(bundle, report, QUESTION, "--temperature", "-1", run=invoke), ExitCode.USAGE)
 
 
 def test_a_page_past_the_models_trained_context_is_a_model_limit(tmp_path):

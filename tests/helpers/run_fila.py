@@ -12,7 +12,6 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping
 
-from click.testing import Result
 from typer.testing import CliRunner
 
 # Seconds any one command may run before the test fails (a hang is a failure, not a stuck suite).
@@ -42,11 +41,17 @@ def fila(*args, stdin: str | None = None, env: Mapping[str, str | None] | None =
                           preexec_fn=preexec_fn, timeout=timeout)
 
 
-def invoke(*args, stdin: str | None = None) -> Result:
+def invoke(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
     """Run ``fila ARGS...`` in this process (typer's CliRunner): for options, usage errors and exit codes.
 
-    ``result.exit_code`` is fila's exit status; ``result.output`` holds stdout and stderr together.
+    Returns what :func:`fila` returns (returncode, stdout, stderr), so a test reads the same either way.
+    An exception fila did not turn into an exit status is raised here: in a process it would have been
+    a traceback, which no test accepts.
     """
     from fila_cli.cli.app import app  # the CLI's import cost is paid by the tests that use it
 
-    return CliRunner().invoke(app, [str(a) for a in args], input=stdin)
+    argv = [str(a) for a in args]
+    result = CliRunner().invoke(app, argv, input=stdin)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(["fila", *argv], result.exit_code, result.stdout, result.stderr)
