@@ -14,7 +14,7 @@ import pytest
 from fila_cli.errors import ExitCode
 from fila_cli.eval.run import RecentPages
 from tests.helpers.lmms_data import image, png_bytes, write_parquet
-from tests.helpers.run_fila import fila
+from tests.helpers.run_fila import fila, invoke
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_recent_pages_keeps_the_last_few():
 def test_existing_output_needs_resume(bundle, docvqa, tmp_path):
     out = tmp_path / "p.jsonl"
     out.write_text('{"question_id": "101"}\n')
-    completed = fila(*eval_args(bundle, docvqa, out), timeout=120)
+    completed = invoke(*eval_args(bundle, docvqa, out))
     assert completed.returncode == ExitCode.USAGE and "--resume" in completed.stderr and completed.stdout == ""
 
 
@@ -118,9 +118,9 @@ def test_score_another_tools_predictions(docvqa, tmp_path):
 
 
 def test_score_usage_errors(docvqa, tmp_path):
-    completed = fila("eval", "score", "--task", "docvqa", "--data", docvqa, "--predictions", tmp_path / "none.jsonl", timeout=120)
+    completed = invoke("eval", "score", "--task", "docvqa", "--data", docvqa, "--predictions", tmp_path / "none.jsonl")
     assert completed.returncode == ExitCode.USAGE and "none.jsonl: no such predictions file" in completed.stderr
-    completed = fila("eval", "score", "--task", "nope", "--data", docvqa, "--predictions", tmp_path / "none.jsonl", timeout=120)
+    completed = invoke("eval", "score", "--task", "nope", "--data", docvqa, "--predictions", tmp_path / "none.jsonl")
     assert completed.returncode == ExitCode.USAGE and "unknown task" in completed.stderr
 
 

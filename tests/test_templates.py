@@ -172,10 +172,20 @@ def page(tmp_path_factory):
     return make_good_pdf(tmp_path_factory.mktemp("doc") / "one.pdf", ["Total: 12 EUR"])
 
 
+WIDE = {"COLUMNS": "1000"}  # --help's table on one line an option
+
+
 def fila(*args, stdin=None):
     from tests.helpers.run_fila import fila as run_fila
 
-    return run_fila(*args, stdin=stdin, env={"COLUMNS": "1000"})  # --help's table on one line an option
+    return run_fila(*args, stdin=stdin, env=WIDE)
+
+
+def invoke(*args):
+    """fila in this process: for help texts and usage errors."""
+    from tests.helpers.run_fila import invoke as run_in_process
+
+    return run_in_process(*args, env=WIDE)
 
 
 def prompt_tokens(bundle, template, question):
@@ -219,19 +229,19 @@ def test_template_chooses_the_prompt_format_by_name_or_jinja_file(bundle, page, 
 
 @pytest.mark.parametrize("command", ["ask", "chat", "batch", "eval"])
 def test_every_command_that_prompts_an_llm_takes_template_and_lists_the_names(command, bundle, page, tmp_path):
-    help_text = " ".join(fila(command, "--help").stdout.split())
+    help_text = " ".join(invoke(command, "--help").stdout.split())
     assert "--template" in help_text and "vicuna, mistral, chatml, llama3" in help_text and "--ctx-size" in help_text
     args = {"ask": [page, "Total?"], "chat": [page], "batch": [page, "-q", "Total?"],
             "eval": ["--task", "docvqa", "--data", tmp_path]}[command]
-    unknown = fila(command, *args, "--model", bundle, "--template", "alpaca")
+    unknown = invoke(command, *args, "--model", bundle, "--template", "alpaca")
     assert unknown.returncode == 2 and "--template alpaca: not a known prompt format (vicuna, mistral, chatml, llama3)" \
         in " ".join(unknown.stderr.split())
-    missing = fila(command, *args, "--model", bundle, "--template", tmp_path / "none.jinja")
+    missing = invoke(command, *args, "--model", bundle, "--template", tmp_path / "none.jinja")
     assert missing.returncode == 2 and "no such file" in missing.stderr and "Traceback" not in missing.stderr
 
 
 def test_a_jinja_file_that_cannot_render_a_question_is_a_usage_error(bundle, page, tmp_path):
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}")
-    completed = fila("ask", page, "Total?", "--model", bundle, "--template", broken)
+    completed = invoke("ask", page, "Total?", "--model", bundle, "--template", broken)
     assert completed.returncode == 2 and f"{broken} is not valid jinja" in " ".join(completed.stderr.split())

@@ -23,7 +23,7 @@ from fila_cli.train.data import parse_conversation
 from fila_cli.train.loop import lr_factor, train
 from fila_cli.train.model import group_of
 from fila_cli.train.prepare import load_sample_image, prepare_data
-from tests.helpers.run_fila import fila
+from tests.helpers.run_fila import fila, invoke
 from tests.helpers.tiny_train import (
     CHATML_TEMPLATE,
     MISTRAL_TEMPLATE,
@@ -200,7 +200,7 @@ def test_dry_run_prints_groups_without_training(workspace, tmp_path):
 
 
 def test_missing_options_are_a_usage_error(tmp_path):
-    result = fila("train", "--stage", "1", "--out", str(tmp_path / "x"))
+    result = invoke("train", "--stage", "1", "--out", str(tmp_path / "x"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("fila: error: missing --data, --images, --base")
 

@@ -41,17 +41,18 @@ def fila(*args, stdin: str | None = None, env: Mapping[str, str | None] | None =
                           preexec_fn=preexec_fn, timeout=timeout)
 
 
-def invoke(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
+def invoke(*args, stdin: str | None = None, env: Mapping[str, str | None] | None = None) -> subprocess.CompletedProcess:
     """Run ``fila ARGS...`` in this process (typer's CliRunner): for options, usage errors and exit codes.
 
     Returns what :func:`fila` returns (returncode, stdout, stderr), so a test reads the same either way.
+    env: variables set (``None``: removed) while the command runs, as :func:`fila` takes them.
     An exception fila did not turn into an exit status is raised here: in a process it would have been
     a traceback, which no test accepts.
     """
     from fila_cli.cli.app import app  # the CLI's import cost is paid by the tests that use it
 
     argv = [str(a) for a in args]
-    result = CliRunner().invoke(app, argv, input=stdin)
+    result = CliRunner(env=env).invoke(app, argv, input=stdin)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return subprocess.CompletedProcess(["fila", *argv], result.exit_code, result.stdout, result.stderr)
