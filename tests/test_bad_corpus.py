@@ -19,7 +19,6 @@ CASE_TIMEOUT_S = 180
 CORPUS = write_corpus  # the generator: cases are built at test time, never committed
 
 
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return CORPUS(tmp_path_factory.mktemp("corpus"))

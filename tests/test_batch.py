@@ -25,7 +25,6 @@ from tests.helpers.tiny_vision import page_image
 QUESTIONS = ["What is the total due?", "Who signed the letter?"]
 
 
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("inbox")

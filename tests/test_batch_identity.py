@@ -18,7 +18,6 @@ from tests.helpers.run_fila import fila
 QUESTION = "What is the total due?"
 
 
-
 def batch(bundle, folder, out, *extra):
     return fila("batch", folder, "-q", QUESTION, "-o", out, "--model", bundle, "--max-tokens", "4", *extra)
 

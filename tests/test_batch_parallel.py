@@ -35,7 +35,6 @@ MAX_TOKENS = 4
 CONFIDENCE_RTOL = 1e-3
 
 
-
 @pytest.fixture(scope="module")
 def documents(tmp_path_factory):
     """Seven documents: one-page scans of different shapes and texts, a broken one, a missing one,

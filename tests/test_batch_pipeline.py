@@ -123,7 +123,6 @@ def shaped_pdf(path, shapes):
     return path
 
 
-
 @pytest.fixture(scope="module")
 def documents(tmp_path_factory):
     folder = tmp_path_factory.mktemp("documents")

@@ -22,7 +22,6 @@ QUESTION = "What is the total due?"
 WARNING = "cannot write the cache"
 
 
-
 @pytest.fixture(scope="module")
 def pdf(tmp_path_factory):
     return make_good_pdf(tmp_path_factory.mktemp("docs") / "invoice.pdf", ["Total due: 42.00 EUR. Signed by Ada."])

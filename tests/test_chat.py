@@ -22,7 +22,6 @@ PROMPT = "you> "
 TIMEOUT_S = 240
 
 
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     return make_good_pdf(tmp_path_factory.mktemp("docs") / "report.pdf",

@@ -24,7 +24,6 @@ TOKEN_KEYS = {"visual", "prompt", "generated"}
 QUESTION = "What is the total due?"
 
 
-
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     # Page 2 has a text layer naming the total; page 3 is a scan (an image, no text layer).

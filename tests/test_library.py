@@ -31,7 +31,6 @@ with fila_cli.load() as model:  # $FILA_MODEL, else the default; or a bundle's n
 '''
 
 
-
 @pytest.fixture(scope="module")
 def documents(tmp_path_factory):
     folder = tmp_path_factory.mktemp("docs")

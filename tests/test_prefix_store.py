@@ -28,7 +28,6 @@ def key(name: str) -> str:
     return hashlib.sha256(name.encode()).hexdigest()
 
 
-
 @pytest.fixture(scope="module")
 def prompt():
     before, after = FAMILIES["vicuna"].render("What is the total due?")

@@ -57,7 +57,6 @@ def cluster(tmp_path_factory):
             os.environ["RAY_AUTH_MODE"] = previous_auth
 
 
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """12 documents: 9 good (PDFs and a PNG), one encrypted, one empty, one not a PDF."""
@@ -195,7 +194,6 @@ def test_kill_9_on_the_driver_then_resume(bundle, cluster, folder, tmp_path):
     records = read_records(out)
     assert len(by_unit(records)) == 12 * 2, "nothing lost, nothing duplicated"
     assert sum(r["error"] is not None for r in records) == 3 * 2
-
 
 
 def warning_lines(stderr: str) -> list[str]:

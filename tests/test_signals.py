@@ -21,7 +21,6 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 DEADLINE_S = 300
 
 
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("many")

@@ -27,7 +27,6 @@ TWO_PAGES_CONTEXT = 5200
 QUESTION = "What changed between the pages?"
 
 
-
 @pytest.fixture(scope="module")
 def long_bundle(tmp_path_factory):
     """The same bundle with an LLM trained (as its GGUF says) for a context that holds two pages."""

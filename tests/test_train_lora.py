@@ -19,6 +19,8 @@ from fila_cli.train.loop import train
 from fila_cli.train.prepare import load_sample_image, prepare_data
 from tests.helpers.tiny_train import build_tiny_base, write_base_gguf, write_fusion_config, write_samples
 
+pytestmark = pytest.mark.slow  # both tests train (stage 2, LoRA and full LLM)
+
 # Both sides run float32; the difference is summation order (measured ~1e-5).
 LOGITS_TOLERANCE = 1e-2
 N_CTX = 1024
