@@ -32,7 +32,12 @@ def case_names():
         return sorted(write_corpus(Path(scratch)))
 
 
-@pytest.mark.parametrize("name", case_names())
+# Cases that take several times the others (75 s against 10-25 s at load ~16 on 2 cores): -m "not slow" skips them.
+SLOW_CASES = {"many_pages.pdf"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_CASES else name
+                                  for name in case_names()])
 def test_fila_ask_on_each_case(name, bundle, corpus):
     case = corpus[name]
     completed = subprocess.run([sys.executable, "-m", "fila_cli", "ask", str(case.path), QUESTION, "--model", str(bundle),
