@@ -63,6 +63,7 @@ def user_files(cache: Path) -> dict[Path, bytes]:
     return files
 
 
+@pytest.mark.slow  # 84 s at load ~16 on 2 cores: several fila runs
 def test_eviction_and_clear_keep_a_users_files_and_cache_max_gb_caps_from_the_cli(bundle, pdf, tmp_path):
     cache = tmp_path / "models"
     mine = user_files(cache)
