@@ -93,6 +93,7 @@ def test_estimate_matches_what_autograd_keeps_on_the_tiny_model(workspace, check
         assert report["activation_bytes"] / MEASURED_FACTOR <= measured <= report["activation_bytes"] * MEASURED_FACTOR
 
 
+@pytest.mark.slow  # 82 s at load ~15 on 2 cores: fila train --dry-run builds the model in a process
 def test_dry_run_reports_activations_for_the_longest_sample(workspace, tmp_path):
     def dry(*extra: str) -> dict:
         result = subprocess.run([sys.executable, "-m", "fila_cli", "train", "--stage", "1", "--data", str(workspace["data"]),
