@@ -28,6 +28,7 @@ def checkpoint(tmp_path_factory):
     return save_llava_next_checkpoint(tiny_llava_next(seed=7), tmp_path_factory.mktemp("llava"))
 
 
+@pytest.mark.slow  # 158 s at load ~15 on 2 cores: torch.compile of the encoder
 def test_compiled_encoder_gives_the_eager_tokens(checkpoint, tmp_path):
     weights = write_fusion(checkpoint, tmp_path / "fusion.safetensors", "concat", False, 0.5)
     eager = load_encoder(checkpoint, weights)
