@@ -42,11 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: fila_cli, tests.helpers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
-from bad_documents import make_good_pdf
 from caches import write_benchmark_bundle
 
 from fila_cli.bundles.bundle import resolve_bundle
@@ -55,6 +54,7 @@ from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.qa.batch import run_batch
 from fila_cli.qa.options import BatchOptions
 from fila_cli.qa.run import RecordSink
+from tests.helpers.bad_documents import make_good_pdf
 
 QUESTION = "What is the total due?"
 SECONDS_PER_MINUTE = 60.0

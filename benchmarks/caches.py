@@ -20,12 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: fila_cli, tests.helpers
 
 import torch
-from bad_documents import make_good_pdf
-from mmproj_writer import write_mmproj_gguf
-from tiny_llm import build_tiny_llm
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from fila_cli.bundles.bundle import resolve_bundle
@@ -34,6 +31,9 @@ from fila_cli.config import DEFAULT_GRID_PINPOINTS, OPENAI_CLIP_MEAN, OPENAI_CLI
 from fila_cli.llm import SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.vision.token_cache import TokenCache
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.mmproj_writer import write_mmproj_gguf
+from tests.helpers.tiny_llm import build_tiny_llm
 
 
 def write_full_size_mmproj(path: Path, llm_width: int) -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # the checkout: fila_cli, tests.helpers
 
 QUESTION = "What is the total due?"
 A4_POINTS = (595, 842)
@@ -57,8 +57,8 @@ def bundle_dir(small: bool) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     llm, mmproj = directory / "llm.gguf", directory / "mmproj.gguf"
     if small:
-        from tiny_bundle import write_tiny_mmproj
-        from tiny_llm import build_tiny_llm
+        from tests.helpers.tiny_bundle import write_tiny_mmproj
+        from tests.helpers.tiny_llm import build_tiny_llm
 
         if not llm.exists():
             build_tiny_llm(llm, **SMALL_LLM, n_ctx_train=N_CTX)

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: fila_cli, tests.helpers
 
 from fila_cli.config import DEFAULT_GRID_PINPOINTS, AnyresConfig, ConvNeXtConfig, FusionConfig, save_json
 from fila_cli.documents.canvas import CanvasGeometry, plan_canvas
@@ -162,9 +162,10 @@ class Budget:
 def build_base(directory: Path, scale: Scale, seed: int) -> Path:
     """A randomly initialised LLaVA-NeXT checkpoint (transformers' own initialisation) with a
     character tokenizer: what ``fila train --base`` reads."""
-    from tiny_train import IMAGE_TOKEN_INDEX, MISTRAL_TEMPLATE, VOCAB_SIZE, char_tokenizer
-    from tiny_vision import save_llava_next_checkpoint
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from tests.helpers.tiny_train import IMAGE_TOKEN_INDEX, MISTRAL_TEMPLATE, VOCAB_SIZE, char_tokenizer
+    from tests.helpers.tiny_vision import save_llava_next_checkpoint
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(hidden_size=scale.vit_width, intermediate_size=4 * scale.vit_width, num_hidden_layers=scale.vit_layers,

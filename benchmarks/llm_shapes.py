@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # the checkout: fila_cli, tests.helpers
 
-from tiny_llm import build_large_llm  # noqa: E402
+from tests.helpers.tiny_llm import build_large_llm  # noqa: E402
 
 CACHE_ENV = "FILA_BENCH_CACHE"
 F16_SOURCE = "F16"

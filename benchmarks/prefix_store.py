@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # the checkout: fila_cli, tests.helpers
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SHAPES = {"7b": dict(llm_width=4096, llm_layers=32, llm_heads=32, llm_ff=11008)}
@@ -88,7 +88,7 @@ def quantise(source: Path, target: Path, quant: str) -> None:
 
 def build_bundle(directory: Path, args: argparse.Namespace) -> None:
     """The bundle's files, unless ``directory`` already holds them for the same arguments (--workdir)."""
-    from tiny_llm import build_large_llm
+    from tests.helpers.tiny_llm import build_large_llm
 
     recipe = {k: getattr(args, k) for k in ("llm_width", "llm_layers", "llm_heads", "llm_ff", "vision", "quant")}
     stamp = directory / "recipe.json"
@@ -113,7 +113,7 @@ def build_bundle(directory: Path, args: argparse.Namespace) -> None:
 
         write_full_size_mmproj(directory / "mmproj.gguf", args.llm_width)
     else:
-        from tiny_bundle import write_tiny_mmproj
+        from tests.helpers.tiny_bundle import write_tiny_mmproj
 
         write_tiny_mmproj(directory / "mmproj.gguf", llm_width=args.llm_width)
     stamp.write_text(json.dumps(recipe))
@@ -139,7 +139,7 @@ def main() -> None:
     if args.shape:
         for name, value in SHAPES[args.shape].items():
             setattr(args, name, value)
-    from bad_documents import make_good_pdf
+    from tests.helpers.bad_documents import make_good_pdf
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

@@ -35,10 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: fila_cli, tests.helpers
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bad_documents import make_good_pdf
 from batch_pipeline import QUESTION, SECONDS_PER_MINUTE, TimedSink
 from caches import write_benchmark_bundle
 
@@ -46,6 +45,7 @@ from fila_cli.documents.document import file_sha256
 from fila_cli.llm import SamplingParams
 from fila_cli.qa.options import AskOptions, BatchOptions, ModelOptions
 from fila_cli.qa.ray_batch import WorkItem, run_batch_on_ray
+from tests.helpers.bad_documents import make_good_pdf
 
 MODEL_NAME = "benchmark"
 DEPTHS = {"off": 0, "on": 1}

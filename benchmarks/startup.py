@@ -1,6 +1,6 @@
 """`fila ask` with a tiny model: the wall time of the whole command, which is nearly all start-up.
 
-Issue 13's goal: <= 2.5 s on the 2-core CPU. The tiny bundle (tests/tiny_bundle.py) makes the
+Issue 13's goal: <= 2.5 s on the 2-core CPU. The tiny bundle (tests/helpers/tiny_bundle.py) makes the
 model's own work negligible, so the time is Python, imports, model files and the CLI. Rows, run
 interleaved ``--repeats`` times (median kept), side by side in one run:
 
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # the checkout: fila_cli, tests.helpers
 
 QUESTION = "What is the total due?"
 # What `fila ask` imports before it opens a model (the command's own hook first, where it has one).
@@ -57,8 +57,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compare", type=Path, nargs="*", default=[], help="other checkouts of fila to time beside this one")
     args = parser.parse_args()
-    from bad_documents import make_good_pdf
-    from tiny_bundle import build_tiny_bundle
+    from tests.helpers.bad_documents import make_good_pdf
+    from tests.helpers.tiny_bundle import build_tiny_bundle
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)

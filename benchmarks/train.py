@@ -29,7 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, CLIPVisionConfig, MistralConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: fila_cli, tests.helpers
 
 from fila_cli.config import AnyresConfig, FusionConfig
 from fila_cli.train.build import add_lora, trainable_groups
@@ -61,8 +61,8 @@ def full_size(stage: int, device: torch.device) -> tuple[HybridEncoder, torch.nn
 
 
 def tiny_size(stage: int, device: torch.device) -> tuple[HybridEncoder, torch.nn.Module]:
-    from tiny_train import TRAIN_CROP_SIZE, text_config
-    from tiny_vision import tiny_clip_config, tiny_fusion_config
+    from tests.helpers.tiny_train import TRAIN_CROP_SIZE, text_config
+    from tests.helpers.tiny_vision import tiny_clip_config, tiny_fusion_config
 
     clip = tiny_clip_config()
     clip.image_size = TRAIN_CROP_SIZE
@@ -72,7 +72,7 @@ def tiny_size(stage: int, device: torch.device) -> tuple[HybridEncoder, torch.nn
 
 
 def synthetic_batch(encoder: HybridEncoder, n: int, vocab: int, folder: Path) -> list[PreparedSample]:
-    from tiny_vision import page_image
+    from tests.helpers.tiny_vision import page_image
 
     path = folder / "page.png"
     page_image(*PAGE_SIZE).save(path)

@@ -20,12 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from bad_documents import make_good_pdf
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout: fila_cli, tests.helpers
 
 from fila_cli.config import AnyresConfig
 from fila_cli.qa import isolation
+from tests.helpers.bad_documents import make_good_pdf
 
 _serve_documents_only = isolation._serve
 

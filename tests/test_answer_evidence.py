@@ -19,7 +19,6 @@ import numpy as np
 import pymupdf
 import pytest
 from PIL import Image
-from tiny_bundle import MMPROJ_FILE, build_tiny_bundle
 
 import fila_cli
 from fila_cli.cli.crops_view import CROP_LINE_COLOR, crop_boundaries_on_page
@@ -42,6 +41,7 @@ from fila_cli.qa.isolation import DocumentWorker
 from fila_cli.qa.records import RECORD_KEYS, Answer
 from fila_cli.qa.timings import Timings
 from fila_cli.vision.load import load_vision_weights
+from tests.helpers.tiny_bundle import MMPROJ_FILE, build_tiny_bundle
 
 IBAN = "GB29 NWBK 6016 1331 9268 19"
 TOTAL = "2,510.40 GBP"

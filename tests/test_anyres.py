@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_vision import PAGE_SHAPES, page_image
 from transformers import LlavaNextImageProcessor
 
 from fila_cli.config import AnyresConfig
 from fila_cli.documents.canvas import select_best_resolution
 from fila_cli.vision.anyres import plan_canvas, preprocess
+from tests.helpers.tiny_vision import PAGE_SHAPES, page_image
 
 
 @pytest.fixture(scope="module")

@@ -9,20 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from bad_documents import write_corpus
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.errors import ExitCode
+from tests.helpers.bad_documents import write_corpus
 
 QUESTION = "What is the total due?"
 # Seconds any one case may take end to end (model load included); a hang fails the test.
 CASE_TIMEOUT_S = 180
 CORPUS = write_corpus  # the generator: cases are built at test time, never committed
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +32,12 @@ def case_names():
         return sorted(write_corpus(Path(scratch)))
 
 
-@pytest.mark.parametrize("name", case_names())
+# Cases that take several times the others (75 s against 10-25 s at load ~16 on 2 cores): -m "not slow" skips them.
+SLOW_CASES = {"many_pages.pdf"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_CASES else name
+                                  for name in case_names()])
 def test_fila_ask_on_each_case(name, bundle, corpus):
     case = corpus[name]
     completed = subprocess.run([sys.executable, "-m", "fila_cli", "ask", str(case.path), QUESTION, "--model", str(bundle),

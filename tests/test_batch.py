@@ -12,22 +12,17 @@ import time
 from collections import Counter
 
 import pytest
-from bad_documents import BOMB_SIDE, _bomb_deflate, _bomb_pdf, make_good_pdf
-from tiny_bundle import LLM_FILE, MMPROJ_FILE, build_tiny_bundle
-from tiny_vision import page_image
 from typer.testing import CliRunner
 
 from fila_cli.cli.app import app
 from fila_cli.errors import ExitCode
 from fila_cli.qa.batch import collect_documents
 from fila_cli.qa.run import load_done
+from tests.helpers.bad_documents import BOMB_SIDE, _bomb_deflate, _bomb_pdf, make_good_pdf
+from tests.helpers.tiny_bundle import LLM_FILE, MMPROJ_FILE, build_tiny_bundle
+from tests.helpers.tiny_vision import page_image
 
 QUESTIONS = ["What is the total due?", "Who signed the letter?"]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")

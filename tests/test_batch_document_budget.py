@@ -8,22 +8,21 @@ import os
 import signal
 
 import pytest
-from bad_documents import BOMB_SIDE, _bomb_deflate, _bomb_pdf, make_good_pdf
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.llm.sampling import SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.qa.batch import answer_document, sha256_or_none
 from fila_cli.qa.isolation import DocumentWorker
+from tests.helpers.bad_documents import BOMB_SIDE, _bomb_deflate, _bomb_pdf, make_good_pdf
 
 OPTIONS = AskOptions(sampling=SamplingParams(max_tokens=2))
 QUESTIONS = ["What is the total due?", "Who signed the letter?", "What is the date?"]
 
 
 @pytest.fixture(scope="module")
-def asker(tmp_path_factory):
-    return Asker.load(resolve_bundle(str(build_tiny_bundle(tmp_path_factory.mktemp("bundle")))))
+def asker(bundle):
+    return Asker.load(resolve_bundle(str(bundle)))
 
 
 class CountingWorker(DocumentWorker):

@@ -7,26 +7,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
-from bad_documents import make_good_pdf
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.errors import ExitCode
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.run_fila import fila
 
 QUESTION = "What is the total due?"
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
-
-
-def fila(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "fila_cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def batch(bundle, folder, out, *extra):

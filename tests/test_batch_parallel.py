@@ -10,10 +10,6 @@ import sys
 from collections import Counter
 
 import pytest
-from bad_documents import make_good_pdf
-from test_batch import read_records
-from test_batch_pipeline import PORTRAIT, WIDE, kill_twice_then_resume, shaped_pdf
-from tiny_bundle import build_tiny_bundle
 from typer.testing import CliRunner
 
 from fila_cli.bundles.bundle import resolve_bundle
@@ -24,6 +20,9 @@ from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.qa.batch import run_batch
 from fila_cli.qa.options import BatchOptions
 from fila_cli.qa.run import RecordSink
+from tests.helpers.bad_documents import make_good_pdf
+from tests.test_batch import read_records
+from tests.test_batch_pipeline import PORTRAIT, WIDE, kill_twice_then_resume, shaped_pdf
 
 N = 3
 QUESTIONS = ["What is the total due?", "Who signed the letter?"]
@@ -34,11 +33,6 @@ MAX_TOKENS = 4
 # it a batched step's logits are one sequence's to rounding
 # (test_llm_parallel.test_without_flash_attention_...); confidences are exp(mean log-probability).
 CONFIDENCE_RTOL = 1e-3
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,9 @@ import subprocess
 import sys
 
 import pytest
-from bad_documents import PASSWORD, _encrypted_pdf
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.errors import ExitCode
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
+from tests.helpers.bad_documents import PASSWORD, _encrypted_pdf
 
 
 def batch(bundle, pdf, *extra, env=None, stdin=None):

@@ -15,9 +15,6 @@ from collections import Counter
 
 import pymupdf
 import pytest
-from bad_documents import make_good_pdf
-from test_batch import batch_command, read_records, wait_for_lines
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.errors import ExitCode
@@ -28,6 +25,8 @@ from fila_cli.qa.isolation import DocumentWorker
 from fila_cli.qa.options import BatchOptions
 from fila_cli.qa.pipeline import RunAhead
 from fila_cli.qa.run import RecordSink
+from tests.helpers.bad_documents import make_good_pdf
+from tests.test_batch import batch_command, read_records, wait_for_lines
 
 QUESTIONS = ["What is the total due?", "Who signed the letter?"]
 # Page shapes (points) whose renders make different numbers of visual tokens with the tiny bundle:
@@ -122,11 +121,6 @@ def shaped_pdf(path, shapes):
         page.draw_rect(pymupdf.Rect(20, 20, width / 2, height / 2), color=(0, 0, 0), fill=(0.3, 0.5, 0.7))
     document.save(path)
     return path
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ timed); prefix reuse gives the same answers as decoding everything; `fila cache 
 from __future__ import annotations
 
 import pytest
-from bad_documents import make_good_pdf
-from tiny_bundle import build_tiny_bundle
 from typer.testing import CliRunner
 
 from fila_cli.bundles.bundle import resolve_bundle
@@ -16,13 +14,15 @@ from fila_cli.llm import SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.vision.model.encoder import HybridEncoder
 from fila_cli.vision.token_cache import TokenCache
+from tests.helpers.bad_documents import make_good_pdf
 
 OPTIONS = AskOptions(sampling=SamplingParams(max_tokens=6))
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return resolve_bundle(str(build_tiny_bundle(tmp_path_factory.mktemp("bundle"))))
+def bundle(bundle):
+    """The shared tiny bundle (conftest), resolved as the library takes it."""
+    return resolve_bundle(str(bundle))
 
 
 @pytest.fixture

@@ -14,16 +14,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from bad_documents import make_good_pdf
-from tiny_bundle import build_tiny_bundle
+
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.run_fila import fila as run_fila
 
 QUESTION = "What is the total due?"
 WARNING = "cannot write the cache"
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +27,9 @@ def pdf(tmp_path_factory):
     return make_good_pdf(tmp_path_factory.mktemp("docs") / "invoice.pdf", ["Total due: 42.00 EUR. Signed by Ada."])
 
 
-def fila(*args, cache: Path | None = None, preexec_fn=None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if cache is not None:
-        env["FILA_CACHE_DIR"] = str(cache)
-    return subprocess.run([sys.executable, "-m", "fila_cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, preexec_fn=preexec_fn, timeout=timeout)
+def fila(*args, cache: Path | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """``fila ARGS...`` in a new process; cache: the FILA_CACHE_DIR it uses (the test's own by default)."""
+    return run_fila(*args, env=None if cache is None else {"FILA_CACHE_DIR": str(cache)}, **kwargs)
 
 
 def ask(bundle, pdf, *args, **kwargs) -> subprocess.CompletedProcess:
@@ -70,6 +63,7 @@ def user_files(cache: Path) -> dict[Path, bytes]:
     return files
 
 
+@pytest.mark.slow  # 84 s at load ~16 on 2 cores: several fila runs
 def test_eviction_and_clear_keep_a_users_files_and_cache_max_gb_caps_from_the_cli(bundle, pdf, tmp_path):
     cache = tmp_path / "models"
     mine = user_files(cache)

@@ -9,8 +9,6 @@ import sys
 
 import pexpect
 import pytest
-from bad_documents import make_good_pdf
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.documents.document import open_document
@@ -18,14 +16,10 @@ from fila_cli.llm import SamplingParams
 from fila_cli.llm.templates import FAMILIES
 from fila_cli.qa.ask import Asker, AskOptions
 from fila_cli.qa.chat import ChatSession
+from tests.helpers.bad_documents import make_good_pdf
 
 PROMPT = "you> "
 TIMEOUT_S = 240
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,12 @@ import sys
 
 import pymupdf
 import pytest
-from bad_documents import make_good_pdf
-from tiny_bundle import LLM_FILE, MMPROJ_FILE, build_tiny_bundle
-from tiny_vision import page_image
 
 from fila_cli.errors import ExitCode
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.run_fila import fila, invoke
+from tests.helpers.tiny_bundle import LLM_FILE, MMPROJ_FILE, build_tiny_bundle
+from tests.helpers.tiny_vision import page_image
 
 # The one record shape (fila_cli/qa/records.py): "error" is null in an answer's record.
 DOCUMENTED_KEYS = {"file", "question", "answer", "pages", "confidence", "model", "timings", "tokens", "page_choice",
@@ -21,11 +22,6 @@ DOCUMENTED_KEYS = {"file", "question", "answer", "pages", "confidence", "model",
 TIMING_KEYS = {"render_s", "encode_s", "prefill_s", "generate_s"}
 TOKEN_KEYS = {"visual", "prompt", "generated"}
 QUESTION = "What is the total due?"
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +33,9 @@ def report(tmp_path_factory):
                                 "Scanned appendix"], scanned_page=2) or path
 
 
-def fila(*args, stdin: str | None = None, timeout: int = 300):
-    return subprocess.run([sys.executable, "-m", "fila_cli", *map(str, args)], capture_output=True, text=True,
-                          input=stdin, timeout=timeout)
-
-
-def ask_json(bundle, *args, **kwargs):
-    return fila("ask", *args, "--model", bundle, "--max-tokens", 12, "--json", **kwargs)
+def ask_json(bundle, *args, run=fila, **kwargs):
+    """``fila ask ARGS --json`` with the bundle; run: ``fila`` (a process) or ``invoke`` (in this one)."""
+    return run("ask", *args, "--model", bundle, "--max-tokens", 12, "--json", **kwargs)
 
 
 def test_ask_pdf_end_to_end(bundle, report):
@@ -116,14 +108,14 @@ def assert_fails(completed, exit_code, *needles):
 
 
 def test_document_errors_exit_3(bundle, report, tmp_path):
-    assert_fails(ask_json(bundle, tmp_path / "missing.pdf", QUESTION), ExitCode.DOCUMENT, "missing.pdf")
+    assert_fails(ask_json(bundle, tmp_path / "missing.pdf", QUESTION, run=invoke), ExitCode.DOCUMENT, "missing.pdf")
     not_pdf = tmp_path / "notes.pdf"
     not_pdf.write_text("just some text, not a PDF")
-    assert_fails(ask_json(bundle, not_pdf, QUESTION), ExitCode.DOCUMENT, "notes.pdf")
+    assert_fails(ask_json(bundle, not_pdf, QUESTION, run=invoke), ExitCode.DOCUMENT, "notes.pdf")
     truncated = tmp_path / "truncated.pdf"
     truncated.write_bytes(report.read_bytes()[:300])
-    assert_fails(ask_json(bundle, truncated, QUESTION), ExitCode.DOCUMENT, "truncated.pdf")
-    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "7"), ExitCode.DOCUMENT, "report.pdf")
+    assert_fails(ask_json(bundle, truncated, QUESTION, run=invoke), ExitCode.DOCUMENT, "truncated.pdf")
+    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "7", run=invoke), ExitCode.DOCUMENT, "report.pdf")
 
 
 def test_encrypted_pdf(bundle, tmp_path):
@@ -131,17 +123,17 @@ def test_encrypted_pdf(bundle, tmp_path):
     document = pymupdf.open()
     document.new_page().insert_text((72, 72), "Total due: 99.00")
     document.save(locked, encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw="secret", owner_pw="owner")
-    assert_fails(ask_json(bundle, locked, QUESTION), ExitCode.DOCUMENT, "locked.pdf", "--password")
-    assert_fails(ask_json(bundle, locked, QUESTION, "--password", "wrong"), ExitCode.DOCUMENT, "locked.pdf")
+    assert_fails(ask_json(bundle, locked, QUESTION, run=invoke), ExitCode.DOCUMENT, "locked.pdf", "--password")
+    assert_fails(ask_json(bundle, locked, QUESTION, "--password", "wrong", run=invoke), ExitCode.DOCUMENT, "locked.pdf")
     completed = ask_json(bundle, locked, QUESTION, "--password", "secret")
     assert completed.returncode == 0, completed.stderr
 
 
 def test_model_errors_exit_4(bundle, report, tmp_path):
-    missing = fila("ask", report, QUESTION, "--llm", tmp_path / "none.gguf", "--mmproj", bundle / MMPROJ_FILE, "--json")
+    missing = invoke("ask", report, QUESTION, "--llm", tmp_path / "none.gguf", "--mmproj", bundle / MMPROJ_FILE, "--json")
     assert_fails(missing, ExitCode.MODEL, "none.gguf")
     mismatched = build_tiny_bundle(tmp_path / "mismatched", llm_width=64, mmproj_width=48)
-    completed = fila("ask", report, QUESTION, "--llm", mismatched / LLM_FILE, "--mmproj", mismatched / MMPROJ_FILE, "--json")
+    completed = invoke("ask", report, QUESTION, "--llm", mismatched / LLM_FILE, "--mmproj", mismatched / MMPROJ_FILE, "--json")
     assert_fails(completed, ExitCode.MODEL, "48", "64")
 
 
@@ -154,15 +146,15 @@ def test_not_installed_model_names_the_command(report, tmp_path):
 
 
 def test_usage_errors_exit_2(bundle, report):
-    assert fila("ask", report).returncode == ExitCode.USAGE  # no question
-    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "two"), ExitCode.USAGE)
-    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "0"), ExitCode.USAGE, "numbered from 1")  # issue 24
-    assert_fails(ask_json(bundle, report, QUESTION, "--temperature", "-1"), ExitCode.USAGE)
+    assert invoke("ask", report).returncode == ExitCode.USAGE  # no question
+    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "two", run=invoke), ExitCode.USAGE)
+    assert_fails(ask_json(bundle, report, QUESTION, "--pages", "0", run=invoke), ExitCode.USAGE, "numbered from 1")  # issue 24
+    assert_fails(ask_json(bundle, report, QUESTION, "--temperature", "-1", run=invoke), ExitCode.USAGE)
 
 
 def test_a_page_past_the_models_trained_context_is_a_model_limit(tmp_path):
-    from tiny_bundle import write_tiny_mmproj
-    from tiny_llm import build_tiny_llm
+    from tests.helpers.tiny_bundle import write_tiny_mmproj
+    from tests.helpers.tiny_llm import build_tiny_llm
 
     trained = 512
     llm = build_tiny_llm(tmp_path / "short-context.gguf", n_ctx_train=trained)

@@ -70,10 +70,9 @@ def test_crops_with_fusion_states_both_resolutions(tmp_path):
     """With fusion weights the page is rendered at the ConvNeXt's resolution, the crops drawn where
     anyres cuts that render, and both canvases named."""
 
-    from tiny_vision import TINY_LLM_WIDTH, tiny_clip_config, tiny_fusion_config
-
     from fila_cli.vision.loaders.fusion_weights import save_fusion_weights
     from fila_cli.vision.model.encoder import HybridEncoder
+    from tests.helpers.tiny_vision import TINY_LLM_WIDTH, tiny_clip_config, tiny_fusion_config
 
     fusion = tmp_path / "fusion.safetensors"
     encoder = HybridEncoder(tiny_clip_config(), 2, TINY_LLM_WIDTH, fusion=tiny_fusion_config())

@@ -8,11 +8,11 @@ import sys
 import pymupdf
 import pytest
 from safetensors import safe_open
-from tiny_vision import TINY_LLM_WIDTH, page_image, save_llava_next_checkpoint, tiny_llava_next
 from typer.testing import CliRunner
 
 from fila_cli.cli.app import app
 from fila_cli.errors import ExitCode
+from tests.helpers.tiny_vision import TINY_LLM_WIDTH, page_image, save_llava_next_checkpoint, tiny_llava_next
 
 DOCUMENTED_METADATA = {"format", "file", "page", "image_size", "canvas", "grid", "n_tokens", "vision_weights", "fusion_weights", "dtype"}
 

@@ -10,16 +10,11 @@ import sys
 import time
 
 import pytest
-from lmms_data import image, png_bytes, write_parquet
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.errors import ExitCode
 from fila_cli.eval.run import RecentPages
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
+from tests.helpers.lmms_data import image, png_bytes, write_parquet
+from tests.helpers.run_fila import fila, invoke
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +31,6 @@ def docvqa(tmp_path_factory):
     write_parquet(folder / "validation-00001-of-00002.parquet", "docvqa", rows[3:] + [
         {"questionId": "106", "question": "What is the invoice number?", "answers": ["INV-7"], "image": image(png_bytes(seed=3))}])
     return folder
-
-
-def fila(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "fila_cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
 def eval_args(bundle, data, out, *extra):
@@ -105,7 +96,7 @@ def test_recent_pages_keeps_the_last_few():
 def test_existing_output_needs_resume(bundle, docvqa, tmp_path):
     out = tmp_path / "p.jsonl"
     out.write_text('{"question_id": "101"}\n')
-    completed = fila(*eval_args(bundle, docvqa, out), timeout=120)
+    completed = invoke(*eval_args(bundle, docvqa, out))
     assert completed.returncode == ExitCode.USAGE and "--resume" in completed.stderr and completed.stdout == ""
 
 
@@ -128,9 +119,9 @@ def test_score_another_tools_predictions(docvqa, tmp_path):
 
 
 def test_score_usage_errors(docvqa, tmp_path):
-    completed = fila("eval", "score", "--task", "docvqa", "--data", docvqa, "--predictions", tmp_path / "none.jsonl", timeout=120)
+    completed = invoke("eval", "score", "--task", "docvqa", "--data", docvqa, "--predictions", tmp_path / "none.jsonl")
     assert completed.returncode == ExitCode.USAGE and "none.jsonl: no such predictions file" in completed.stderr
-    completed = fila("eval", "score", "--task", "nope", "--data", docvqa, "--predictions", tmp_path / "none.jsonl", timeout=120)
+    completed = invoke("eval", "score", "--task", "nope", "--data", docvqa, "--predictions", tmp_path / "none.jsonl")
     assert completed.returncode == ExitCode.USAGE and "unknown task" in completed.stderr
 
 

@@ -8,13 +8,13 @@ import subprocess
 import sys
 
 import pytest
-from bad_documents import make_good_pdf
-from tiny_bundle import build_tiny_bundle
-from tiny_vision import page_image
 from typer.testing import CliRunner
 
 from fila_cli.cli.app import app
 from fila_cli.errors import ExitCode
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.tiny_bundle import build_tiny_bundle
+from tests.helpers.tiny_vision import page_image
 
 
 def fila(*args, input: str | None = None, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -140,7 +140,7 @@ def test_dtype_float16_is_accepted(docs, bundle, tmp_path):
 
 
 def test_encode_and_crops_take_a_training_run_without_an_llm(docs, tmp_path):
-    from tiny_vision import save_llava_next_checkpoint, tiny_llava_next
+    from tests.helpers.tiny_vision import save_llava_next_checkpoint, tiny_llava_next
 
     base = save_llava_next_checkpoint(tiny_llava_next(seed=2), tmp_path / "base")
     run = tmp_path / "run"

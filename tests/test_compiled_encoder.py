@@ -8,14 +8,13 @@ import subprocess
 
 import pytest
 import torch
-from bad_documents import make_good_pdf
-from test_batch import batch_command, read_records
-from test_fusion import write_fusion
-from tiny_bundle import build_tiny_bundle
-from tiny_vision import PAGE_SHAPES, page_image, save_llava_next_checkpoint, tiny_llava_next
 
 from fila_cli.vision.load import load_encoder
 from fila_cli.vision.model.compiled import compile_for_inference
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.tiny_vision import PAGE_SHAPES, page_image, save_llava_next_checkpoint, tiny_llava_next
+from tests.test_batch import batch_command, read_records
+from tests.test_fusion import write_fusion
 
 # Two pages whose canvases differ (a different number of views and high-resolution canvas).
 PAGES = ("portrait_a4", "very_wide")
@@ -29,6 +28,7 @@ def checkpoint(tmp_path_factory):
     return save_llava_next_checkpoint(tiny_llava_next(seed=7), tmp_path_factory.mktemp("llava"))
 
 
+@pytest.mark.slow  # 158 s at load ~15 on 2 cores: torch.compile of the encoder
 def test_compiled_encoder_gives_the_eager_tokens(checkpoint, tmp_path):
     weights = write_fusion(checkpoint, tmp_path / "fusion.safetensors", "concat", False, 0.5)
     eager = load_encoder(checkpoint, weights)
@@ -46,9 +46,8 @@ def test_compiled_bfloat16_encoder_keeps_the_fused_cpu_attention(checkpoint, tmp
     """bfloat16 on the CPU: the compiled graphs call oneDNN Graph's attention as an opaque op
     (``cpu_attention``), and stay as close to float32's tokens as bfloat16 must (2e-2, as eager
     bfloat16 in test_encoder_reference.py)."""
-    from test_encoder_reference import relative_error
-
     from fila_cli.vision.model import cpu_attention
+    from tests.test_encoder_reference import relative_error
 
     weights = write_fusion(checkpoint, tmp_path / "fusion.safetensors", "concat", False, 0.5)
     eager = load_encoder(checkpoint, weights, dtype=torch.bfloat16)
@@ -68,9 +67,8 @@ def test_compiled_bfloat16_encoder_keeps_the_fused_cpu_attention(checkpoint, tmp
     assert relative_error(got, full.encode(image).tokens) <= 2e-2
 
 
-def test_fila_batch_compile_answers_as_without(tmp_path):
+def test_fila_batch_compile_answers_as_without(bundle, tmp_path):
     """`fila batch --compile`: the option reaches the encoder (no other change of the records)."""
-    bundle = build_tiny_bundle(tmp_path / "bundle")
     folder = tmp_path / "inbox"
     folder.mkdir()
     make_good_pdf(folder / "invoice.pdf", ["Invoice 17", "The total due is 310.00 EUR"])

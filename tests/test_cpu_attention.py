@@ -12,12 +12,12 @@ from dataclasses import asdict
 import pytest
 import torch
 import torch.nn.functional as F
-from test_clip_layers import TINY, _hf_config, _pair
 from transformers.models.clip import modeling_clip as hf
 
 from fila_cli.config import ClipVisionConfig
 from fila_cli.vision.model import clip_layers, cpu_attention
 from fila_cli.vision.model.cpu_attention import fused_cpu_attention
+from tests.test_clip_layers import TINY, _hf_config, _pair
 
 # bfloat16 keeps 8 bits of mantissa: ~4e-3 relative per rounding; a few roundings in a row.
 BF16_RELATIVE_ERROR = 2e-2

@@ -13,16 +13,6 @@ from pathlib import Path
 import numpy as np
 import pymupdf
 import pytest
-from bad_documents import (
-    HUGE_PAGE_POINTS,
-    MANY_PAGES,
-    PASSWORD,
-    SAMPLE_TEXTS,
-    make_good_pdf,
-    pdf_bytes,
-    text_pdf_bytes,
-    write_corpus,
-)
 from PIL import Image
 
 from fila_cli.documents.document import (
@@ -33,6 +23,16 @@ from fila_cli.documents.document import (
     parse_page_spec,
 )
 from fila_cli.errors import DocumentError, UsageError
+from tests.helpers.bad_documents import (
+    HUGE_PAGE_POINTS,
+    MANY_PAGES,
+    PASSWORD,
+    SAMPLE_TEXTS,
+    make_good_pdf,
+    pdf_bytes,
+    text_pdf_bytes,
+    write_corpus,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RENDER_SCALE = 2.0
@@ -186,7 +186,6 @@ def test_corpus_memory_stays_bounded_and_nothing_is_printed(corpus):
         package = types.ModuleType("fila_cli")
         package.__path__ = [str(repo / "fila_cli")]
         sys.modules["fila_cli"] = package
-        sys.path.insert(0, str(repo / "tests"))
         from fila_cli.documents.document import open_document
         from fila_cli.errors import DocumentError
 

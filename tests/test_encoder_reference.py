@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_vision import PAGE_SHAPES, page_image, save_llava_next_checkpoint, tiny_llava_next
 from transformers import LlavaNextImageProcessor
 
 from fila_cli.vision.anyres import preprocess
 from fila_cli.vision.load import load_encoder
+from tests.helpers.tiny_vision import PAGE_SHAPES, page_image, save_llava_next_checkpoint, tiny_llava_next
 
 MAX_RELATIVE_ERROR = 1e-5
 
@@ -69,8 +69,8 @@ def test_bfloat16_close_to_float32(checkpoint):
 
 @pytest.mark.parametrize("dtype", ["f16", "f32"])
 def test_mmproj_gguf_gives_the_same_tokens_as_safetensors(dtype, llava, checkpoint, tmp_path):
-    from mmproj_writer import write_mmproj_gguf
-    from tiny_vision import vision_state_hf_names
+    from tests.helpers.mmproj_writer import write_mmproj_gguf
+    from tests.helpers.tiny_vision import vision_state_hf_names
 
     clip_state, projector_state, newline = vision_state_hf_names(llava)
     path = tmp_path / f"mmproj-{dtype}.gguf"

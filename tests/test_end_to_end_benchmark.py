@@ -10,10 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "end_to_end.py"
 NUMBER = r"\d+\.\d+"
 
 
+@pytest.mark.slow  # 99 s at load ~16 on 2 cores: the whole benchmark, small
 def test_the_small_end_to_end_benchmark_prints_its_whole_table(tmp_path):
     env = {**os.environ, "FILA_BENCH_CACHE": str(tmp_path / "bench"), "FILA_CACHE_DIR": str(tmp_path / "cache")}
     completed = subprocess.run([sys.executable, str(SCRIPT), "--small", "--batch-pages", "1", "--max-tokens", "2"],

@@ -6,11 +6,11 @@ import base64
 import json
 
 import pytest
-from lmms_data import image, png_bytes, write_parquet
 
 from fila_cli.errors import UsageError
 from fila_cli.eval.datasets import BadRows, count_rows, data_files, read_examples
 from fila_cli.eval.tasks import task_spec
+from tests.helpers.lmms_data import image, png_bytes, write_parquet
 
 
 def read(task, data, **kwargs):

@@ -16,7 +16,6 @@ from dataclasses import asdict
 
 import pymupdf
 import pytest
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.config import AnyresConfig
 from fila_cli.documents.canvas import plan_canvas
@@ -95,8 +94,7 @@ def test_the_same_seed_makes_the_same_rows(tmp_path):
         make_fragmentation(tmp_path / "a", 4, seed=11)
 
 
-def test_make_fragmentation_then_eval_reports_inside_and_straddling(tmp_path):
-    bundle = build_tiny_bundle(tmp_path / "bundle")
+def test_make_fragmentation_then_eval_reports_inside_and_straddling(bundle, tmp_path):
     out = tmp_path / "frag"
     made = subprocess.run([sys.executable, "-m", "fila_cli", "eval", "make-fragmentation", str(out), "--n", "4", "--seed", "3"],
                           capture_output=True, text=True, timeout=120)

@@ -6,11 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 from timm.models.convnext import ConvNeXt
-from tiny_vision import PAGE_SHAPES, page_image, save_llava_next_checkpoint, tiny_fusion_config, tiny_llava_next
 
 from fila_cli.vision.load import load_encoder, load_vision_weights
 from fila_cli.vision.loaders.fusion_weights import save_fusion_weights
 from fila_cli.vision.model.encoder import HybridEncoder
+from tests.helpers.tiny_vision import (
+    PAGE_SHAPES,
+    page_image,
+    save_llava_next_checkpoint,
+    tiny_fusion_config,
+    tiny_llava_next,
+)
 
 VARIANTS = [("concat", False), ("add", False), ("cross_attention", False), ("concat", True)]
 

@@ -12,17 +12,8 @@ import pymupdf
 import pytest
 import torch
 import torch.nn.functional as F
-from bad_documents import HUGE_PAGE_POINTS, write_corpus
 from PIL import Image, ImageDraw
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock
-from tiny_vision import (
-    PAGE_SHAPES,
-    TINY_LLM_WIDTH,
-    save_llava_next_checkpoint,
-    tiny_clip_config,
-    tiny_fusion_config,
-    tiny_llava_next,
-)
 
 from fila_cli.config import AnyresConfig, ConvNeXtConfig
 from fila_cli.documents.document import Document
@@ -33,6 +24,15 @@ from fila_cli.vision.loaders.fusion_weights import save_fusion_weights
 from fila_cli.vision.model.alignment import align_stage
 from fila_cli.vision.model.encoder import HybridEncoder
 from fila_cli.vision.token_cache import token_cache_key
+from tests.helpers.bad_documents import HUGE_PAGE_POINTS, write_corpus
+from tests.helpers.tiny_vision import (
+    PAGE_SHAPES,
+    TINY_LLM_WIDTH,
+    save_llava_next_checkpoint,
+    tiny_clip_config,
+    tiny_fusion_config,
+    tiny_llava_next,
+)
 
 A4_POINTS = (595, 842)
 HIGHRES_SCALE = ConvNeXtConfig().input_scale()  # 32/14
@@ -150,12 +150,11 @@ def test_fusion_on_renders_pdf_pages_once_at_the_highres_zoom(checkpoint, fusion
 
 def test_ask_and_batch_render_at_the_highres_zoom_once(fusion_weights, spies, tmp_path):
     """`fila ask` (in process) and `fila batch` (in the document worker) render with the encoder's scale."""
-    from tiny_bundle import build_tiny_bundle
-
     from fila_cli.bundles.bundle import resolve_bundle
     from fila_cli.llm import SamplingParams
     from fila_cli.qa.ask import Asker, AskOptions
     from fila_cli.qa.isolation import DocumentWorker
+    from tests.helpers.tiny_bundle import build_tiny_bundle
 
     directory = build_tiny_bundle(tmp_path / "bundle")
     for suffix in (".safetensors", ".json"):  # a bundle directory's fusion.safetensors turns fusion on

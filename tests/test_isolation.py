@@ -10,11 +10,11 @@ import textwrap
 import time
 
 import pytest
-from bad_documents import make_good_pdf
 
 from fila_cli.config import AnyresConfig
 from fila_cli.errors import DocumentError, UsageError
 from fila_cli.qa.isolation import DocumentWorker, WorkerFailure
+from tests.helpers.bad_documents import make_good_pdf
 
 
 def test_a_crashed_worker_is_reported_and_replaced(tmp_path):

@@ -109,15 +109,12 @@ def test_the_cli_and_its_help_load_no_model_code():
     assert "fila_cli.cli.app" in loaded and not HEAVY & loaded, sorted(HEAVY & loaded)
 
 
-def test_a_fusion_off_ask_loads_no_timm_transformers_or_torchvision(tmp_path):
+def test_a_fusion_off_ask_loads_no_timm_transformers_or_torchvision(bundle, tmp_path):
     # `fila ask` start-up (issue 13): with fusion off nothing builds a ConvNeXt (timm), the ViT is
     # fila's own CLIP layers (no transformers) and anyres resizes with torch (no torchvision); the
     # command skips PyMuPDF's add-ons (the layout analyser's ONNX model, pymupdf4llm).
-    sys.path.insert(0, str(Path(__file__).parent))
-    from bad_documents import make_good_pdf
-    from tiny_bundle import build_tiny_bundle
+    from tests.helpers.bad_documents import make_good_pdf
 
-    bundle = build_tiny_bundle(tmp_path / "bundle")
     pdf = make_good_pdf(tmp_path / "page.pdf", ["Invoice 2291. Total due: 1,234.00 EUR."])
     argv = ["fila", "ask", str(pdf), "What is the total?", "--model", str(bundle), "--json", "--no-cache", "--max-tokens", "2"]
     code = (

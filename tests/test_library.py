@@ -13,12 +13,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from bad_documents import make_good_pdf
-from tiny_bundle import LLM_FILE, build_tiny_bundle
 
 from fila_cli.documents.document import open_document
 from fila_cli.llm import LlamaBackend, LlamaSettings, SamplingParams, StateRefusedError
 from fila_cli.qa.records import RECORD_KEYS
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.tiny_bundle import LLM_FILE
 
 # The README's library example, word for word (it names the sample invoice `fila sample` writes).
 README_EXAMPLE = '''\
@@ -29,11 +29,6 @@ with fila_cli.load() as model:  # $FILA_MODEL, else the default; or a bundle's n
     print(answer.answer, answer.pages, answer.confidence)
     print(answer.to_json())  # the JSON record, as `fila ask --json` prints it
 '''
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""LlamaBackend against real llama.cpp on tiny random GGUF LLMs (tests/tiny_llm.py); no mocks.
+"""LlamaBackend against real llama.cpp on tiny random GGUF LLMs (tests/helpers/tiny_llm.py); no mocks.
 
 References are independent of the backend's own code paths: the token-embedding matrix read back
 from the GGUF with ``gguf.GGUFReader``, and llama-cpp-python's own ``Llama.eval``/``generate`` (on
@@ -13,12 +13,12 @@ import llama_cpp
 import numpy as np
 import pytest
 from gguf import GGUFWriter
-from tiny_llm import BOS_ID, EOS_ID, build_large_llm, build_tiny_llm, gguf_token_embeddings
 
 from fila_cli.errors import ExitCode, ModelError
 from fila_cli.llm import ContextOverflowError, LlamaBackend, SamplingParams
 from fila_cli.llm.backend import IMAGE_PLACEHOLDER_ID
 from fila_cli.llm.sampling import TextStream
+from tests.helpers.tiny_llm import BOS_ID, EOS_ID, build_large_llm, build_tiny_llm, gguf_token_embeddings
 
 N_CTX = 512
 N_EMBD = 64

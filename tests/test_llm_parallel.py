@@ -1,6 +1,6 @@
 """``LlamaBackend.generate_many``: several prompts answered side by side in one llama.cpp context
 (one sequence id and KV cache each, one ``llama_decode`` a step), against ``generate`` of each
-prompt alone. Real llama.cpp, tiny random GGUF LLMs (tests/tiny_llm.py); no mocks.
+prompt alone. Real llama.cpp, tiny random GGUF LLMs (tests/helpers/tiny_llm.py); no mocks.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import dataclasses
 
 import numpy as np
 import pytest
-from tiny_llm import build_tiny_llm, gguf_token_embeddings
 
 from fila_cli.llm import ContextOverflowError, LlamaBackend, LlamaSettings, SamplingParams, StateRefusedError
+from tests.helpers.tiny_llm import build_tiny_llm, gguf_token_embeddings
 
 N_CTX = 512
 N_EMBD_TINY = 64  # build_tiny_llm's default width

@@ -1,7 +1,7 @@
 """The mmproj GGUF loader against files written in llama.cpp's converter layout.
 
 A tiny random CLIP tower (3 layers, width 32, 28x28 images of 2x2 patches) and projector are
-written with ``tests/mmproj_writer.py`` (the converter's code path) and read back with
+written with ``tests/helpers/mmproj_writer.py`` (the converter's code path) and read back with
 ``fila_cli.vision.loaders.mmproj_gguf``: tensors, forward passes, metadata and error messages.
 """
 
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter, quants
-from mmproj_writer import write_mmproj_gguf
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from fila_cli.errors import ExitCode, ModelError
 from fila_cli.vision.loaders.identity import file_identity
 from fila_cli.vision.loaders.mmproj_gguf import load_mmproj_gguf
+from tests.helpers.mmproj_writer import write_mmproj_gguf
 
 HIDDEN = 32
 INTERMEDIATE = 64

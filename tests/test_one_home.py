@@ -9,13 +9,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tiny_llm import build_tiny_llm
-
 from fila_cli.bundles.bundle import DEFAULT_MAX_VISUAL_TOKENS
 from fila_cli.config import AnyresConfig, fusion_config_path
 from fila_cli.documents.canvas import plan_canvas
 from fila_cli.gguf_files import read_gguf_header
 from fila_cli.vision.token_count import count_visual_tokens
+from tests.helpers.tiny_llm import build_tiny_llm
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fila_cli"
 

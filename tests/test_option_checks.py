@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
-from bad_documents import make_good_pdf
 
 from fila_cli.errors import ExitCode
-
-
-def fila(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fila_cli", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.run_fila import invoke
 
 
 @pytest.mark.parametrize("command", ["ask", "batch"])
@@ -20,7 +14,7 @@ def test_a_bad_page_selection_is_a_usage_error_before_the_model_loads(tmp_path, 
     pdf = make_good_pdf(tmp_path / "a.pdf", ["First page", "Second page"])
     question = ["What?"] if command == "ask" else ["-q", "What?"]
     # The model does not exist: had it been looked for first, the exit would be 4.
-    completed = fila(command, pdf, *question, "--pages", "1,,2", "--model", tmp_path / "no-such-bundle")
+    completed = invoke(command, pdf, *question, "--pages", "1,,2", "--model", tmp_path / "no-such-bundle")
     assert completed.returncode == ExitCode.USAGE, completed.stderr
     assert "bad page selection '1,,2'" in completed.stderr and "Traceback" not in completed.stderr
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from bad_documents import make_good_pdf
 
 from fila_cli.documents.document import open_document
 from fila_cli.documents.page_select import PageChoice, choose_pages, query_terms, rank_pages_by_text, tokenize
+from tests.helpers.bad_documents import make_good_pdf
 
 INVOICE = "Invoice 1001 issued 3 March 2024 to Acme Ltd. Total due 42.00 EUR within 30 days."
 SHIPPING = "Shipping address: 12 Harbour Road, Portsmouth. Parcel weight 3 kg, carrier DHL express."

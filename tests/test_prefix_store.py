@@ -11,13 +11,13 @@ import textwrap
 
 import numpy as np
 import pytest
-from tiny_bundle import LLM_FILE, build_tiny_bundle
-from tiny_vision import TINY_LLM_WIDTH
 
 from fila_cli.caches.folder import CacheFolder
 from fila_cli.llm import LlamaBackend, SamplingParams
 from fila_cli.llm.prefix_store import PrefixStore, prefix_cache_key
 from fila_cli.llm.templates import FAMILIES
+from tests.helpers.tiny_bundle import LLM_FILE
+from tests.helpers.tiny_vision import TINY_LLM_WIDTH
 
 N_VISUAL = 300  # image rows: more than one n_batch chunk of the tiny model's prefill
 GREEDY = SamplingParams(max_tokens=10)
@@ -26,11 +26,6 @@ GREEDY = SamplingParams(max_tokens=10)
 def key(name: str) -> str:
     """A store key (a SHA-256, as the product's keys are) for a readable name."""
     return hashlib.sha256(name.encode()).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +141,7 @@ ASK_ONCE = textwrap.dedent("""
 
 
 def test_a_second_process_loads_the_page_instead_of_prefilling(bundle, tmp_path):
-    from bad_documents import make_good_pdf
+    from tests.helpers.bad_documents import make_good_pdf
 
     pdf = make_good_pdf(tmp_path / "invoice.pdf", ["Total due: 42.00 EUR. Signed by Ada."])
     runs = []
@@ -231,10 +226,9 @@ def test_one_cap_evicts_the_least_recently_used_entries_across_both_stores(bundl
 def test_a_stored_state_llama_cpp_refuses_is_decoded_again(bundle, tmp_path, monkeypatch):
     """A state on disk that passes the store's checks but that llama.cpp will not restore (here,
     saved by a context without flash attention) is dropped and the prefix decoded again."""
-    from bad_documents import make_good_pdf
-
     from fila_cli import Asker, AskOptions, ModelOptions
     from fila_cli.llm import LlamaSettings, StateRefusedError
+    from tests.helpers.bad_documents import make_good_pdf
 
     monkeypatch.setenv("FILA_CACHE_DIR", str(tmp_path / "cache"))
     pdf = make_good_pdf(tmp_path / "invoice.pdf", ["Total due: 42.00 EUR."])
@@ -280,10 +274,9 @@ def test_a_bundle_adding_a_lora_to_the_same_llm_does_not_restore_the_base_models
     """Same LLM file, same page, same prompt; one bundle adds a LoRA adapter: its state is its own."""
     import shutil
 
-    from bad_documents import make_good_pdf
-    from tiny_bundle import MMPROJ_FILE
-
     from fila_cli import Asker, AskOptions, ModelOptions
+    from tests.helpers.bad_documents import make_good_pdf
+    from tests.helpers.tiny_bundle import MMPROJ_FILE
 
     with_lora = tmp_path / "with-lora"
     with_lora.mkdir()

@@ -16,12 +16,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from bad_documents import make_good_pdf
-from test_batch_pipeline import PORTRAIT, WIDE, shaped_pdf
-from tiny_bundle import build_tiny_bundle
-from tiny_vision import page_image
 
 from fila_cli.errors import ExitCode
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.tiny_vision import page_image
+from tests.test_batch_pipeline import PORTRAIT, WIDE, shaped_pdf
 
 pytest.importorskip("ray")
 
@@ -59,11 +58,6 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
-
-
-@pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     """12 documents: 9 good (PDFs and a PNG), one encrypted, one empty, one not a PDF."""
     import pymupdf
@@ -97,6 +91,7 @@ def by_unit(records):
     return {(r["file"], r["question"]): r for r in records}
 
 
+@pytest.mark.slow
 def test_the_cluster_gives_the_local_records_each_once(bundle, cluster, folder, tmp_path):
     local, remote = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
     questions = ["-q", QUESTIONS[0], "-q", QUESTIONS[1]]
@@ -122,6 +117,7 @@ def without_timings(records):
     return {unit: {key: value for key, value in record.items() if key != "timings"} for unit, record in by_unit(records).items()}
 
 
+@pytest.mark.slow
 def test_an_overlapped_worker_gives_the_records_of_one_stage_at_a_time(bundle, cluster, tmp_path):
     """One worker (--ray-cpus 2 of the cluster's 2) with --pipeline-depth 2: four documents in its
     pipeline at once, pages of the next rendered and encoded while its LLM answers; no cache, so
@@ -163,6 +159,7 @@ def wait_for(predicate, process, deadline_s=300):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_replaced_and_its_documents_retried(bundle, cluster, folder, tmp_path):
     """Killed while its stages overlap (--pipeline-depth 1: three documents in each worker's pipeline)."""
     out = tmp_path / "out.jsonl"
@@ -181,6 +178,7 @@ def test_a_killed_worker_is_replaced_and_its_documents_retried(bundle, cluster, 
     assert "restarted" in stderr.strip().splitlines()[-1], stderr
 
 
+@pytest.mark.slow
 def test_kill_9_on_the_driver_then_resume(bundle, cluster, folder, tmp_path):
     """With --pipeline-depth 0 (one stage at a time, a document per worker call): that path runs too."""
     out = tmp_path / "out.jsonl"
@@ -198,13 +196,13 @@ def test_kill_9_on_the_driver_then_resume(bundle, cluster, folder, tmp_path):
     assert sum(r["error"] is not None for r in records) == 3 * 2
 
 
-
 def warning_lines(stderr: str) -> list[str]:
     return sorted(line for line in stderr.splitlines() if line.startswith("fila: warning: "))
 
 
+@pytest.mark.slow
 def test_damaged_documents_are_warned_about_on_stderr_as_a_local_batch_does(bundle, cluster, tmp_path):
-    from bad_documents import write_corpus
+    from tests.helpers.bad_documents import write_corpus
 
     corpus = tmp_path / "corpus"
     write_corpus(corpus)

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-from bad_documents import make_good_pdf
-from tiny_bundle import build_tiny_bundle
+
+from tests.helpers.bad_documents import make_good_pdf
+from tests.helpers.tiny_bundle import build_tiny_bundle
 
 pytest.importorskip("ray")
 pytestmark = pytest.mark.slow

@@ -23,13 +23,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from bad_documents import make_good_pdf, write_corpus
-from serve_process import ServeProcess
-from tiny_bundle import build_tiny_bundle
-from tiny_vision import page_image
 
 from fila_cli.errors import ExitCode
 from fila_cli.qa.records import RECORD_KEYS
+from tests.helpers.bad_documents import make_good_pdf, write_corpus
+from tests.helpers.serve_process import ServeProcess
+from tests.helpers.tiny_bundle import build_tiny_bundle
+from tests.helpers.tiny_vision import page_image
 
 QUESTION = "What is the total due?"
 

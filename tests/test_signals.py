@@ -13,18 +13,12 @@ import sys
 import time
 
 import pytest
-from bad_documents import make_good_pdf
-from tiny_bundle import build_tiny_bundle
 
 from fila_cli.errors import ExitCode
+from tests.helpers.bad_documents import make_good_pdf
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
 DEADLINE_S = 300
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +111,8 @@ def test_sigterm_ends_a_piped_chat_with_its_records_whole(bundle, folder, tmp_pa
 
 
 def test_sigterm_stops_eval_after_the_question_in_flight(bundle, tmp_path):
-    from lmms_data import image, png_bytes, write_parquet
-    from test_cli_eval import eval_args
+    from tests.helpers.lmms_data import image, png_bytes, write_parquet
+    from tests.test_cli_eval import eval_args
 
     n = 6
     data = write_parquet(tmp_path / "validation-00000-of-00001.parquet", "docvqa", [

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from tiny_llm import BOS_ID, build_tiny_llm, tiny_llm_tokens
 
 from fila_cli.errors import ModelError
 from fila_cli.llm import LlamaBackend
@@ -14,6 +13,7 @@ from fila_cli.llm.templates import (
     select_template,
     template_from_chat_template,
 )
+from tests.helpers.tiny_llm import BOS_ID, build_tiny_llm, tiny_llm_tokens
 
 QUESTION = "What is the total {amount}?"  # braces must survive rendering
 
@@ -166,83 +166,82 @@ def test_a_guess_is_marked_and_a_known_format_is_not():
 
 
 @pytest.fixture(scope="module")
-def cli_bundle(tmp_path_factory):
-    from tiny_bundle import build_tiny_bundle
-
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
-
-
-@pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    from bad_documents import make_good_pdf
+    from tests.helpers.bad_documents import make_good_pdf
 
     return make_good_pdf(tmp_path_factory.mktemp("doc") / "one.pdf", ["Total: 12 EUR"])
 
 
-def fila(*args, stdin=None):
-    import os
-    import subprocess
-    import sys
+WIDE = {"COLUMNS": "1000"}  # --help's table on one line an option
 
-    wide = {**os.environ, "COLUMNS": "1000"}  # --help's table on one line an option
-    return subprocess.run([sys.executable, "-m", "fila_cli", *map(str, args)], input=stdin, capture_output=True,
-                          text=True, timeout=300, env=wide)
+
+def fila(*args, stdin=None):
+    from tests.helpers.run_fila import fila as run_fila
+
+    return run_fila(*args, stdin=stdin, env=WIDE)
+
+
+def invoke(*args):
+    """fila in this process: for help texts and usage errors."""
+    from tests.helpers.run_fila import invoke as run_in_process
+
+    return run_in_process(*args, env=WIDE)
 
 
 def prompt_tokens(bundle, template, question):
     """Text tokens of a one-page prompt in ``template``, tokenised as the backend does."""
-    from tiny_bundle import LLM_FILE
+    from tests.helpers.tiny_bundle import LLM_FILE
 
     before, after = template.render(question)
     with LlamaBackend(bundle / LLM_FILE, n_ctx=256) as backend:
         return len(backend.tokenize(before, at_start=True)) + len(backend.tokenize(after))
 
 
-def test_an_llm_whose_format_fila_cannot_tell_is_prompted_as_vicuna_and_fila_says_so(cli_bundle, page):
-    completed = fila("ask", page, "Total?", "--model", cli_bundle, "--max-tokens", "2", "--no-cache", "--json")
+def test_an_llm_whose_format_fila_cannot_tell_is_prompted_as_vicuna_and_fila_says_so(bundle, page):
+    completed = fila("ask", page, "Total?", "--model", bundle, "--max-tokens", "2", "--no-cache", "--json")
     assert completed.returncode == 0, completed.stderr
     said = " ".join(completed.stderr.split())
     assert ("prompt format: vicuna (fila's default, as its GGUF has no chat template and the model name 'tiny-llama' "
             "does not tell); choose one with --template (vicuna, mistral, chatml, llama3 or a FILE.jinja)") in said
     import json
 
-    assert json.loads(completed.stdout)["tokens"]["prompt"] == prompt_tokens(cli_bundle, FAMILIES["vicuna"], "Total?")
+    assert json.loads(completed.stdout)["tokens"]["prompt"] == prompt_tokens(bundle, FAMILIES["vicuna"], "Total?")
 
 
-def test_template_chooses_the_prompt_format_by_name_or_jinja_file(cli_bundle, page, tmp_path):
+def test_template_chooses_the_prompt_format_by_name_or_jinja_file(bundle, page, tmp_path):
     import json
 
     from fila_cli.llm.templates import template_from_file
 
-    by_name = fila("ask", page, "Total?", "--model", cli_bundle, "--max-tokens", "2", "--no-cache", "--json",
+    by_name = fila("ask", page, "Total?", "--model", bundle, "--max-tokens", "2", "--no-cache", "--json",
                    "--template", "mistral")
     assert by_name.returncode == 0, by_name.stderr
     assert "prompt format" not in by_name.stderr  # chosen, not guessed: nothing to say
-    assert json.loads(by_name.stdout)["tokens"]["prompt"] == prompt_tokens(cli_bundle, FAMILIES["mistral"], "Total?")
+    assert json.loads(by_name.stdout)["tokens"]["prompt"] == prompt_tokens(bundle, FAMILIES["mistral"], "Total?")
     jinja = tmp_path / "short.jinja"
     jinja.write_text("{% for m in messages %}Q: {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} A:{% endif %}")
-    by_file = fila("ask", page, "Total?", "--model", cli_bundle, "--max-tokens", "2", "--no-cache", "--json",
+    by_file = fila("ask", page, "Total?", "--model", bundle, "--max-tokens", "2", "--no-cache", "--json",
                    "--template", jinja)
     assert by_file.returncode == 0, by_file.stderr
-    expected = prompt_tokens(cli_bundle, template_from_file(jinja), "Total?")
-    assert json.loads(by_file.stdout)["tokens"]["prompt"] == expected != prompt_tokens(cli_bundle, FAMILIES["mistral"], "Total?")
+    expected = prompt_tokens(bundle, template_from_file(jinja), "Total?")
+    assert json.loads(by_file.stdout)["tokens"]["prompt"] == expected != prompt_tokens(bundle, FAMILIES["mistral"], "Total?")
 
 
 @pytest.mark.parametrize("command", ["ask", "chat", "batch", "eval"])
-def test_every_command_that_prompts_an_llm_takes_template_and_lists_the_names(command, cli_bundle, page, tmp_path):
-    help_text = " ".join(fila(command, "--help").stdout.split())
+def test_every_command_that_prompts_an_llm_takes_template_and_lists_the_names(command, bundle, page, tmp_path):
+    help_text = " ".join(invoke(command, "--help").stdout.split())
     assert "--template" in help_text and "vicuna, mistral, chatml, llama3" in help_text and "--ctx-size" in help_text
     args = {"ask": [page, "Total?"], "chat": [page], "batch": [page, "-q", "Total?"],
             "eval": ["--task", "docvqa", "--data", tmp_path]}[command]
-    unknown = fila(command, *args, "--model", cli_bundle, "--template", "alpaca")
+    unknown = invoke(command, *args, "--model", bundle, "--template", "alpaca")
     assert unknown.returncode == 2 and "--template alpaca: not a known prompt format (vicuna, mistral, chatml, llama3)" \
         in " ".join(unknown.stderr.split())
-    missing = fila(command, *args, "--model", cli_bundle, "--template", tmp_path / "none.jinja")
+    missing = invoke(command, *args, "--model", bundle, "--template", tmp_path / "none.jinja")
     assert missing.returncode == 2 and "no such file" in missing.stderr and "Traceback" not in missing.stderr
 
 
-def test_a_jinja_file_that_cannot_render_a_question_is_a_usage_error(cli_bundle, page, tmp_path):
+def test_a_jinja_file_that_cannot_render_a_question_is_a_usage_error(bundle, page, tmp_path):
     broken = tmp_path / "broken.jinja"
     broken.write_text("{% for m in messages %}")
-    completed = fila("ask", page, "Total?", "--model", cli_bundle, "--template", broken)
+    completed = invoke("ask", page, "Total?", "--model", bundle, "--template", broken)
     assert completed.returncode == 2 and f"{broken} is not valid jinja" in " ".join(completed.stderr.split())

@@ -6,10 +6,10 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
-from tiny_vision import tiny_fusion_config
 
 from fila_cli.errors import ModelError
 from fila_cli.vision.model.convnext_branch import ConvNeXtBranch
+from tests.helpers.tiny_vision import tiny_fusion_config
 
 
 def test_timm_safetensors_give_timms_stage_maps(tmp_path):

@@ -11,25 +11,20 @@ import sys
 import numpy as np
 import pymupdf
 import pytest
-from bad_documents import make_good_pdf, write_corpus
-from tiny_bundle import LLM_FILE, build_tiny_bundle
-from tiny_llm import build_tiny_llm
-from tiny_vision import TINY_LLM_WIDTH
 
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.errors import ExitCode
 from fila_cli.llm import ContextOverflowError, LlamaBackend, SamplingParams
 from fila_cli.qa.ask import Asker, AskOptions, page_label
+from tests.helpers.bad_documents import make_good_pdf, write_corpus
+from tests.helpers.tiny_bundle import LLM_FILE, build_tiny_bundle
+from tests.helpers.tiny_llm import build_tiny_llm
+from tests.helpers.tiny_vision import TINY_LLM_WIDTH
 
 OPTIONS = AskOptions(pages="1,3", together=True, sampling=SamplingParams(max_tokens=6))
 # A Letter page makes 2,448 tiny visual tokens: two need more than the bundle's 4,096 positions.
 TWO_PAGES_CONTEXT = 5200
 QUESTION = "What changed between the pages?"
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle"))
 
 
 @pytest.fixture(scope="module")
@@ -114,12 +109,6 @@ def test_a_fixed_ctx_size_refuses_naming_the_option_and_how_far_it_may_go(bundle
         refused = subprocess.run([sys.executable, "-m", "fila_cli", "ask", report, QUESTION, "--model", bundle,
                                   "-c", bad], capture_output=True, text=True, timeout=120)
         assert refused.returncode == ExitCode.USAGE and "--ctx-size must be at least 256" in refused.stderr
-
-
-@pytest.fixture(scope="module")
-def bundle_8k(tmp_path_factory):
-    """The tiny bundle whose LLM was trained (as its GGUF says) on 8,192 tokens: two A4 pages fit."""
-    return build_tiny_bundle(tmp_path_factory.mktemp("bundle-8k"), n_ctx_train=8192)
 
 
 @pytest.fixture(scope="module")

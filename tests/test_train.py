@@ -14,14 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_train import (
-    CHATML_TEMPLATE,
-    MISTRAL_TEMPLATE,
-    build_tiny_base,
-    char_tokenizer,
-    write_fusion_config,
-    write_samples,
-)
 
 from fila_cli.train.build import build_model
 from fila_cli.train.chat import IGNORE_INDEX, ChatRenderer
@@ -31,14 +23,19 @@ from fila_cli.train.data import parse_conversation
 from fila_cli.train.loop import lr_factor, train
 from fila_cli.train.model import group_of
 from fila_cli.train.prepare import load_sample_image, prepare_data
+from tests.helpers.run_fila import fila, invoke
+from tests.helpers.tiny_train import (
+    CHATML_TEMPLATE,
+    MISTRAL_TEMPLATE,
+    build_tiny_base,
+    char_tokenizer,
+    write_fusion_config,
+    write_samples,
+)
 
 TWO_TURNS = {"id": "two", "image": "p.png", "conversations": [
     {"from": "human", "value": "<image>\nwhat is the total?"}, {"from": "gpt", "value": "12 EUR"},
     {"from": "human", "value": "and the date?"}, {"from": "gpt", "value": "May 3"}]}
-
-
-def fila(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fila_cli", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +101,7 @@ def _digest(tensor: torch.Tensor) -> str:
 def stage1_run(workspace):
     """Stage 1: 16 samples, global batch 4 (2 x 2 accumulated), 3 epochs = 12 steps. Returns
     (run dir, result, checksums of every tensor of the model as built before training)."""
-    from tiny_llm import build_tiny_llm
+    from tests.helpers.tiny_llm import build_tiny_llm
 
     out = workspace["root"] / "run1"
     llm_gguf = build_tiny_llm(workspace["root"] / "tiny-llm.gguf", n_embd=64)
@@ -115,6 +112,7 @@ def stage1_run(workspace):
     return out, train(config), before
 
 
+@pytest.mark.slow
 def test_stage1_loss_falls_and_only_fusion_and_projector_change(stage1_run):
     out, result, before = stage1_run
     assert result.steps == 12 and result.skipped == 0
@@ -134,6 +132,7 @@ def test_stage1_loss_falls_and_only_fusion_and_projector_change(stage1_run):
     assert {group_of(name) for name in trained} == {"cvfm", "projector"}
 
 
+@pytest.mark.slow
 def test_training_tokens_equal_fila_encode(workspace, stage1_run, tmp_path):
     out, _, _ = stage1_run
     model, tokenizer = build_model(config_for(workspace, tmp_path / "again", init=str(out)))
@@ -153,6 +152,7 @@ def test_training_tokens_equal_fila_encode(workspace, stage1_run, tmp_path):
     assert (labels[n_before : n_before + sample.n_visual] == IGNORE_INDEX).all()
 
 
+@pytest.mark.slow
 def test_fila_ask_runs_the_exported_run(workspace, stage1_run):
     out, _, _ = stage1_run
     info = fila("weights", "info", str(out))
@@ -165,6 +165,7 @@ def test_fila_ask_runs_the_exported_run(workspace, stage1_run):
     assert record["model"] == out.name and record["tokens"]["visual"] > 0
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(workspace, tmp_path):
     whole = train(config_for(workspace, tmp_path / "whole", max_steps=4))
     assert whole.steps == 4
@@ -199,7 +200,7 @@ def test_dry_run_prints_groups_without_training(workspace, tmp_path):
 
 
 def test_missing_options_are_a_usage_error(tmp_path):
-    result = fila("train", "--stage", "1", "--out", str(tmp_path / "x"))
+    result = invoke("train", "--stage", "1", "--out", str(tmp_path / "x"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("fila: error: missing --data, --images, --base")
 
@@ -232,6 +233,7 @@ def one_process_run(workspace):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(launcher, workspace, one_process_run, tmp_path):
     """torchrun --nproc_per_node 2 / accelerate launch --num_processes 2 (gloo, CPU), 1 sample per
@@ -255,6 +257,7 @@ def test_ddp_two_processes_equal_one_process_with_the_same_global_batch(launcher
     assert moved > 0  # the comparison is between trained weights, not two copies of the start
 
 
+@pytest.mark.slow
 def test_resume_under_accelerate_launch_reproduces_the_uninterrupted_run(workspace, one_process_run, tmp_path):
     """accelerate launch, 2 processes: 1 step of the 2-step schedule, stop, --resume under the same
     launcher: the final weights and AdamW state are the uninterrupted one-process run's."""
@@ -299,6 +302,7 @@ def test_a_deepspeed_config_is_refused(workspace, tmp_path):
     assert not (tmp_path / "ds").exists()
 
 
+@pytest.mark.slow
 def test_fila_train_export_redoes_the_export_from_a_checkpoint(stage1_run):
     out, _, _ = stage1_run
     exported = load_file(str(out / "fusion.safetensors"))
@@ -337,6 +341,7 @@ def test_a_pdf_page_is_read_as_inference_renders_it(workspace, tmp_path):
     assert embeddings.shape[0] == only.length == labels.shape[0]
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoints_hold_full_tensors_and_restore_exactly(workspace, tmp_path):
     """Under torch's FSDP (2 CPU processes, gloo; accelerate selects FSDP on GPUs only), the
     checkpoint holds every trainable tensor whole, by the unsharded model's names; restoring it into
@@ -344,7 +349,7 @@ def test_fsdp_checkpoints_hold_full_tensors_and_restore_exactly(workspace, tmp_p
     unsharded step on the same two samples."""
     run = tmp_path / "fsdp"
     worker = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "tests" / "fsdp_checkpoint_worker.py"), str(workspace["root"]), str(run)],
+                             str(ROOT / "tests" / "helpers" / "fsdp_checkpoint_worker.py"), str(workspace["root"]), str(run)],
                             capture_output=True, text=True, timeout=600, env=ONE_THREAD, cwd=ROOT)
     assert worker.returncode == 0, worker.stderr[-3000:]
     model, _ = build_model(config_for(workspace, tmp_path / "shapes", stage=2, lora_r=4, lora_alpha=8.0))
@@ -364,6 +369,7 @@ def test_fsdp_checkpoints_hold_full_tensors_and_restore_exactly(workspace, tmp_p
     assert any("lora_B" in name and weights[name].abs().sum() > 0 for name in weights)  # the step moved the LoRA
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fusion", [False, True], ids=["anyres-only", "hybrid"])
 def test_from_scratch_options_train_the_vit_and_the_anyres_only_baseline(workspace, tmp_path, fusion):
     """train_vit, fusion=False, export=False (benchmarks/fragmentation.py): the ViT trains with the

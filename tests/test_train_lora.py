@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tiny_train import build_tiny_base, write_base_gguf, write_fusion_config, write_samples
 
 from fila_cli.llm.backend import LlamaBackend
 from fila_cli.train.chat import ChatRenderer
@@ -18,6 +17,9 @@ from fila_cli.train.config import TrainConfig
 from fila_cli.train.gguf_export import ADAPTER_FILE, write_lora_adapter
 from fila_cli.train.loop import train
 from fila_cli.train.prepare import load_sample_image, prepare_data
+from tests.helpers.tiny_train import build_tiny_base, write_base_gguf, write_fusion_config, write_samples
+
+pytestmark = pytest.mark.slow  # both tests train (stage 2, LoRA and full LLM)
 
 # Both sides run float32; the difference is summation order (measured ~1e-5).
 LOGITS_TOLERANCE = 1e-2

@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from tiny_train import build_tiny_base, write_fusion_config, write_samples
 
 from fila_cli.train.build import build_model
 from fila_cli.train.chat import ChatRenderer
@@ -17,6 +16,7 @@ from fila_cli.train.config import TrainConfig
 from fila_cli.train.loop import dry_run_report
 from fila_cli.train.memory import TransformerShape, estimate_activations
 from fila_cli.train.prepare import load_sample_image, prepare_data
+from tests.helpers.tiny_train import build_tiny_base, write_fusion_config, write_samples
 
 # Mistral-7B's decoder and LLaVA-1.6's ViT-L/14-336 (the 22 layers after the first interaction).
 MISTRAL_7B = TransformerShape(layers=32, width=4096, mlp_width=14336, kv_width=1024, gated_mlp=True)
@@ -93,6 +93,7 @@ def test_estimate_matches_what_autograd_keeps_on_the_tiny_model(workspace, check
         assert report["activation_bytes"] / MEASURED_FACTOR <= measured <= report["activation_bytes"] * MEASURED_FACTOR
 
 
+@pytest.mark.slow  # 82 s at load ~15 on 2 cores: fila train --dry-run builds the model in a process
 def test_dry_run_reports_activations_for_the_longest_sample(workspace, tmp_path):
     def dry(*extra: str) -> dict:
         result = subprocess.run([sys.executable, "-m", "fila_cli", "train", "--stage", "1", "--data", str(workspace["data"]),

@@ -1,7 +1,7 @@
 """`fila weights` against a local Hub: download, resume, checksums, offline use, errors.
 
 Whatever talks to the Hub runs the CLI in a subprocess with ``HF_ENDPOINT`` pointing at
-tests/hub_server.py and ``HF_HOME`` in a temporary folder, as a user would run it (huggingface_hub
+tests/helpers/hub_server.py and ``HF_HOME`` in a temporary folder, as a user would run it (huggingface_hub
 reads those variables at import time). What only reads the cache (info, list, verify, resolving)
 runs in-process with huggingface_hub's cache directory pointed at the same folder. The served
 files are tiny GGUFs written with gguf's writer.
@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gguf import GGUFWriter
-from hub_server import HubServer
 from huggingface_hub import constants as hf_constants
 from typer.testing import CliRunner
 
@@ -28,6 +27,7 @@ from fila_cli.bundles import hub
 from fila_cli.bundles.bundle import resolve_bundle
 from fila_cli.cli.weights import weights_app
 from fila_cli.errors import ExitCode, ModelError
+from tests.helpers.hub_server import HubServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "fila-test/tiny-bundle"

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import torch
-from tiny_vision import TINY_LLM_WIDTH, page_image, save_llava_next_checkpoint, tiny_clip_config, tiny_fusion_config
 from tokenizers import Tokenizer, decoders, models
 from transformers import (
     LlamaConfig,
@@ -23,6 +22,13 @@ from transformers import (
 )
 
 from fila_cli.config import DEFAULT_GRID_PINPOINTS
+from tests.helpers.tiny_vision import (
+    TINY_LLM_WIDTH,
+    page_image,
+    save_llava_next_checkpoint,
+    tiny_clip_config,
+    tiny_fusion_config,
+)
 
 VOCAB_SIZE = 128
 IMAGE_TOKEN_INDEX = VOCAB_SIZE - 1

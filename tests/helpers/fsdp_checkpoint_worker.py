@@ -10,7 +10,7 @@ its own sample, then:
 3. the first process also takes the same step unsharded, on both samples, and saves it as
    RUN/reference/step-0000001.
 
-Usage: torchrun --nproc_per_node 2 tests/fsdp_checkpoint_worker.py WORKSPACE RUN
+Usage: torchrun --nproc_per_node 2 tests/helpers/fsdp_checkpoint_worker.py WORKSPACE RUN
 """
 
 from __future__ import annotations

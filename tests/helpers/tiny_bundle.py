@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmproj_writer import write_mmproj_gguf
-from tiny_llm import build_tiny_llm
-from tiny_vision import TINY_LLM_WIDTH, tiny_llava_next, vision_state_hf_names
-
 from fila_cli.config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from tests.helpers.mmproj_writer import write_mmproj_gguf
+from tests.helpers.tiny_llm import build_tiny_llm
+from tests.helpers.tiny_vision import TINY_LLM_WIDTH, tiny_llava_next, vision_state_hf_names
 
 LLM_FILE = "tiny-llm.gguf"
 MMPROJ_FILE = "mmproj-tiny-f16.gguf"
