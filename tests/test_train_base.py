@@ -63,6 +63,7 @@ def test_fusion_lr_reaches_the_cli(workspace, tmp_path):
         config_for(workspace, tmp_path / "x", fusion=False, fusion_config=None, fusion_lr=1e-2)
 
 
+@pytest.mark.slow
 def test_a_saved_base_loads_as_llava_next_and_gives_the_same_tokens(workspace, tmp_path):
     """A base trained without fusion (the LLaVA-NeXT baseline) is written back as a checkpoint;
     built from it, a model computes the very logits of the model that wrote it."""
@@ -95,6 +96,7 @@ def test_a_saved_base_loads_as_llava_next_and_gives_the_same_tokens(workspace, t
     assert torch.equal(before.vision.vit.embeddings.patch_embedding.weight, again.vision.vit.embeddings.patch_embedding.weight)
 
 
+@pytest.mark.slow
 def test_arms_start_from_a_saved_base_with_fresh_fusion(workspace, tmp_path):
     """The benchmark's stage 2: a hybrid run whose --base is a saved base."""
     first = tmp_path / "first"
@@ -121,6 +123,7 @@ def test_batched_encoding_equals_page_by_page(workspace):
         torch.testing.assert_close(many, single, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_cached_pages_are_the_preprocessed_pages_and_train_the_same(workspace, tmp_path):
     config = config_for(workspace, tmp_path / "plain")
     model, tokenizer = build_model(config)

@@ -70,7 +70,8 @@ def image_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def _normalize(pixels: torch.Tensor, config: AnyresConfig) -> torch.Tensor:
+def normalize(pixels: torch.Tensor, config: AnyresConfig) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> the model's float32 input."""
     # Rescale and normalise fused, in float32, with the statistics computed exactly as HF's
     # torchvision backend computes them, so the pixel values are bit-identical.
     mean = torch.tensor(config.image_mean, device=pixels.device) * (1.0 / _RESCALE_FACTOR)
@@ -129,7 +130,7 @@ class RenderedPage:
 
     def normalized(self, config: AnyresConfig, device: torch.device | str | None = None) -> AnyresImage:
         def finish(pixels: torch.Tensor) -> torch.Tensor:
-            return _normalize(pixels if device is None else pixels.to(device), config)
+            return normalize(pixels if device is None else pixels.to(device), config)
 
         s = config.crop_size
         rows, cols = self.geometry.grid
