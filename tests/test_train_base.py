@@ -48,17 +48,22 @@ def test_fusion_lr_reaches_the_optimiser_groups(workspace, tmp_path):
     assert {g["name"]: g["lr"] for g in make_optimizer(model, default).param_groups}[FUSION_GROUP] == 1e-3
 
 
+@pytest.mark.slow
 def test_fusion_lr_reaches_the_cli(workspace, tmp_path):
-    """--fusion-lr on the command line lands in the run's saved config (a dry run builds the groups)."""
+    """fila train --fusion-lr: the optimiser of the run (its checkpoint's groups) has CVFM at that rate."""
     from typer.testing import CliRunner
 
     from fila_cli.cli.app import app
+    from fila_cli.train.checkpoint import latest_checkpoint, read_state
 
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["train", "--stage", "1", "--data", str(workspace["data"]), "--images", str(workspace["images"]),
                                       "--base", str(workspace["base"]), "--out", str(out), "--fusion-config", str(workspace["fusion"]),
-                                      "--fusion-lr", "0.02", "--max-steps", "1", "--dry-run", "--json"])
+                                      "--lr", "0.001", "--fusion-lr", "0.02", "--max-steps", "1", "--batch-size", "2",
+                                      "--no-gradient-checkpointing"])
     assert result.exit_code == 0, result.output
+    groups = {group["name"]: group["initial_lr"] for group in read_state(latest_checkpoint(out))["param_groups"]}
+    assert groups == {FUSION_GROUP: 0.02, PROJECTOR_GROUP: 0.001}
     with pytest.raises(ValueError, match="fusion-lr"):
         config_for(workspace, tmp_path / "x", fusion=False, fusion_config=None, fusion_lr=1e-2)
 

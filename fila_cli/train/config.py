@@ -107,7 +107,8 @@ class TrainConfig:
         return self.lr if self.lr is not None else STAGE_LEARNING_RATES[self.stage]
 
     def group_learning_rate(self, group: str) -> float:
-        """The peak learning rate of one parameter group (fila_cli.train.model's group names)."""
+        """The peak learning rate of one parameter group, by fila_cli.train.model's group names
+        (spelt out here: this module is read without importing torch)."""
         if group == "llm" and self.llm_lr is not None:
             return self.llm_lr
         if group == "cvfm" and self.fusion_lr is not None:
