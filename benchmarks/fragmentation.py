@@ -852,8 +852,8 @@ def report(work: Path, done: dict[str, dict], arms: list[Arm], seeds: list[int],
     this from a work folder whose run was stopped)."""
     results = {arm.name: [done[f"{arm.name}-seed{s}"] for s in seeds if f"{arm.name}-seed{s}" in done] for arm in arms}
     stage0 = {key: done[key] for key in ("vit", "convnext", "convnext_canvas1") if key in done}
-    out = {"results": results, "stage0": stage0, "seeds": seeds, "scale": asdict(scale), "arms": [asdict(a) for a in arms],
-           **(extra or {})}
+    out = {**(extra or {}), "results": results, "stage0": stage0, "seeds": seeds, "scale": asdict(scale),
+           "arms": [asdict(a) for a in arms]}
     (work / "report.json").write_text(json.dumps(out, indent=1))
     if figure_path is not None and any(results.values()):
         out["figure"] = str(figure(figure_path, results, arms, work / "eval", scale))
