@@ -71,6 +71,7 @@ def train(
     llm_gguf: Annotated[Path | None, typer.Option(help="The base LLM as GGUF; named in RUN_DIR/bundle.json so `fila ask --model RUN_DIR` runs.", show_default=False)] = None,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate. Default: 1e-3 (stage 1), 2e-5 (stage 2).", show_default=False)] = None,
     llm_lr: Annotated[float | None, typer.Option(help="Stage 2: the LLM's learning rate (default: --lr).", show_default=False)] = None,
+    fusion_lr: Annotated[float | None, typer.Option(help="CVFM's learning rate (default: --lr, one rate per stage as the paper). Raise it when CVFM starts from scratch beside trained modules.", show_default=False)] = None,
     warmup_ratio: Annotated[float, typer.Option(help="Share of the steps warming up linearly before the cosine decay.")] = 0.03,
     epochs: Annotated[int, typer.Option(help="Passes over the data.")] = 1,
     batch_size: Annotated[int, typer.Option(help="Samples per device per micro-step.")] = 1,
@@ -86,6 +87,8 @@ def train(
     lora_r: Annotated[int, typer.Option(help="Stage 2: LoRA rank.")] = DEFAULT_LORA_R,
     lora_alpha: Annotated[float, typer.Option(help="Stage 2: LoRA alpha (the update is scaled by alpha / rank).")] = DEFAULT_LORA_ALPHA,
     quantization: Annotated[str, typer.Option(help="--full-llm: llama.cpp quantisation of the exported GGUF (Q4_K_M, Q8_0, F16...).")] = DEFAULT_QUANTIZATION,
+    save_base: Annotated[bool, typer.Option(help="Also write RUN_DIR/base/: the trained ViT, projector and LLM as a LLaVA-NeXT checkpoint that --base reads.")] = False,
+    cache_pages: Annotated[bool, typer.Option(help="Render every page once into memory (uint8) before training; for data sets whose pages fit in memory.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     resume: Annotated[bool, typer.Option(help="Go on from the latest checkpoint in --out (its settings are reused).")] = False,
     stop_after: Annotated[int | None, typer.Option(help="Train this many steps of the schedule, checkpoint and stop; --resume goes on.", show_default=False)] = None,
@@ -116,7 +119,7 @@ def train(
                 config = TrainConfig(
                     stage=stage, data=str(data), images=str(images), base=str(base), out=str(out),
                     fusion_config=_str(fusion_config), convnext=_str(convnext), init=_str(init), llm_gguf=_str(llm_gguf),
-                    lr=lr, llm_lr=llm_lr, warmup_ratio=warmup_ratio, epochs=epochs, batch_size=batch_size,
+                    lr=lr, llm_lr=llm_lr, fusion_lr=fusion_lr, save_base=save_base, cache_pages=cache_pages, warmup_ratio=warmup_ratio, epochs=epochs, batch_size=batch_size,
                     grad_accum=grad_accum, max_steps=max_steps, seed=seed, max_length=max_length, save_every=save_every,
                     log_every=log_every, gradient_checkpointing=gradient_checkpointing, train_convnext=train_convnext,
                     full_llm=full_llm, lora_r=lora_r, lora_alpha=lora_alpha, quantization=quantization, device=device)

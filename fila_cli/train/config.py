@@ -39,6 +39,10 @@ class TrainConfig:
     llm_gguf: str | None = None  # the base LLM as GGUF, named in the exported bundle.json
     lr: float | None = None  # None = the stage's default
     llm_lr: float | None = None  # stage 2: the LLM's group (None = lr)
+    # CVFM's group (None = lr). The default keeps one learning rate per stage, the recipe of the
+    # paper and of LLaVA-NeXT; a higher one helps a zero-initialised gate (tanh g) open when CVFM
+    # starts from scratch next to modules that are already trained (benchmarks/fragmentation.py).
+    fusion_lr: float | None = None
     warmup_ratio: float = DEFAULT_WARMUP_RATIO
     epochs: int = 1
     batch_size: int = 1  # samples per device per micro-step
@@ -66,6 +70,12 @@ class TrainConfig:
     # (checkpoints are still written): what a trained ViT or a run without fusion needs, as a
     # bundle has no slot for either.
     export: bool = True
+    # Write RUN_DIR/base/ when the run ends: the trained ViT, projector and LLM as an HF LLaVA-NeXT
+    # checkpoint (the base's other tensors, config and tokenizer copied), which --base reads.
+    save_base: bool = False
+    # Render every page once, before training, into memory as uint8 tensors, instead of reading
+    # and resizing each page at every step: for data sets whose pages fit in memory.
+    cache_pages: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in STAGE_LEARNING_RATES:
@@ -83,9 +93,24 @@ class TrainConfig:
             raise ValueError("fusion=False needs export=False: a bundle's trained weights are fusion weights, which need a CVFM")
         if not self.fusion and (self.fusion_config or self.convnext or self.train_convnext or self.init):
             raise ValueError("fusion=False (anyres only) takes no fusion config, ConvNeXt, ConvNeXt training or --init")
+        if self.fusion_lr is not None and not self.fusion:
+            raise ValueError("--fusion-lr is CVFM's learning rate; an anyres-only run (fusion=False) has no CVFM")
+        for name in ("lr", "llm_lr", "fusion_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive (got {value})")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("--warmup-ratio must be in [0, 1)")
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else STAGE_LEARNING_RATES[self.stage]
+
+    def group_learning_rate(self, group: str) -> float:
+        """The peak learning rate of one parameter group, by fila_cli.train.model's group names
+        (spelt out here: this module is read without importing torch)."""
+        if group == "llm" and self.llm_lr is not None:
+            return self.llm_lr
+        if group == "cvfm" and self.fusion_lr is not None:
+            return self.fusion_lr
+        return self.learning_rate

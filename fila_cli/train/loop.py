@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from fila_cli.config import from_dict
 from fila_cli.errors import UsageError
+from fila_cli.train.base import BASE_DIR, save_base_checkpoint
 from fila_cli.train.build import build_model
 from fila_cli.train.chat import ChatRenderer
 from fila_cli.train.checkpoint import latest_checkpoint, read_checkpoint, restore_trainable, save_checkpoint
@@ -37,8 +39,9 @@ from fila_cli.train.data import BadSample, read_records
 from fila_cli.train.export import export_run
 from fila_cli.train.memory import OPTIMIZER_BYTES_PER_TRAINABLE, estimate_activations, llm_shape, vit_shape
 from fila_cli.train.model import LLM_GROUP, TrainModel, group_of
-from fila_cli.train.prepare import load_sample_image, prepare_data, prepare_sample
+from fila_cli.train.prepare import load_sample_image, prepare_data, prepare_sample, render_pages
 from fila_cli.train.report import append_metrics, plot_loss, truncate_metrics
+from fila_cli.vision.anyres import RenderedPage
 
 # Mixes the step into the per-step seed (a large prime keeps (seed, step) pairs apart).
 _STEP_SEED_STRIDE = 1_000_003
@@ -135,7 +138,7 @@ def load_config(run_dir: Path) -> TrainConfig:
 def make_optimizer(model: TrainModel, config: TrainConfig) -> torch.optim.AdamW:
     groups = []
     for name, params in sorted(model.trainable_by_group().items()):
-        lr = config.llm_lr if name == LLM_GROUP and config.llm_lr is not None else config.learning_rate
+        lr = config.group_learning_rate(name)
         groups.append({"params": [p for _, p in params], "lr": lr, "initial_lr": lr, "name": name})
     return torch.optim.AdamW(groups, weight_decay=config.weight_decay)
 
@@ -192,9 +195,10 @@ def longest_sequence(config: TrainConfig, model: TrainModel, tokenizer) -> int:
 
 
 def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None = None,
-          callbacks: Callbacks | None = None) -> TrainResult:
+          callbacks: Callbacks | None = None, adapt_model: Callable[[TrainModel], None] | None = None) -> TrainResult:
     """Run (or resume) training into ``config.out``; ``stop_after`` steps of the planned schedule
-    then stop as if interrupted (a later ``resume`` goes on)."""
+    then stop as if interrupted (a later ``resume`` goes on). ``adapt_model`` changes the built
+    model in place before training, in every process (experiments swap a module's input)."""
     run_dir = Path(config.out)
     accelerator = make_accelerator(config.device)
     # Only the first process reports: one progress bar, one set of warnings.
@@ -204,11 +208,16 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     accelerator.wait_for_everyone()  # every process has checked before the first one writes
     torch.manual_seed(config.seed)
     model, tokenizer = build_model(config, llm_dtype=frozen_llm_dtype(config, accelerator))
+    if config.save_base and shards_parameters(accelerator):
+        raise UsageError("--save-base needs the whole model in one process; it is not available under FSDP")
+    if adapt_model is not None:
+        adapt_model(model)
     model.to(accelerator.device)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     data = prepare_data(Path(config.data), Path(config.images), ChatRenderer(tokenizer), model.vision, config.max_length,
                         warn=callbacks.warn, on_progress=callbacks.preparing)
+    pages = render_pages(data.samples, model.vision) if config.cache_pages else None
     global_batch = config.batch_size * config.grad_accum * accelerator.num_processes
     steps_per_epoch = len(data.samples) // global_batch
     if steps_per_epoch == 0:
@@ -241,7 +250,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         epoch, position = divmod(step, steps_per_epoch)
         order = epoch_order(len(data.samples), config.seed, epoch)
         batch = [data.samples[i] for i in order[position * global_batch : (position + 1) * global_batch]]
-        loss = run_step(accelerator, engine, model, optimizer, batch, step, total, warmup, config)
+        loss = run_step(accelerator, engine, model, optimizer, batch, step, total, warmup, config, pages)
         last_loss = loss
         elapsed = time.perf_counter() - step_started
         if step > start:  # the first step pays for warm-up; time the rest
@@ -268,6 +277,8 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
             export_checkpoint(run_dir)
         else:
             export_run(run_dir, config, model.vision, model.llm)
+    if accelerator.is_main_process and end == total and config.save_base:
+        save_base_checkpoint(model.vision, model.llm, Path(config.base), run_dir / BASE_DIR)
     if accelerator.is_main_process:
         plot_loss(run_dir)
     callbacks.finished()
@@ -314,7 +325,7 @@ def restore_checkpoint(directory: Path, engine, optimizer: torch.optim.Optimizer
 
 
 def run_step(accelerator, engine, model: TrainModel, optimizer, batch, step: int, total: int, warmup: int,
-             config: TrainConfig) -> float:
+             config: TrainConfig, pages: dict[int, RenderedPage] | None = None) -> float:
     """One optimiser step over the global ``batch``; returns its mean loss per label token."""
     torch.manual_seed(config.seed * _STEP_SEED_STRIDE + step)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -323,7 +334,10 @@ def run_step(accelerator, engine, model: TrainModel, optimizer, batch, step: int
     for micro in range(config.grad_accum):
         first = (micro * world + rank) * config.batch_size
         mine = batch[first : first + config.batch_size]
-        images = [load_sample_image(sample, model.vision) for sample in mine]
+        if pages is not None:
+            images = [pages[sample.index].normalized(model.vision.anyres, accelerator.device) for sample in mine]
+        else:
+            images = [load_sample_image(sample, model.vision) for sample in mine]
         last = micro == config.grad_accum - 1
         # Gradients are exchanged once per optimiser step, after the last micro-step.
         sync = contextlib.nullcontext() if last else accelerator.no_sync(engine)

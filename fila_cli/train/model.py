@@ -18,6 +18,7 @@ from torch import nn
 
 from fila_cli.train.chat import IGNORE_INDEX, TokenizedConversation
 from fila_cli.train.data import Conversation
+from fila_cli.vision.anyres import AnyresImage
 from fila_cli.vision.model.encoder import HybridEncoder
 
 # Parameter groups, each with its own learning rate in the optimiser.
@@ -92,11 +93,17 @@ class TrainModel(nn.Module):
         if hasattr(self.llm, "enable_input_require_grads"):
             self.llm.enable_input_require_grads()
 
-    def sequence(self, sample: PreparedSample, image: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequence(self, sample: PreparedSample, image: Image.Image | AnyresImage) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings [L, d], labels [L]) of one sample."""
+        return self._assemble(sample, self.vision.forward_batch([self._page(image)])[0])
+
+    def _page(self, image: Image.Image | AnyresImage) -> AnyresImage:
+        return image if isinstance(image, AnyresImage) else self.vision.preprocess(image)
+
+    def _assemble(self, sample: PreparedSample, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sample's text embeddings around its visual tokens [n_visual, d], and its labels."""
         embed = self.llm.get_input_embeddings()
         device = embed.weight.device
-        visual = self.vision.page_tokens(image).tokens  # [n_visual, d]
         if visual.shape[0] != sample.n_visual:
             raise RuntimeError(f"sample {sample.conversation.sample_id}: {visual.shape[0]} visual tokens, {sample.n_visual} planned")
         tokens = sample.tokens
@@ -106,9 +113,12 @@ class TrainModel(nn.Module):
         labels = torch.tensor(tokens.before_labels + [IGNORE_INDEX] * sample.n_visual + tokens.after_labels, device=device)
         return embeddings, labels
 
-    def forward(self, samples: list[PreparedSample], images: list[Image.Image]) -> torch.Tensor:
-        """Summed next-token cross-entropy over the micro-batch's label tokens."""
-        sequences = [self.sequence(sample, image) for sample, image in zip(samples, images)]
+    def batch(self, samples: list[PreparedSample], images: list[Image.Image] | list[AnyresImage]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(inputs_embeds [B, L, d], labels [B, L], attention mask [B, L]), right-padded. The pages
+        (images, or pages already preprocessed) are encoded as one batch."""
+        visuals = self.vision.forward_batch([self._page(image) for image in images])
+        sequences = [self._assemble(sample, visual) for sample, visual in zip(samples, visuals)]
         longest = max(embeddings.shape[0] for embeddings, _ in sequences)
         width = sequences[0][0].shape[1]
         device, dtype = sequences[0][0].device, sequences[0][0].dtype
@@ -120,6 +130,11 @@ class TrainModel(nn.Module):
             inputs[row, : embeddings.shape[0]] = embeddings
             labels[row, : sample_labels.shape[0]] = sample_labels
             mask[row, : embeddings.shape[0]] = 1
+        return inputs, labels, mask
+
+    def forward(self, samples: list[PreparedSample], images: list[Image.Image] | list[AnyresImage]) -> torch.Tensor:
+        """Summed next-token cross-entropy over the micro-batch's label tokens."""
+        inputs, labels, mask = self.batch(samples, images)
         logits = self.llm(inputs_embeds=inputs, attention_mask=mask, use_cache=False).logits  # [B, L, V]
         # Position t predicts token t + 1.
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")

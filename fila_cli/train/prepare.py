@@ -17,6 +17,7 @@ from fila_cli.errors import FilaError
 from fila_cli.train.chat import ChatRenderer
 from fila_cli.train.data import BadSample, parse_conversation, read_records
 from fila_cli.train.model import PreparedSample
+from fila_cli.vision.anyres import RenderedPage, render_uint8
 from fila_cli.vision.encode import render_page
 from fila_cli.vision.model.encoder import HybridEncoder
 
@@ -82,3 +83,9 @@ def prepare_sample(record: object, index: int, images: Path, renderer: ChatRende
 
 def load_sample_image(sample: PreparedSample, encoder: HybridEncoder):
     return render_page(sample.conversation.image.path, sample.conversation.image.page, encoder.anyres, encoder.highres_scale)
+
+
+def render_pages(samples: list[PreparedSample], encoder: HybridEncoder) -> dict[int, RenderedPage]:
+    """Every sample's page rendered once, uint8, on the CPU (``--cache-pages``), by sample index."""
+    return {sample.index: render_uint8(load_sample_image(sample, encoder), encoder.anyres, encoder.highres_scale)
+            for sample in samples}

@@ -69,7 +69,8 @@ def image_to_uint8_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def _normalize(pixels: torch.Tensor, config: AnyresConfig) -> torch.Tensor:
+def normalize(pixels: torch.Tensor, config: AnyresConfig) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> the model's float32 input."""
     # Rescale and normalise fused, in float32, with the statistics computed exactly as HF's
     # torchvision backend computes them, so the pixel values are bit-identical.
     mean = torch.tensor(config.image_mean, device=pixels.device) * (1.0 / _RESCALE_FACTOR)
@@ -104,18 +105,6 @@ def resize_uint8_through_float32(batch: torch.Tensor, size: tuple[int, int]) -> 
     return resized.clamp_(0, 255).round_().to(torch.uint8)
 
 
-def _resize_and_pad(pixels: torch.Tensor, geometry: CanvasGeometry, config: AnyresConfig) -> torch.Tensor:
-    """uint8 [3, H, W] original -> normalised [3, canvas_h, canvas_w]: resized into the geometry's
-    image box with HF's antialiased bicubic, zero-padded around it."""
-    resized = resize_uint8(pixels, geometry.resized_size)
-    canvas_h, canvas_w = geometry.canvas_size
-    pad_bottom = canvas_h - geometry.resized_size[0] - geometry.pad_top
-    pad_right = canvas_w - geometry.resized_size[1] - geometry.pad_left
-    # F.pad takes (left, right, top, bottom) for the last two dimensions.
-    padded = F.pad(resized, (geometry.pad_left, pad_right, geometry.pad_top, pad_bottom), value=0.0)
-    return _normalize(padded, config)
-
-
 def pixels_on(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 [3, H, W] on the CPU -> on ``device``. To a GPU through pinned memory: one DMA copy of
     the uint8 page (a quarter of its float32 bytes), not a staging copy through pageable memory."""
@@ -124,6 +113,58 @@ def pixels_on(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cuda":
         pixels = pixels.pin_memory()
     return pixels.to(device, non_blocking=True)
+
+
+@dataclass
+class RenderedPage:
+    """A page's pixels on the ViT canvas and the high-resolution canvas, uint8, not yet normalised:
+    what training caches per page (a quarter of the float32 bytes). ``normalized`` finishes it into
+    exactly what ``preprocess`` returns (normalisation is per pixel, so its order does not matter)."""
+
+    global_view: torch.Tensor  # uint8 [3, crop, crop]: the whole page squashed to one crop
+    canvas: torch.Tensor  # uint8 [3, canvas_h, canvas_w], padded with zeros
+    geometry: CanvasGeometry
+    highres: torch.Tensor | None = None  # uint8 [3, H, W] (fusion on)
+    highres_geometry: CanvasGeometry | None = None
+
+    def normalized(self, config: AnyresConfig, device: torch.device | str | None = None) -> AnyresImage:
+        def finish(pixels: torch.Tensor) -> torch.Tensor:
+            return normalize(pixels if device is None else pixels.to(device), config)
+
+        s = config.crop_size
+        rows, cols = self.geometry.grid
+        canvas = finish(self.canvas)
+        # [3, rows*s, cols*s] -> [rows*cols, 3, s, s], row-major.
+        crops = canvas.reshape(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)
+        views = torch.cat([finish(self.global_view)[None], crops], dim=0)
+        highres = None
+        if self.highres is not None:
+            assert self.highres_geometry is not None
+            highres = HighResCanvas(finish(self.highres), self.highres_geometry)
+        return AnyresImage(views=views, canvas=canvas, geometry=self.geometry, highres=highres)
+
+
+def _pad(resized: torch.Tensor, geometry: CanvasGeometry) -> torch.Tensor:
+    canvas_h, canvas_w = geometry.canvas_size
+    pad_bottom = canvas_h - geometry.resized_size[0] - geometry.pad_top
+    pad_right = canvas_w - geometry.resized_size[1] - geometry.pad_left
+    # F.pad takes (left, right, top, bottom) for the last two dimensions.
+    return F.pad(resized, (geometry.pad_left, pad_right, geometry.pad_top, pad_bottom), value=0)
+
+
+def render_uint8(image: Image.Image, config: AnyresConfig | None = None, highres_scale: Fraction | None = None,
+                 device: torch.device | str = "cpu") -> RenderedPage:
+    """Page image -> its uint8 global view, canvas and (``highres_scale``) high-resolution canvas."""
+    config = config or AnyresConfig()
+    pixels = pixels_on(image_to_uint8_tensor(image), torch.device(device))  # [3, H, W] uint8
+    geometry = plan_canvas((pixels.shape[1], pixels.shape[2]), config)
+    canvas = _pad(resize_uint8(pixels, geometry.resized_size), geometry)
+    global_view = resize_uint8(pixels, (config.crop_size, config.crop_size))
+    highres, highres_geometry = None, None
+    if highres_scale is not None:
+        highres_geometry = scale_geometry(geometry, highres_scale)
+        highres = _pad(resize_uint8(pixels, highres_geometry.resized_size), highres_geometry)
+    return RenderedPage(global_view, canvas, geometry, highres, highres_geometry)
 
 
 def preprocess(image: Image.Image, config: AnyresConfig | None = None, highres_scale: Fraction | None = None,
@@ -136,18 +177,4 @@ def preprocess(image: Image.Image, config: AnyresConfig | None = None, highres_s
     shrunk to the ViT canvas, or the ConvNeXt sees no more than the crops do.
     """
     config = config or AnyresConfig()
-    pixels = pixels_on(image_to_uint8_tensor(image), torch.device(device))  # [3, H, W] uint8
-    geometry = plan_canvas((pixels.shape[1], pixels.shape[2]), config)
-    canvas = _resize_and_pad(pixels, geometry, config)  # [3, canvas_h, canvas_w]
-
-    s = config.crop_size
-    rows, cols = geometry.grid
-    # [3, rows*s, cols*s] -> [rows*cols, 3, s, s], row-major.
-    crops = canvas.reshape(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)
-    global_view = _normalize(resize_uint8(pixels, (s, s)), config)
-    views = torch.cat([global_view[None], crops], dim=0)
-    highres = None
-    if highres_scale is not None:
-        highres_geometry = scale_geometry(geometry, highres_scale)
-        highres = HighResCanvas(_resize_and_pad(pixels, highres_geometry, config), highres_geometry)
-    return AnyresImage(views=views, canvas=canvas, geometry=geometry, highres=highres)
+    return render_uint8(image, config, highres_scale, device).normalized(config)

@@ -47,7 +47,7 @@ def _read_config(path: Path) -> dict:
         raise ModelError(f"{config_file}: not valid JSON ({error.msg})") from None
 
 
-def _classify(key: str) -> tuple[str, str] | None:
+def classify_key(key: str) -> tuple[str, str] | None:
     """Checkpoint key -> (part, name within the part), or None for tensors we skip (the LLM, the text tower)."""
     if _PROJECTOR_MARKER in key:
         return "projector", key.split(_PROJECTOR_MARKER, 1)[1]
@@ -76,7 +76,7 @@ def load_hf_vision(path: str | Path) -> VisionWeights:
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for key in handle.keys():
-                    where = _classify(key)
+                    where = classify_key(key)
                     if where is not None:
                         parts[where[0]][where[1]] = handle.get_tensor(key).float()
         except (SafetensorError, OSError) as error:
