@@ -4,6 +4,7 @@ killed driver."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -271,3 +272,46 @@ def test_two_given_paths_of_one_file_are_two_documents(bundle, cluster, tmp_path
     records = read_records(out)
     assert sorted(r["file"] for r in records) == [str(folder / "a.pdf"), str(folder / "link.pdf")]
     assert all(r["error"] is None for r in records)
+
+
+def holds_open(pid: int, path: Path) -> bool:
+    """Whether the process ``pid`` or one of its children (its document worker) has ``path`` open."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return any(Path(f.path) == path for p in (process, *process.children(recursive=True)) for f in p.open_files())
+    except psutil.Error:  # gone, or going, while we looked
+        return False
+
+
+@pytest.mark.slow
+def test_a_document_that_kills_its_worker_twice_is_recorded_as_crash(bundle, cluster, tmp_path):
+    """The README's promise: a worker that dies is replaced and its document retried once; a document
+    on which the worker dies again comes back as a ``crash`` record, and the other documents are answered.
+    The document "kills" its worker here because a watcher SIGKILLs any worker that has it open."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(3):
+        make_good_pdf(inbox / f"doc{i}.pdf", [f"Invoice {i}: the total due is {i * 10} EUR."])
+    killer = make_good_pdf(inbox / "killer.pdf", ["A page no worker survives."]).resolve()
+    out = tmp_path / "out.jsonl"
+    process = subprocess.Popen(ray_command(bundle, cluster, inbox, "-q", QUESTIONS[0], "-o", out, "--pipeline-depth", "0",
+                                           "--no-cache"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    kills = 0
+    deadline = time.monotonic() + 600
+    while process.poll() is None and time.monotonic() < deadline:
+        for pid in actor_pids():
+            if holds_open(pid, killer):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    kills += 1
+        time.sleep(0.02)
+    _, stderr = process.communicate(timeout=60)
+    assert kills >= 2, stderr  # the premise: the worker died on it, and again on the retry
+    records = by_unit(read_records(out))
+    assert len(records) == 4
+    crashed = [r for (file, _), r in records.items() if Path(file).name == "killer.pdf"]
+    assert [r["error"]["kind"] for r in crashed] == ["crash"] and "died twice" in crashed[0]["error"]["message"]
+    assert all(r["error"] is None for (file, _), r in records.items() if Path(file).name != "killer.pdf")
+    assert process.returncode == ExitCode.FAILURE and "Traceback" not in stderr

@@ -73,7 +73,9 @@ def import_ray():
         import ray.data
     except ImportError:
         raise UsageError(f"--ray needs Ray: {RAY_EXTRA_INSTALL}") from None
-    logging.getLogger("ray.data").setLevel(logging.ERROR)  # fila draws the progress and the summary
+    # fila draws the progress and the summary, and records a block that failed twice as a crash: Ray
+    # Data's own log of that failure (an ERROR with a traceback) would say it again, as a traceback.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     return ray
 
 
