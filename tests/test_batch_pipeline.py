@@ -135,8 +135,10 @@ def documents(tmp_path_factory):
 
 
 def load_asker(bundle, **limits) -> Asker:
-    """The tiny model without caches (every page rendered and encoded), with bundle limits replaced."""
-    return Asker.load(dataclasses.replace(resolve_bundle(str(bundle)), **limits), reuse_prefix=True)
+    """The tiny model without caches (every page rendered and encoded), with bundle limits replaced; a
+    replaced n_ctx is fixed (the context would otherwise grow to fit, as prompts need)."""
+    return Asker.load(dataclasses.replace(resolve_bundle(str(bundle)), **limits), reuse_prefix=True,
+                      ctx_size=limits.get("n_ctx"))
 
 
 def batch_records(asker, documents, options, depth, tmp_path):
@@ -303,7 +305,7 @@ def test_a_pipeline_prepares_the_next_document_while_the_llm_answers(bundle, doc
     worker = DocumentWorker(120)
     opened = {first: threading.Event(), second: threading.Event()}
     second_opened_during_first_answer = []
-    real_open, real_answer = worker.open, asker.answer_prepared
+    real_open, real_answer = worker.open_for, asker.answer_prepared
 
     def open_and_tell(file, *args, **kwargs):
         opened[file].set()
@@ -314,7 +316,7 @@ def test_a_pipeline_prepares_the_next_document_while_the_llm_answers(bundle, doc
             second_opened_during_first_answer.append(opened[second].wait(60))
         return real_answer(file, *args, **kwargs)
 
-    worker.open, asker.answer_prepared = open_and_tell, answer_after_the_next_opened
+    worker.open_for, asker.answer_prepared = open_and_tell, answer_after_the_next_opened
     pipeline = DocumentPipeline(asker, worker, AskOptions(), depth=1)
     results = {}
 
