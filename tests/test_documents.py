@@ -447,7 +447,13 @@ def test_parse_page_spec_malformed_is_usage_error(spec):
         parse_page_spec(spec, 6)
 
 
-@pytest.mark.parametrize("spec", ["0", "7", "2-9", "1,7", "0-2"])
+@pytest.mark.parametrize("spec", ["0", "0-2"])
+def test_page_zero_is_a_usage_error(spec):
+    with pytest.raises(UsageError, match="numbered from 1"):  # issue 24: caught before the model loads
+        parse_page_spec(spec, 6)
+
+
+@pytest.mark.parametrize("spec", ["7", "2-9", "1,7"])
 def test_parse_page_spec_out_of_range_is_document_error(spec):
     with pytest.raises(DocumentError):
         parse_page_spec(spec, 6)

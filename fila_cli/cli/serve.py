@@ -137,7 +137,7 @@ def _listen(listener, engine, settings, shutdown_timeout: float, verbose: bool) 
 
 
 def mount(app: typer.Typer) -> None:
-    app.command(epilog=EXIT_CODES_HELP)(serve)
+    app.command(epilog=EXIT_CODES_HELP, short_help="Keep the model loaded; answer over HTTP (and OpenAI clients).")(serve)
 
 
 # -- the CLI's side: --server and --keep-alive --
