@@ -93,7 +93,7 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
             from fila_cli.cli.serve import run_remote_batch
 
             return _finish(run_remote_batch(server, documents, all_questions, ask, output, done,
-                                            should_stop=stop.requested, on_notice=note_line), stop)
+                                            should_stop=stop.requested), stop)
         if batch.ray_address is not None:
             return _run_on_ray(documents, all_questions, output, done, batch, model, ask, stop)
         asker = load_asker(model, reuse_prefix=len(all_questions) > 1, n_seq_max=batch.parallel)
@@ -106,7 +106,7 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
                 task = progress.add_task("batch", total=len(documents) * len(all_questions))
                 summary = run_batch(asker, documents, all_questions, ask, sink, batch, done=done,
                                     on_record=lambda: progress.advance(task), on_warning=warning_line,
-                                    should_stop=stop.requested)
+                                    should_stop=stop.requested, on_notice=note_line)
         finally:
             sink.close()
         return _finish(summary, stop)

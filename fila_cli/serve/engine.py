@@ -24,16 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from fila_cli.documents.document import file_sha256
+from fila_cli.documents.evidence import Evidence, LocatablePage
 from fila_cli.documents.notices import ReadNotices, warning_lines
 from fila_cli.errors import FilaError
 from fila_cli.llm.sampling import SamplingParams
+from fila_cli.qa.answer_evidence import locate_on_pages, locating_failed
 from fila_cli.qa.ask import Asker, OnePromptQuestion
 from fila_cli.qa.chat import ChatSession, Turn
 from fila_cli.qa.isolation import DocumentPlan, DocumentWorker, WorkerFailure
 from fila_cli.qa.model import Model
 from fila_cli.qa.options import AskOptions, ModelOptions
 from fila_cli.qa.pages import PageSource, PreparedPage
-from fila_cli.qa.records import failed_record
+from fila_cli.qa.records import Answer, failed_record
 from fila_cli.qa.timings import Timings
 from fila_cli.vision.model.encoder import HybridEncoder
 
@@ -66,6 +68,10 @@ class Planned:
     plan: DocumentPlan
     sha256: str | None  # None with the caches off
     timings: Timings = dataclasses.field(default_factory=Timings)
+    # The planned pages' words and geometry, read in the worker with the last page, for the evidence
+    # (``fila batch`` does the same); or why they could not be read.
+    locatable: list[LocatablePage] = dataclasses.field(default_factory=list)
+    locating_error: Exception | None = None
 
     @property
     def n_pages(self) -> int:
@@ -136,7 +142,27 @@ class Engine:
         pages = self.asker.prepare_pages(planned.name, sources, planned.sha256, planned.timings, options.text_layer)
         for position, page in enumerate(pages):
             last = position == len(sources) - 1
+            if last:
+                self._read_locatable(worker, planned, options)
             yield page, worker.notices(file) if last else None
+
+    def _read_locatable(self, worker: DocumentWorker, planned: Planned, options: AskOptions) -> None:
+        try:
+            planned.locatable = worker.locatable_pages(planned.file, planned.plan.page_indices, self.asker.encoder.anyres,
+                                                       options.evidence_ocr)
+        except Exception as error:  # the answer stands without its evidence, which says why
+            planned.locating_error = error
+
+    @staticmethod
+    def _record(planned: Planned, answer: Answer, heard: ReadNotices, options: AskOptions) -> dict[str, Any]:
+        """The answer's record as ``fila ask`` writes it: warnings and evidence included."""
+        answer.warnings = warning_lines(planned.name, heard.merged(answer.notices))
+        if planned.locating_error is not None:
+            answer.evidence = locating_failed(planned.locating_error)
+        else:
+            answer.evidence = locate_on_pages([page for page in planned.locatable if page.index + 1 in answer.pages],
+                                              answer.answer, ocr=options.evidence_ocr)
+        return answer.to_json()
 
     def answer(self, planned: Planned, items: Iterable[PreparedItem], options: AskOptions,
                on_text: TextCallback | None = None, on_page: PageProgress | None = None) -> dict[str, Any]:
@@ -152,8 +178,7 @@ class Engine:
 
         answer = self.asker.answer_prepared(planned.name, planned.question, pages(), planned.n_pages, planned.plan.reason,
                                             options, planned.timings, on_text, on_page, method=planned.plan.method)
-        answer.warnings = warning_lines(planned.name, heard.merged(answer.notices))
-        return answer.to_json()
+        return self._record(planned, answer, heard, options)
 
     def one_prompt(self, planned: Planned, options: AskOptions) -> bool:
         """Whether one prompt answers ``planned`` (one page, or --together): what may share a step."""
@@ -182,9 +207,7 @@ class Engine:
                 except Exception as error:
                     records.append(error)
                 continue
-            answer = next(answers)
-            answer.warnings = warning_lines(planned.name, notices.merged(answer.notices))
-            records.append(answer.to_json())
+            records.append(self._record(planned, next(answers), notices, options))
         return records
 
     # -- chat sessions --
@@ -263,7 +286,18 @@ class ServedChat:
     def turn(self, question: str, on_text: TextCallback | None = None,
              should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
         """Answer a follow-up; the ``fila chat --json`` line (``ChatSession.record``)."""
-        return self.session.record(self.session.ask(question, on_text=on_text, should_stop=should_stop))
+        turn = self.session.ask(question, on_text=on_text, should_stop=should_stop)
+        turn.evidence = self._evidence(turn.pages, turn.answer)  # the upload's words are in the worker
+        return self.session.record(turn)
+
+    def _evidence(self, pages: list[int], answer: str) -> Evidence:
+        """Where ``answer`` is on the 1-based ``pages``, from the words the worker reads of the upload."""
+        ocr = self._options.evidence_ocr
+        try:
+            read = self.worker.locatable_pages(self.upload, [page - 1 for page in pages], self._encoder.anyres, ocr)
+        except Exception as error:  # the answer stands without its evidence, which says why
+            return locating_failed(error)
+        return locate_on_pages(read, answer, ocr=ocr)
 
     def go_to_page(self, number: int) -> None:
         self.session.go_to_page(number)
