@@ -45,13 +45,36 @@ def export_run(run_dir: Path, config: TrainConfig, encoder: HybridEncoder, llm=N
     save_fusion_weights(fusion, encoder.fusion_config, encoder.state_dict())  # atomically
     written += [fusion, fusion_config_path(fusion)]
     if config.llm_gguf is not None:
+        # A manifest names only files in its folder (bundles refuse any other): the base files the run
+        # was trained from are linked in; the run's own files by name (llm, lora override the base).
+        base_files = {"llm": _link_in(run_dir, BASE_LLM_LINK, Path(config.llm_gguf)),
+                      "vision": _link_in(run_dir, BASE_VISION_LINK, Path(config.base))}
         bundle = {
             "name": run_dir.name,
             "description": f"fila train stage {config.stage} run {run_dir.name}",
-            # Absolute paths for the base files; the run's own files by name (llm, lora override the base).
-            "files": {"llm": str(Path(config.llm_gguf).resolve()), "vision": str(Path(config.base).resolve()), "fusion": FUSION_FILE,
-                      **llm_files},
+            "files": {**base_files, "fusion": FUSION_FILE, **llm_files},
         }
         (run_dir / BUNDLE_FILE).write_text(json.dumps(bundle, indent=2) + "\n")
         written.append(run_dir / BUNDLE_FILE)
     return written
+
+
+# The base files a run's bundle.json names, as symbolic links in the run's folder.
+BASE_LLM_LINK = "base-llm.gguf"
+BASE_VISION_LINK = "base-vision"
+
+
+def _link_in(run_dir: Path, name: str, target: Path) -> str:
+    """``name`` in ``run_dir``, a symbolic link to ``target`` (made or re-pointed; a file fila did not
+    link there is never replaced)."""
+    link = run_dir / name
+    target = target.resolve()
+    if link.is_symlink():
+        if link.resolve() == target:
+            return name
+        link.unlink()
+    elif link.exists():
+        raise UsageError(f"{link} exists and is not fila's link to the base; move it away and export again")
+    link.symlink_to(target, target_is_directory=target.is_dir())
+    return name
+
