@@ -873,6 +873,8 @@ def main(argv: list[str] | None = None) -> dict:
     for f in fields(Budget):
         if f.name != "device":
             parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    parser.add_argument("--code-digits", type=int, default=1, help="digits of each page's code (default: 1)")
+    parser.add_argument("--llm-layers", type=int, default=Scale.llm_layers, help=f"layers of the tiny LLM (default: {Scale.llm_layers})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (training and evaluation)")
     parser.add_argument("--jobs", type=int, default=2, help="tasks at once, one process each (default: 2, one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per task")
@@ -883,6 +885,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--report-only", action="store_true", help="train nothing: the table and figure of what --work holds")
     args = parser.parse_args(argv)
     budget = Budget(**{f.name: getattr(args, f.name) for f in fields(Budget)})
+    scale = replace(Scale(), code_length=(args.code_digits, args.code_digits), llm_layers=args.llm_layers)
     seeds = list(range(args.seeds))
     if args.smoke:
         budget, seeds = replace(SMOKE, device=args.device), [0]
@@ -897,10 +900,10 @@ def main(argv: list[str] | None = None) -> dict:
         figure_path = work / "fragmentation.png" if args.smoke and args.figure == DEFAULT_FIGURE else args.figure
         optional_seeds = seeds[: args.optional_seeds] if args.optional_seeds is not None else seeds
         if args.report_only:
-            summary = report(work, read_results(work), arms, seeds, Scale(), figure_path,
+            summary = report(work, read_results(work), arms, seeds, scale, figure_path,
                              extra=json.loads((work / "report.json").read_text()) if (work / "report.json").exists() else None)
         else:
-            summary = run(work, seeds, arms, Scale(), budget, args.jobs, args.threads, figure_path, optional_seeds=optional_seeds)
+            summary = run(work, seeds, arms, scale, budget, args.jobs, args.threads, figure_path, optional_seeds=optional_seeds)
         summary["work"] = str(work)
         if args.smoke:  # what each stage wrote, for the caller to check before the folder goes
             summary["written"] = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file() and "images" not in p.parts)

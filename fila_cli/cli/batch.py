@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -14,6 +15,7 @@ from fila_cli.errors import ExitCode, FilaError, UsageError
 from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, DEFAULT_RAY_CPUS, DEFAULT_TIMEOUT_S, BatchOptions
 
 if TYPE_CHECKING:
+    from fila_cli.cli.ray_driver import DriverStatus
     from fila_cli.cli.stopping import StopRequest
     from fila_cli.qa.options import AskOptions, ModelOptions
     from fila_cli.qa.run import BatchSummary
@@ -51,12 +53,13 @@ def batch(
             resume=resume,
             batch=BatchOptions(timeout_s=timeout, pipeline_depth=pipeline_depth, parallel=parallel, ray_address=ray,
                                ray_cpus=ray_cpus),
-            model=options.model(), ask=options.ask(pages=pages, together=together), server=server))
+            model=options.model(), ask=options.ask(pages=pages, together=together), server=server,
+            verbose=options.verbose))
 
 
 def run_batch_command(paths: list[str], *, questions: list[str], questions_file: Path | None, recursive: bool,
                       output: Path | None, resume: bool, batch: BatchOptions, model: ModelOptions,
-                      ask: AskOptions, server: str | None = None) -> int:
+                      ask: AskOptions, server: str | None = None, verbose: bool = False) -> int:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -88,14 +91,17 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
     if server is not None and (batch.ray_address is not None or batch.parallel > 1):
         raise UsageError("--server sends the documents to a running fila serve: --ray and --parallel are its business")
     done = load_done(output, keep=_unchanged(documents)) if resume and output is not None else set()
+    if batch.ray_address is not None and server is None:
+        from fila_cli.cli.ray_driver import supervise
+
+        drive = functools.partial(_drive_ray, documents, all_questions, output, done, batch, model, ask, verbose)
+        return supervise(drive, functools.partial(_cluster_lost_line, output=output))
     with stop_signals() as stop:  # Ctrl-C or SIGTERM: the records in flight, the summary, then exit
         if server is not None:
             from fila_cli.cli.serve import run_remote_batch
 
             return _finish(run_remote_batch(server, documents, all_questions, ask, output, done,
                                             should_stop=stop.requested), stop)
-        if batch.ray_address is not None:
-            return _run_on_ray(documents, all_questions, output, done, batch, model, ask, stop)
         asker = load_asker(model, reuse_prefix=len(all_questions) > 1, n_seq_max=batch.parallel)
 
         sink = RecordSink(output)
@@ -141,8 +147,20 @@ def _finish(summary: BatchSummary, stop: StopRequest) -> int:
     return int(ExitCode.FAILURE) if summary.failed else int(ExitCode.OK)
 
 
+def _drive_ray(documents: list[Path], questions: list[str], output: Path | None, done: set, batch: BatchOptions,
+               model: ModelOptions, ask: AskOptions, verbose: bool, status: DriverStatus) -> int:
+    """The Ray driver's process (cli/ray_driver.py): its own signals, its own one-line errors."""
+    from fila_cli.cli.stopping import stop_signals
+
+    try:
+        with handle_errors(verbose), stop_signals() as stop:
+            return _run_on_ray(documents, questions, output, done, batch, model, ask, stop, status)
+    except typer.Exit as exit:
+        return exit.exit_code
+
+
 def _run_on_ray(documents: list[Path], questions: list[str], output: Path | None, done: set, batch: BatchOptions,
-                model: ModelOptions, ask: AskOptions, stop: StopRequest) -> int:
+                model: ModelOptions, ask: AskOptions, stop: StopRequest, status: DriverStatus) -> int:
     """The batch on a Ray cluster: the driver hashes, skips what is done and writes every record."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -160,7 +178,8 @@ def _run_on_ray(documents: list[Path], questions: list[str], output: Path | None
             items.append(WorkItem(str(file.resolve()), sha256, todo, name=str(file)))
     if not items:
         return _finish(BatchSummary(skipped=skipped), stop)
-    sink = _CountingSink(RecordSink(output))
+    status.total.value = sum(len(item.questions) for item in items)
+    sink = _CountingSink(RecordSink(output), status)
     progress = Progress(TextColumn("answering on the cluster"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=stderr, transient=True, disable=not stderr.is_terminal)
     try:
@@ -178,8 +197,10 @@ def _run_on_ray(documents: list[Path], questions: list[str], output: Path | None
             except (Exception, SystemExit) as error:  # Ray's driver code may sys.exit when its node dies
                 if isinstance(error, FilaError) or not _is_cluster_failure(error):
                     raise
-                total = sum(len(item.questions) for item in items)
-                raise FilaError(_cluster_lost_line(error, total - sink.written, total, output)) from None
+                cause = (str(error).strip().splitlines() or [""])[0][:200]
+                raise FilaError(_cluster_lost_line(status.total.value - status.written.value, status.total.value,
+                                                   type(error).__name__ + (": " + cause if cause else ""),
+                                                   output=output)) from None
     finally:
         sink.close()
     summary.skipped = skipped
@@ -187,14 +208,15 @@ def _run_on_ray(documents: list[Path], questions: list[str], output: Path | None
 
 
 class _CountingSink:
-    """The record sink, counting what it wrote: what a lost cluster left undone."""
+    """The record sink, counting in the driver's shared status what it wrote: what a lost cluster
+    left undone, known to the supervising process even when Ray ends this one."""
 
-    def __init__(self, sink) -> None:
-        self.sink, self.written = sink, 0
+    def __init__(self, sink, status: DriverStatus) -> None:
+        self.sink, self.status = sink, status
 
     def write(self, record: dict[str, Any]) -> None:
         self.sink.write(record)
-        self.written += 1
+        self.status.written.value += 1
 
     def close(self) -> None:
         self.sink.close()
@@ -205,13 +227,15 @@ def _is_cluster_failure(error: BaseException) -> bool:
     return (type(error).__module__.split(".")[0] == "ray" or isinstance(error, (ConnectionError, SystemExit)))
 
 
-def _cluster_lost_line(error: BaseException, missing: int, total: int, output: Path | None) -> str:
+def _cluster_lost_line(missing: int, total: int, cause: str, *, output: Path | None) -> str:
     """One line: what failed, what is missing, and the command that finishes the job."""
     import shlex
     import sys
 
-    cause = (str(error).strip().splitlines() or [""])[0][:200]
-    what = f"the Ray cluster was lost ({type(error).__name__}{': ' + cause if cause else ''}); {missing} of {total} records not written"
+    from fila_cli.cli.ray_driver import UNKNOWN
+
+    counted = "no record written" if total == UNKNOWN else f"{missing} of {total} records not written"
+    what = f"the Ray cluster was lost, or the driver killed ({cause}); {counted}"
     if output is None:
         return f"{what}; run again with -o FILE to be able to --resume"
     argv = ["fila", *sys.argv[1:]]
