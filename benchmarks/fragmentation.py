@@ -575,10 +575,19 @@ def evaluate(model: TrainModel, base: Path, data: Path, batch_size: int) -> dict
             correct = (predicted[i][answer] == targets[i][answer]).cpu()
             sample_id = sample.conversation.sample_id
             scores[rows[sample_id]["placement"]].append((bool(correct.all()), correct.float().mean().item()))
-            # The answer's first token given the prompt: greedy decoding's first token exactly.
-            answers[sample_id] = tokenizer.decode(predicted[i][answer][:1].tolist())
+            answers[sample_id] = greedy_prefix(tokenizer, predicted[i][answer], targets[i][answer])
     return {**{p: {"exact": sum(e for e, _ in s) / len(s), "chars": sum(c for _, c in s) / len(s), "n": len(s)} for p, s in scores.items()},
             "answers": answers}
+
+
+def greedy_prefix(tokenizer, predicted: torch.Tensor, gold: torch.Tensor) -> str:
+    """What greedy decoding writes, as far as one teacher-forced pass knows it: the argmax equals
+    greedy decoding's token up to and including the first one that differs from the gold answer
+    (after it, greedy decoding continues from its own token); "…" marks that cut."""
+    wrong = (predicted != gold).nonzero().flatten().tolist()
+    known = predicted if not wrong else predicted[: wrong[0] + 1]
+    text = tokenizer.decode(known.tolist(), skip_special_tokens=True)
+    return text + ("…" if wrong and wrong[0] + 1 < len(predicted) else "")
 
 
 # -- the tasks and their order -----------------------------------------------------------------

@@ -143,3 +143,20 @@ def test_what_the_convnext_sees_in_each_control(bench):
         left_before = real(page)[-1][..., : scale.grid[1] // 2]
         left_after = real(changed)[-1][..., : scale.grid[1] // 2]
     assert torch.equal(left_before, left_after)
+
+
+def test_the_figure_shows_what_greedy_decoding_writes_up_to_its_first_error(bench):
+    """One teacher-forced pass knows greedy decoding's tokens up to its first error, not after it."""
+    from tests.helpers.tiny_train import MISTRAL_TEMPLATE, char_tokenizer
+
+    tokenizer = char_tokenizer(MISTRAL_TEMPLATE)
+    gold = torch.tensor(tokenizer.encode("50", add_special_tokens=False) + [tokenizer.eos_token_id])
+
+    def shown(text: str, eos: bool = True) -> str:
+        ids = tokenizer.encode(text, add_special_tokens=False) + ([tokenizer.eos_token_id] if eos else [])
+        return bench.greedy_prefix(tokenizer, torch.tensor(ids), gold)
+
+    assert shown("50") == "50"  # every token right, the end of sequence too
+    assert shown("30") == "3…"  # wrong at once: what follows is not greedy decoding's
+    assert shown("57") == "57…"
+    assert shown("500", eos=False) == "500"  # the answer goes on where it should stop
