@@ -363,6 +363,22 @@ def _batches(n_train: int, steps: int, batch: int, seed: int):
         yield torch.randint(n_train, (batch,), generator=generator)
 
 
+def _train_reader(read, labels: torch.Tensor, parameters, optimizer, schedule, batches, steps: int, *,
+                  log_every: int, report) -> float:
+    """Stage 0's loop, for either reader: per-cell cross-entropy on the labelled grid, gradients
+    clipped, ``report(step, loss)`` every ``log_every`` steps. Returns the last step's loss."""
+    for step, batch in enumerate(batches):
+        loss = F.cross_entropy(read(batch).flatten(0, 1), labels[batch].flatten(), ignore_index=IGNORE_INDEX)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+        optimizer.step()
+        schedule.step()
+        if (step + 1) % max(1, log_every) == 0:
+            report(step + 1, loss.item())
+    return loss.item()
+
+
 def _optimise(parameters, lr: float, steps: int, weight_decay: float):
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 20)
@@ -417,19 +433,14 @@ def pretrain_vit(corpus: Path, init: Path, out: Path, scale: Scale, budget: Budg
         with torch.no_grad():
             return _digit_accuracy(torch.cat([read(chunk) for chunk in held_out.split(256)]), crop_labels[held_out].flatten(1))
 
-    for step, batch in enumerate(_batches(n_train, budget.vit_steps, budget.vit_batch, seed)):
-        loss = F.cross_entropy(read(batch).flatten(0, 1), crop_labels[batch].flatten(), ignore_index=IGNORE_INDEX)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-        optimizer.step()
-        schedule.step()
-        if (step + 1) % max(1, budget.vit_steps // 10) == 0:
-            log(f"stage 0 ViT step {step + 1}/{budget.vit_steps} loss {loss.item():.3f} held-out digits {held_out_accuracy():.1%}")
+    final_loss = _train_reader(read, crop_labels, parameters, optimizer, schedule,
+                  _batches(n_train, budget.vit_steps, budget.vit_batch, seed), budget.vit_steps, log_every=budget.vit_steps // 10,
+                  report=lambda step, loss: log(f"stage 0 ViT step {step}/{budget.vit_steps} loss {loss:.3f} "
+                                                f"held-out digits {held_out_accuracy():.1%}"))
     tower.eval()
     accuracy = held_out_accuracy()
     save_base_checkpoint(encoder, load_llm(init), init, out)
-    return {"stage": "vit", "digit_accuracy": accuracy, "seconds": time.perf_counter() - started, "final_loss": loss.item()}
+    return {"stage": "vit", "digit_accuracy": accuracy, "seconds": time.perf_counter() - started, "final_loss": final_loss}
 
 
 def pretrain_convnext(corpus: Path, out: Path, scale: Scale, budget: Budget, seed: int, canvas1: bool, log) -> dict:
@@ -465,22 +476,19 @@ def pretrain_convnext(corpus: Path, out: Path, scale: Scale, budget: Budget, see
         with torch.no_grad():
             return _digit_accuracy(torch.cat([read(chunk) for chunk in held_out.split(64)]), labels[held_out].flatten(1))
 
-    for step, batch in enumerate(_batches(n_train, budget.convnext_steps, budget.convnext_batch, seed)):
-        loss = F.cross_entropy(read(batch).flatten(0, 1), labels[batch].flatten(), ignore_index=IGNORE_INDEX)
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-        optimizer.step()
-        schedule.step()
-        if (step + 1) % max(1, budget.convnext_steps // 5) == 0:
-            branch.eval()
-            log(f"stage 0 {name} step {step + 1}/{budget.convnext_steps} loss {loss.item():.3f} held-out digits {held_out_accuracy():.1%}")
-            branch.train()
+    def report(step: int, loss: float) -> None:
+        branch.eval()
+        log(f"stage 0 {name} step {step}/{budget.convnext_steps} loss {loss:.3f} held-out digits {held_out_accuracy():.1%}")
+        branch.train()
+
+    final_loss = _train_reader(read, labels, parameters, optimizer, schedule,
+                  _batches(n_train, budget.convnext_steps, budget.convnext_batch, seed), budget.convnext_steps,
+                  log_every=budget.convnext_steps // 5, report=report)
     branch.eval()
     accuracy = held_out_accuracy()
     save_file({k: v.contiguous() for k, v in branch.model.state_dict().items()}, str(out))
     return {"stage": "convnext_canvas1" if canvas1 else "convnext", "digit_accuracy": accuracy,
-            "seconds": time.perf_counter() - started, "final_loss": loss.item()}
+            "seconds": time.perf_counter() - started, "final_loss": final_loss}
 
 
 def build_init(directory: Path, scale: Scale, seed: int) -> Path:

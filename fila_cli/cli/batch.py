@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from fila_cli.cli.options import CommandOptions, ServerOption, model_command
-from fila_cli.cli.support import handle_errors, note_line, stderr, warning_line
+from fila_cli.cli.support import check_resumable_output, handle_errors, note_line, stderr, warning_line
 from fila_cli.errors import ExitCode, FilaError, UsageError
 from fila_cli.qa.options import DEFAULT_PIPELINE_DEPTH, DEFAULT_RAY_CPUS, DEFAULT_TIMEOUT_S, BatchOptions
 
@@ -69,7 +69,6 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
         TimeRemainingColumn,
     )
 
-    from fila_cli.atomic_files import check_output_folder
     from fila_cli.cli.options import load_asker
     from fila_cli.cli.stopping import stop_signals
     from fila_cli.qa.batch import collect_documents, read_questions, run_batch
@@ -80,12 +79,7 @@ def run_batch_command(paths: list[str], *, questions: list[str], questions_file:
     documents = collect_documents(paths, recursive)
     if not documents:
         raise UsageError("no documents found in the given paths")
-    if resume and output is None:
-        raise UsageError("--resume needs --output FILE: the records to continue")
-    if output is not None:
-        check_output_folder(output)
-    if output is not None and not resume and output.exists() and output.stat().st_size > 0:
-        raise UsageError(f"{output} already holds records: pass --resume to continue it, or choose another file")
+    check_resumable_output(output, resume, "records")
     if batch.ray_address is not None:
         import_ray()  # a missing extra is a usage error before anything else happens
     if server is not None and (batch.ray_address is not None or batch.parallel > 1):

@@ -83,14 +83,9 @@ def run_eval_command(task: str, data: Path, *, limit: int | None, output: Path |
     spec = task_spec(task)
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1 (got {limit})")
-    if resume and output is None:
-        raise UsageError("--resume needs --output FILE: the predictions to continue")
-    if output is not None:
-        from fila_cli.atomic_files import check_output_folder
+    from fila_cli.cli.support import check_resumable_output
 
-        check_output_folder(output)
-    if output is not None and not resume and output.exists() and output.stat().st_size > 0:
-        raise UsageError(f"{output} already holds predictions: pass --resume to continue it, or choose another file")
+    check_resumable_output(output, resume, "predictions")
     files = data_files(data)
     total = count_rows(files) if limit is None else min(limit, count_rows(files))
     # The model code (torch, llama.cpp) loads only once the command line is known to be good.

@@ -7,12 +7,13 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from fila_cli.errors import ExitCode, FilaError
+from fila_cli.errors import ExitCode, FilaError, UsageError
 
 # Logs, progress and errors go to stderr; stdout carries only results (JSON when piped). A script
 # reading stderr gets each line whole: wrapped to the width only on a terminal.
@@ -81,3 +82,16 @@ def handle_errors(verbose: bool = False) -> Iterator[None]:
             traceback.print_exc()
         error_line(f"unexpected {type(error).__name__}: {error} (rerun with --verbose for the traceback, and please report it)")
         raise typer.Exit(int(ExitCode.FAILURE)) from None
+
+
+def check_resumable_output(output: Path | None, resume: bool, holds: str) -> None:
+    """The output rules of the commands that write one record per unit and continue with --resume
+    (``holds``: what the file holds, "records" or "predictions")."""
+    from fila_cli.atomic_files import check_output_folder
+
+    if resume and output is None:
+        raise UsageError(f"--resume needs --output FILE: the {holds} to continue")
+    if output is not None:
+        check_output_folder(output)
+    if output is not None and not resume and output.exists() and output.stat().st_size > 0:
+        raise UsageError(f"{output} already holds {holds}: pass --resume to continue it, or choose another file")
