@@ -127,3 +127,24 @@ def test_sigterm_stops_eval_after_the_question_in_flight(bundle, tmp_path):
     assert process.returncode == ExitCode.TERMINATED, stderr
     assert "fila eval: interrupted:" in stderr and "Traceback" not in stderr
     assert 1 <= len(lines_of(out)) < n
+
+
+def test_sigterm_inside_exec_d_code_still_exits_143(tmp_path):
+    """A signal landing while ``exec`` runs a string (dataclasses do, as modules import) must not turn
+    ``python -m``'s exit into a SIGINT death: CPython marks a bare KeyboardInterrupt raised there as
+    unhandled even once the CLI handled it. The CLI's own stop_signals and handle_errors, run with -m."""
+    (tmp_path / "sigterm_in_exec.py").write_text(
+        "import os, signal, time\n"
+        "import typer\n"
+        "from fila_cli.cli.stopping import stop_signals\n"
+        "from fila_cli.cli.support import handle_errors\n"
+        "def main():\n"
+        "    with handle_errors(), stop_signals(immediate=True):\n"
+        "        exec('os.kill(os.getpid(), signal.SIGTERM)\\ntime.sleep(30)', {'os': os, 'signal': signal, 'time': time})\n"
+        "typer.run(main)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "sigterm_in_exec"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])},
+                          timeout=DEADLINE_S)
+    assert done.returncode == ExitCode.TERMINATED, done.stderr
+    assert done.stderr.strip() == "fila: error: interrupted"

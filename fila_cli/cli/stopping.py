@@ -4,7 +4,7 @@ Ray send) while a command runs.
 - The first signal asks the run to stop (``StopRequest.requested``, the library's ``should_stop``):
   the record in flight is finished (or dropped) whole, the summary printed, and the command exits
   130 for Ctrl-C, 143 for SIGTERM.
-- A second signal stops at once: ``KeyboardInterrupt`` is raised where the run is. Records are
+- A second signal stops at once: ``Interrupted`` (a ``KeyboardInterrupt``) is raised where the run is. Records are
   written one whole line per system call, so the output file stays whole.
 - ``immediate``: the first signal stops at once (``fila ask``: one answer, nothing to finish).
 
@@ -24,6 +24,16 @@ from fila_cli.errors import ExitCode
 HANDLED = (signal.SIGINT, signal.SIGTERM)
 
 
+class Interrupted(KeyboardInterrupt):
+    """What a signal raises to stop at once; ``except KeyboardInterrupt`` catches it as it catches Ctrl-C.
+
+    Why not ``KeyboardInterrupt`` itself: when one is raised inside code run by ``exec`` of a string (a
+    dataclass being created while a module imports, say), CPython marks it "unhandled" even after the CLI
+    handled it, and ``python -m fila_cli`` then ends by killing itself with SIGINT instead of exiting 143.
+    The mark is set only for ``KeyboardInterrupt`` exactly, never for a subclass.
+    """
+
+
 class StopRequest:
     """Set by the signals ``stop_signals`` installs; read by the run between records."""
 
@@ -38,7 +48,7 @@ class StopRequest:
             self.signum = signum
         _last_signal[0] = signum
         if self.immediate or self.count > 1:
-            raise KeyboardInterrupt
+            raise Interrupted
 
     def requested(self) -> bool:
         return self.signum is not None
