@@ -433,10 +433,11 @@ def pretrain_vit(corpus: Path, init: Path, out: Path, scale: Scale, budget: Budg
         with torch.no_grad():
             return _digit_accuracy(torch.cat([read(chunk) for chunk in held_out.split(256)]), crop_labels[held_out].flatten(1))
 
-    final_loss = _train_reader(read, crop_labels, parameters, optimizer, schedule,
-                  _batches(n_train, budget.vit_steps, budget.vit_batch, seed), budget.vit_steps, log_every=budget.vit_steps // 10,
-                  report=lambda step, loss: log(f"stage 0 ViT step {step}/{budget.vit_steps} loss {loss:.3f} "
-                                                f"held-out digits {held_out_accuracy():.1%}"))
+    final_loss = _train_reader(
+        read, crop_labels, parameters, optimizer, schedule, _batches(n_train, budget.vit_steps, budget.vit_batch, seed),
+        budget.vit_steps, log_every=budget.vit_steps // 10,
+        report=lambda step, loss: log(f"stage 0 ViT step {step}/{budget.vit_steps} loss {loss:.3f} "
+                                      f"held-out digits {held_out_accuracy():.1%}"))
     tower.eval()
     accuracy = held_out_accuracy()
     save_base_checkpoint(encoder, load_llm(init), init, out)
@@ -481,9 +482,9 @@ def pretrain_convnext(corpus: Path, out: Path, scale: Scale, budget: Budget, see
         log(f"stage 0 {name} step {step}/{budget.convnext_steps} loss {loss:.3f} held-out digits {held_out_accuracy():.1%}")
         branch.train()
 
-    final_loss = _train_reader(read, labels, parameters, optimizer, schedule,
-                  _batches(n_train, budget.convnext_steps, budget.convnext_batch, seed), budget.convnext_steps,
-                  log_every=budget.convnext_steps // 5, report=report)
+    final_loss = _train_reader(
+        read, labels, parameters, optimizer, schedule, _batches(n_train, budget.convnext_steps, budget.convnext_batch, seed),
+        budget.convnext_steps, log_every=budget.convnext_steps // 5, report=report)
     branch.eval()
     accuracy = held_out_accuracy()
     save_file({k: v.contiguous() for k, v in branch.model.state_dict().items()}, str(out))

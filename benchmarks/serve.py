@@ -162,7 +162,7 @@ def main() -> None:
     pages = page_sets[3]
     batch_s, _ = fila("batch", *pages, "-q", QUESTION, "--model", bundle, *tokens, "--pages", 1,
                       env={**env, "FILA_CACHE_DIR": str(work / "batch-cache")})
-    rows.append(("`fila batch`, same pages (one process, load included)", f"{60 * len(pages) / batch_s:.1f} pages/min"))
+    rows.append(("`fila batch`, as many new pages (one process, load included)", f"{60 * len(pages) / batch_s:.1f} pages/min"))
 
     width = max(len(name) for name, _ in rows)
     print(f"| {'measure'.ljust(width)} | value |")

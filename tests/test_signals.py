@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +20,7 @@ from tests.helpers.bad_documents import make_good_pdf
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
 DEADLINE_S = 300
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -142,9 +144,8 @@ def test_sigterm_inside_exec_d_code_still_exits_143(tmp_path):
         "    with handle_errors(), stop_signals(immediate=True):\n"
         "        exec('os.kill(os.getpid(), signal.SIGTERM)\\ntime.sleep(30)', {'os': os, 'signal': signal, 'time': time})\n"
         "typer.run(main)\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, "-m", "sigterm_in_exec"], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])},
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])},
                           timeout=DEADLINE_S)
     assert done.returncode == ExitCode.TERMINATED, done.stderr
     assert done.stderr.strip() == "fila: error: interrupted"

@@ -192,7 +192,7 @@ def _run_on_ray(documents: list[Path], questions: list[str], output: Path | None
                 if isinstance(error, FilaError) or not _is_cluster_failure(error):
                     raise
                 cause = (str(error).strip().splitlines() or [""])[0][:200]
-                raise FilaError(_cluster_lost_line(status.total.value - status.written.value, status.total.value,
+                raise FilaError(_cluster_lost_line(status.missing(), status.total.value,
                                                    type(error).__name__ + (": " + cause if cause else ""),
                                                    output=output)) from None
     finally:

@@ -46,6 +46,10 @@ class DriverStatus:
         return cls(context.Value("q", UNKNOWN, lock=False), context.Value("q", 0, lock=False),
                    context.Value("b", 0, lock=False))
 
+    def missing(self) -> int:
+        """Records owed and not written: UNKNOWN until the total is known."""
+        return self.total.value - self.written.value if self.total.value != UNKNOWN else UNKNOWN
+
 
 def supervise(run: Callable[[DriverStatus], int], lost_line: Callable[[int, int, str], str]) -> int:
     """Run ``run(status)`` in a child process and return its exit code. When the child ends
@@ -63,9 +67,7 @@ def supervise(run: Callable[[DriverStatus], int], lost_line: Callable[[int, int,
         return child.exitcode if child.exitcode is not None else int(ExitCode.FAILURE)
     if stderr.is_terminal:
         stderr.show_cursor(True)  # the child's progress bar hid it and never came back
-    total = status.total.value
-    missing = total - status.written.value if total != UNKNOWN else UNKNOWN
-    error_line(lost_line(missing, total, _how_it_ended(child.exitcode)))
+    error_line(lost_line(status.missing(), status.total.value, _how_it_ended(child.exitcode)))
     return int(ExitCode.FAILURE)
 
 
